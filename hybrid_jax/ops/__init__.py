@@ -1,0 +1,12 @@
+"""Pure mixer primitives: arrays in, arrays out (see DESIGN.md for the conventions)."""
+from hybrid_jax.ops._common import Impl
+from hybrid_jax.ops.delta import (
+    delta_rule,
+    delta_rule_step,
+    gated_delta_rule,
+    gated_delta_rule_step,
+    kda,
+    kda_step,
+)
+from hybrid_jax.ops.linear_attention import gla, gla_step, linear_attention, linear_attention_step
+from hybrid_jax.ops.scan import linear_recurrence

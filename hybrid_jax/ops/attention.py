@@ -1,0 +1,352 @@
+r"""Softmax attention with grouped key/value heads, causal and sliding-window masks, and decoding.
+
+For query i (of Tq) and key j (of Tk), head h, and its key/value head n = h // (H / HKV):
+
+    s_ij = scale * q_ih . k_jn,       o_ih = sum_j softmax_j(s_ij | allowed(p_i, j)) v_jn
+
+Queries are the last Tq positions of the key sequence, p_i = Tk - Tq + i, so one function serves
+training (Tq = Tk) and prefill on top of a cache (Tq < Tk). The mask:
+
+    allowed(p, j) = [j <= p           if causal]
+                  & [p - j < W        if window W]       (causal: keys p-W+1 .. p)
+                  & [j - p < W        if window W and not causal]   (keys p-W+1 .. p+W-1)
+
+A row with no allowed key (only possible when Tq > Tk or with a non-causal window far from the keys)
+returns o = 0, never NaN. Grouped-query heads: q has H heads and k, v have HKV heads with
+H % HKV == 0 (GQA; HKV = 1 is MQA), head h reading key/value head h // (H / HKV) -- the opposite
+direction from the linear ops, where v carries the extra heads.
+
+Implementations (`impl`), all equal up to float32 rounding, forward and backward:
+
+* `REFERENCE`  materialises the Tq x Tk logits in float32 and applies a masked softmax.
+* `CHUNK`      flash attention in pure JAX: a lax.scan over key blocks of `block_size` keeping, per
+               query row, the running max m, denominator l and unnormalised output a:
+                   m' = max(m, max_j s_j),  l' = e^{m - m'} l + sum_j e^{s_j - m'},
+                   a' = e^{m - m'} a + sum_j e^{s_j - m'} v_j,          o = a / l,
+               never holding more than Tq x block_size logits. A custom VJP saves only o and the
+               log-sum-exp L = m + log l, and recomputes every block in the backward pass:
+                   P = exp(S - L),  D_i = dO_i . O_i,  dV = P^T dO,  dS = P * (dO V^T - D),
+                   dQ = scale dS K,  dK = scale dS^T Q,
+               so training memory is O(T), not O(T^2).
+* `XLA`        `jax.nn.dot_product_attention(implementation="xla")`; needs V == K head dims.
+
+Softmax statistics are float32 whatever the input dtype; matmuls take the input dtype with float32
+accumulation, and `o` comes back in the input dtype.
+
+Decoding: `kv_cache_update` writes one token per batch row into `[B, S, HKV, D]` caches, and
+`softmax_attention_step` attends one query token to the first `length` cache entries.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hybrid_jax.ops._common import (
+    Impl,
+    check_floating,
+    check_rank,
+    check_shape,
+    default_scale,
+    pad_time,
+    repeat_heads,
+    resolve_impl,
+)
+
+SUPPORTED = (Impl.REFERENCE, Impl.CHUNK, Impl.XLA)
+_F32 = jnp.float32
+
+
+def _allowed(q_pos, k_pos, *, causal: bool, window: int | None):
+    """The attention mask (True = attend) from broadcastable query / key positions (jnp or numpy)."""
+    ok = (k_pos <= q_pos) | (not causal)  # `|` broadcasts to the full [queries, keys] shape
+    if window is not None:
+        ok = ok & (q_pos - k_pos < window)
+        if not causal:
+            ok = ok & (k_pos - q_pos < window)
+    return ok
+
+
+def _masked_softmax(logits: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Softmax over the last axis restricted to `allowed`; rows with nothing allowed give zeros."""
+    # -inf (not a large negative) keeps masked weights exactly zero and their gradients finite.
+    logits = jnp.where(allowed, logits, -jnp.inf)
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    weights = jnp.exp(logits - row_max)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    return weights / jnp.where(total > 0, total, 1.0)
+
+
+def _query_positions(tq: int, tk: int) -> np.ndarray:
+    return np.arange(tk - tq, tk)
+
+
+# ---------------------------------------------------------------------------------------------
+# reference
+
+
+def softmax_attention_reference(q, k, v, *, scale: float, causal: bool, window: int | None):
+    """Full float32 logits and a masked softmax: the ground truth."""
+    heads, tq, tk = q.shape[2], q.shape[1], k.shape[1]
+    k = repeat_heads(k.astype(_F32), heads)
+    v = repeat_heads(v.astype(_F32), heads)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(_F32), k) * scale
+    allowed = _allowed(_query_positions(tq, tk)[:, None], np.arange(tk)[None, :], causal=causal, window=window)
+    weights = _masked_softmax(logits, allowed)
+    return jnp.einsum("bhqk,bkhv->bqhv", weights, v).astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# chunk (flash attention); grouped layout: q [B, N, G, Tq, K], k [B, N, Tk, K], v [B, N, Tk, V]
+
+
+def _key_blocks(x: jax.Array, block: int) -> jax.Array:
+    """[B, N, Tk, D] -> [Tk / block, B, N, block, D] (zero padded; padded keys are masked)."""
+    x = pad_time(x, block, axis=2)
+    b, n, t, d = x.shape
+    return jnp.moveaxis(x.reshape(b, n, t // block, block, d), 2, 0)
+
+
+def _block_logits(q, k_blk, start, tk, scale, causal, window):
+    """Masked float32 logits [B, N, G, Tq, block] of all queries against one key block."""
+    tq, block = q.shape[3], k_blk.shape[2]
+    logits = jnp.einsum("bngqd,bnkd->bngqk", q, k_blk, preferred_element_type=_F32) * scale
+    k_pos = start + jnp.arange(block)
+    allowed = _allowed(_query_positions(tq, tk)[:, None], k_pos[None, :], causal=causal, window=window)
+    allowed = allowed & (k_pos < tk)[None, :]
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
+def _flash_forward(q, k, v, scale, causal, window, block):
+    tk = k.shape[2]
+    stats_shape = q.shape[:4]
+    starts = jnp.arange(0, tk + (-tk) % block, block)
+
+    def visit_block(carry, inputs):
+        row_max, denom, acc = carry
+        k_blk, v_blk, start = inputs
+        logits = _block_logits(q, k_blk, start, tk, scale, causal, window)
+        new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
+        # Rows that have seen no allowed key yet keep max = -inf; shift them by 0 instead.
+        shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+        rescale = jnp.exp(row_max - shift)
+        weights = jnp.exp(logits - shift[..., None])
+        denom = rescale * denom + jnp.sum(weights, axis=-1)
+        pv = jnp.einsum("bngqk,bnkv->bngqv", weights.astype(v.dtype), v_blk, preferred_element_type=_F32)
+        return (new_max, denom, rescale[..., None] * acc + pv), None
+
+    init = (
+        jnp.full(stats_shape, -jnp.inf, _F32),
+        jnp.zeros(stats_shape, _F32),
+        jnp.zeros(stats_shape + (v.shape[-1],), _F32),
+    )
+    (row_max, denom, acc), _ = jax.lax.scan(
+        visit_block, init, (_key_blocks(k, block), _key_blocks(v, block), starts)
+    )
+    seen = denom > 0
+    o = acc / jnp.where(seen, denom, 1.0)[..., None]
+    # Fully masked rows get L = 0: their logits are all -inf, so recomputed weights are exactly 0.
+    logsumexp = jnp.where(seen, row_max + jnp.log(jnp.where(seen, denom, 1.0)), 0.0)
+    return o.astype(q.dtype), logsumexp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _flash_attention(q, k, v, scale, causal, window, block):
+    return _flash_forward(q, k, v, scale, causal, window, block)[0]
+
+
+def _flash_attention_fwd(q, k, v, scale, causal, window, block):
+    o, logsumexp = _flash_forward(q, k, v, scale, causal, window, block)
+    return o, (q, k, v, o, logsumexp)
+
+
+def _flash_attention_bwd(scale, causal, window, block, residuals, do):
+    q, k, v, o, logsumexp = residuals
+    tk = k.shape[2]
+    starts = jnp.arange(0, tk + (-tk) % block, block)
+    delta = jnp.sum(do.astype(_F32) * o.astype(_F32), axis=-1)  # D_i = dO_i . O_i = sum_j P_ij dP_ij
+    do = do.astype(v.dtype)
+
+    def visit_block(dq, inputs):
+        k_blk, v_blk, start = inputs
+        logits = _block_logits(q, k_blk, start, tk, scale, causal, window)
+        weights = jnp.exp(logits - logsumexp[..., None])
+        dv_blk = jnp.einsum("bngqk,bngqv->bnkv", weights.astype(do.dtype), do, preferred_element_type=_F32)
+        dweights = jnp.einsum("bngqv,bnkv->bngqk", do, v_blk, preferred_element_type=_F32)
+        dlogits = (weights * (dweights - delta[..., None]) * scale).astype(q.dtype)
+        dq = dq + jnp.einsum("bngqk,bnkd->bngqd", dlogits, k_blk, preferred_element_type=_F32)
+        dk_blk = jnp.einsum("bngqk,bngqd->bnkd", dlogits, q, preferred_element_type=_F32)
+        return dq, (dk_blk, dv_blk)
+
+    dq, (dk, dv) = jax.lax.scan(
+        visit_block, jnp.zeros(q.shape, _F32), (_key_blocks(k, block), _key_blocks(v, block), starts)
+    )
+
+    def unblock(x, like):  # [Tk / block, B, N, block, D] -> [B, N, Tk, D]
+        x = jnp.moveaxis(x, 0, 2)
+        b, n, nb, blk, d = x.shape
+        return x.reshape(b, n, nb * blk, d)[:, :, :tk].astype(like.dtype)
+
+    return dq.astype(q.dtype), unblock(dk, k), unblock(dv, v)
+
+
+_flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
+
+
+def softmax_attention_chunk(q, k, v, *, scale: float, causal: bool, window: int | None, block_size: int = 128):
+    """Blocked online softmax over key blocks with an O(T)-memory custom VJP (see the module doc)."""
+    b, tq, heads, dk = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    q_grouped = q.reshape(b, tq, kv_heads, groups, dk).transpose(0, 2, 3, 1, 4)
+    k_grouped, v_grouped = (jnp.swapaxes(x, 1, 2) for x in (k, v))
+    block = min(block_size, k.shape[1])
+    o = _flash_attention(q_grouped, k_grouped, v_grouped, scale, causal, window, block)
+    return o.transpose(0, 3, 1, 2, 4).reshape(b, tq, heads, v.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# xla
+
+
+def softmax_attention_xla(q, k, v, *, scale: float, causal: bool, window: int | None):
+    """`jax.nn.dot_product_attention`, with our bottom-right aligned mask where Tq != Tk."""
+    if k.shape[-1] != v.shape[-1]:
+        raise ValueError(
+            f"softmax_attention: impl='xla' (jax.nn.dot_product_attention) needs equal key and value "
+            f"head dims, got K={k.shape[-1]} and V={v.shape[-1]}; use impl='chunk'"
+        )
+    tq, tk = q.shape[1], k.shape[1]
+    allowed = _allowed(_query_positions(tq, tk)[:, None], np.arange(tk)[None, :], causal=causal, window=window)
+    options = {}
+    if tq == tk:
+        # Square case: let JAX build the (top-left aligned = ours) masks itself.
+        options["is_causal"] = causal
+        if window is not None:
+            options["local_window_size"] = (window - 1, 0 if causal else window - 1)
+    elif not np.all(allowed):
+        options["mask"] = jnp.asarray(allowed)[None, None]
+    o = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla", **options)
+    row_has_key = np.any(allowed, axis=1)
+    if not np.all(row_has_key):
+        # dot_product_attention masks with a finite negative, which averages all keys on empty rows.
+        o = jnp.where(jnp.asarray(row_has_key)[None, :, None, None], o, jnp.zeros((), o.dtype))
+    return o
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch and validation
+
+
+def _check_window(window, op: str) -> None:
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"{op}: window must be None or an int >= 1, got {window!r}")
+
+
+def _check_grouped_heads(heads: int, kv_heads: int, op: str) -> None:
+    if heads % kv_heads != 0:
+        raise ValueError(
+            f"{op}: q heads H={heads} must be a multiple of k/v heads HKV={kv_heads} (grouped-query heads)"
+        )
+
+
+def _check_same_dtype(op: str, **arrays: jax.Array) -> None:
+    dtypes = {name: x.dtype for name, x in arrays.items()}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{name}: {dtype}" for name, dtype in dtypes.items())
+        raise ValueError(f"{op}: {', '.join(dtypes)} must share one dtype, got {listed}")
+
+
+def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, impl="chunk", block_size=128):
+    """Softmax attention: q `[B, Tq, H, K]`, k `[B, Tk, HKV, K]`, v `[B, Tk, HKV, V]` -> o `[B, Tq, H, V]`.
+
+    Queries sit at the last Tq of the Tk key positions; `window=W` limits each query at position p
+    to keys p-W+1 .. p (and up to p+W-1 when not causal). `scale` defaults to K ** -0.5.
+    `impl` is "reference", "chunk" (default) or "xla"; `block_size` is the chunk key-block length.
+    """
+    op = "softmax_attention"
+    choice = resolve_impl(impl, op, SUPPORTED)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_rank(f"{op}: {name}", x, 4, "[B, T, H, D]")
+        check_floating(f"{op}: {name}", x)
+    b, tq, heads, dk = q.shape
+    tk, kv_heads, dv = k.shape[1], k.shape[2], v.shape[3]
+    check_shape(f"{op}: k", k, (b, tk, kv_heads, dk), "[B, Tk, HKV, K] (B and K as in q)")
+    check_shape(f"{op}: v", v, (b, tk, kv_heads, dv), "[B, Tk, HKV, V] (B, Tk, HKV as in k)")
+    if tq == 0 or tk == 0:
+        raise ValueError(f"{op}: q and k need at least one time step, got Tq={tq}, Tk={tk}")
+    _check_grouped_heads(heads, kv_heads, op)
+    _check_same_dtype(op, q=q, k=k, v=v)
+    _check_window(window, op)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"{op}: block_size must be an int >= 1, got {block_size!r}")
+    scale = default_scale(scale, dk)
+    causal = bool(causal)
+    if choice is Impl.REFERENCE:
+        return softmax_attention_reference(q, k, v, scale=scale, causal=causal, window=window)
+    if choice is Impl.XLA:
+        return softmax_attention_xla(q, k, v, scale=scale, causal=causal, window=window)
+    return softmax_attention_chunk(q, k, v, scale=scale, causal=causal, window=window, block_size=block_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+
+
+def kv_cache_update(k_cache, v_cache, k_t, v_t, index):
+    """Writes k_t `[B, HKV, K]`, v_t `[B, HKV, V]` at cache slot `index[b]` of row b; returns the caches.
+
+    Caches are `[B, S, HKV, D]`; `index` is `[B]` integers in [0, S). Out-of-range writes are dropped.
+    """
+    op = "kv_cache_update"
+    check_rank(f"{op}: k_cache", k_cache, 4, "[B, S, HKV, K]")
+    check_rank(f"{op}: v_cache", v_cache, 4, "[B, S, HKV, V]")
+    b, s, kv_heads, _ = k_cache.shape
+    check_shape(f"{op}: v_cache", v_cache, (b, s, kv_heads, v_cache.shape[3]), "[B, S, HKV, V] (as k_cache)")
+    check_shape(f"{op}: k_t", k_t, (b, kv_heads, k_cache.shape[3]), "[B, HKV, K]")
+    check_shape(f"{op}: v_t", v_t, (b, kv_heads, v_cache.shape[3]), "[B, HKV, V]")
+    index = jnp.asarray(index)
+    check_shape(f"{op}: index", index, (b,), "[B]")
+    if not jnp.issubdtype(index.dtype, jnp.integer):
+        raise ValueError(f"{op}: index must be an integer array, got dtype {index.dtype}")
+    rows = jnp.arange(b)
+    k_cache = k_cache.at[rows, index].set(k_t.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[rows, index].set(v_t.astype(v_cache.dtype), mode="drop")
+    return k_cache, v_cache
+
+
+def softmax_attention_step(q_t, k_cache, v_cache, *, length, scale=None, window=None):
+    """One decoding step: q_t `[B, H, K]` against caches `[B, S, HKV, D]` -> o `[B, H, V]`.
+
+    `length` `[B]` counts the valid cache entries per row, the new token's k, v already written at
+    `length - 1`; the query attends to slots < length (and >= length - window). Equals the last row
+    of the causal `softmax_attention` over the first `length` tokens.
+    """
+    op = "softmax_attention_step"
+    check_rank(f"{op}: q_t", q_t, 3, "[B, H, K]")
+    check_rank(f"{op}: k_cache", k_cache, 4, "[B, S, HKV, K]")
+    check_rank(f"{op}: v_cache", v_cache, 4, "[B, S, HKV, V]")
+    for name, x in (("q_t", q_t), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_floating(f"{op}: {name}", x)
+    b, heads, dk = q_t.shape
+    s, kv_heads, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
+    check_shape(f"{op}: k_cache", k_cache, (b, s, kv_heads, dk), "[B, S, HKV, K] (B and K as in q_t)")
+    check_shape(f"{op}: v_cache", v_cache, (b, s, kv_heads, dv), "[B, S, HKV, V] (as k_cache)")
+    _check_grouped_heads(heads, kv_heads, op)
+    _check_same_dtype(op, q_t=q_t, k_cache=k_cache, v_cache=v_cache)
+    _check_window(window, op)
+    length = jnp.asarray(length)
+    check_shape(f"{op}: length", length, (b,), "[B]")
+    if not jnp.issubdtype(length.dtype, jnp.integer):
+        raise ValueError(f"{op}: length must be an integer array, got dtype {length.dtype}")
+    scale = default_scale(scale, dk)
+
+    q_grouped = q_t.reshape(b, kv_heads, heads // kv_heads, dk)
+    logits = jnp.einsum("bngd,bsnd->bngs", q_grouped, k_cache, preferred_element_type=_F32) * scale
+    allowed = _allowed((length - 1)[:, None], jnp.arange(s)[None, :], causal=True, window=window)
+    weights = _masked_softmax(logits, allowed[:, None, None, :])
+    o = jnp.einsum("bngs,bsnv->bngv", weights.astype(v_cache.dtype), v_cache, preferred_element_type=_F32)
+    return o.reshape(b, heads, dv).astype(q_t.dtype)

@@ -1,0 +1,71 @@
+r"""The delta-rule family: DeltaNet, Gated DeltaNet and Kimi Delta Attention (KDA).
+
+Per head, state S in R^{K x V}, o_t = S_t^T (scale * q_t), beta_t in (0, 1):
+
+    delta_rule:        S_t = (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T
+    gated_delta_rule:  S_t = (I - b_t k_t k_t^T) exp(g_t) S_{t-1} + b_t k_t v_t^T,        g `[B,T,HV]`
+    kda:               S_t = (I - b_t k_t k_t^T) Diag(exp g_t) S_{t-1} + b_t k_t v_t^T,  g `[B,T,HV,K]`
+
+Each step writes b_t (v_t - S'^T k_t) at key k_t, where S' is the decayed state: an online
+least-squares update of the key -> value map. DeltaNet is g = 0 and Gated DeltaNet is KDA with the
+gate broadcast over K, so all three run on one chunked machinery (`gated.py`): the WY / UT form of
+Yang et al. 2024 ("Parallelizing Linear Transformers with the Delta Rule over Sequence Length") and
+the Kimi Linear report (eqs. 6-9), with Tm = (I + Diag(beta) StrictLower(Akk))^{-1} Diag(beta) solved
+per chunk by forward substitution, and only relative decays exp(G_i - G_m), i >= m, ever formed.
+
+Layout: q, k `[B, T, H, K]` (keys are expected L2-normalised by the layer), v `[B, T, HV, V]`,
+beta `[B, T, HV]`, HV % H == 0. impl: "reference" | "scan" (associative scan over (transition, write)
+pairs, O(T log T K^3)) | "chunk" (default). Returns (o in v's dtype, final state `[B, HV, K, V]`
+float32 or None).
+"""
+from __future__ import annotations
+
+from hybrid_jax.ops import gated
+
+
+def delta_rule(q, k, v, *, beta, scale=None, initial_state=None, output_final_state=False,
+               impl="chunk", chunk_size=64):
+    """DeltaNet: the delta rule without decay."""
+    return gated.gated_op("delta_rule", q, k, v, g=None, beta=beta, scale=scale,
+                          initial_state=initial_state, output_final_state=output_final_state,
+                          impl=impl, chunk_size=chunk_size)
+
+
+def gated_delta_rule(q, k, v, *, g, beta, scale=None, initial_state=None, output_final_state=False,
+                     impl="chunk", chunk_size=64):
+    """Gated DeltaNet: one scalar log decay per head and token, g `[B, T, HV]`."""
+    b, t, _, k_dim = q.shape
+    g = gated.check_gate("gated_delta_rule", g, b, t, v.shape[2], k_dim, per_channel=False)
+    return gated.gated_op("gated_delta_rule", q, k, v, g=g, beta=beta, scale=scale,
+                          initial_state=initial_state, output_final_state=output_final_state,
+                          impl=impl, chunk_size=chunk_size)
+
+
+def kda(q, k, v, *, g, beta, scale=None, initial_state=None, output_final_state=False, impl="chunk",
+        chunk_size=64):
+    """Kimi Delta Attention: channel-wise log decay g `[B, T, HV, K]`."""
+    b, t, _, k_dim = q.shape
+    g = gated.check_gate("kda", g, b, t, v.shape[2], k_dim, per_channel=True)
+    return gated.gated_op("kda", q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
+                          output_final_state=output_final_state, impl=impl, chunk_size=chunk_size)
+
+
+def delta_rule_step(q_t, k_t, v_t, state, *, beta_t, scale=None):
+    """One decoding step: q_t, k_t `[B, H, K]`, v_t `[B, HV, V]`, beta_t `[B, HV]`, state `[B, HV, K, V]`."""
+    return gated.gated_step("delta_rule_step", q_t, k_t, v_t, state, beta_t=beta_t, scale=scale)
+
+
+def gated_delta_rule_step(q_t, k_t, v_t, state, *, g_t, beta_t, scale=None):
+    """One decoding step of Gated DeltaNet; g_t `[B, HV]`."""
+    b, _, k_dim = q_t.shape
+    g_t = gated.check_gate("gated_delta_rule_step", g_t[:, None], b, 1, v_t.shape[1], k_dim,
+                           per_channel=False)[:, 0]
+    return gated.gated_step("gated_delta_rule_step", q_t, k_t, v_t, state, g_t=g_t, beta_t=beta_t,
+                            scale=scale)
+
+
+def kda_step(q_t, k_t, v_t, state, *, g_t, beta_t, scale=None):
+    """One decoding step of KDA; g_t `[B, HV, K]`."""
+    b, _, k_dim = q_t.shape
+    g_t = gated.check_gate("kda_step", g_t[:, None], b, 1, v_t.shape[1], k_dim, per_channel=True)[:, 0]
+    return gated.gated_step("kda_step", q_t, k_t, v_t, state, g_t=g_t, beta_t=beta_t, scale=scale)

@@ -1,0 +1,46 @@
+r"""Linear attention and gated linear attention (GLA).
+
+Per head, state S in R^{K x V}, o_t = S_t^T (scale * q_t):
+
+    linear_attention:  S_t = S_{t-1} + k_t v_t^T
+    gla:               S_t = Diag(exp g_t) S_{t-1} + k_t v_t^T,   g_t <= 0 per channel `[B,T,H,K]`
+                       or one scalar per head `[B,T,H]` (the decay of RetNet / Mamba-2 style heads)
+
+Feature maps, normalisation and the gate parameterisation belong to the layers (hybrid_jax.nn).
+Layout: q, k `[B, T, H, K]`, v `[B, T, HV, V]` with HV % H == 0 (q/k shared by each group of value
+heads); g follows v's heads. impl: "reference" (token recurrence), "scan" (associative scan over
+K x V states), "chunk" (intra-chunk matmuls + one pass over chunk states; the default). All compute
+in float32 and return o in v's dtype and the final state `[B, HV, K, V]` in float32.
+"""
+from __future__ import annotations
+
+from hybrid_jax.ops import gated
+
+
+def linear_attention(q, k, v, *, scale=None, initial_state=None, output_final_state=False,
+                     impl="chunk", chunk_size=64):
+    """Causal linear attention. Returns (o `[B, T, HV, V]`, final state `[B, HV, K, V]` or None)."""
+    return gated.gated_op("linear_attention", q, k, v, g=None, beta=None, scale=scale,
+                          initial_state=initial_state, output_final_state=output_final_state,
+                          impl=impl, chunk_size=chunk_size)
+
+
+def linear_attention_step(q_t, k_t, v_t, state, *, scale=None):
+    """One decoding step: q_t, k_t `[B, H, K]`, v_t `[B, HV, V]`, state `[B, HV, K, V]`."""
+    return gated.gated_step("linear_attention_step", q_t, k_t, v_t, state, scale=scale)
+
+
+def gla(q, k, v, *, g, scale=None, initial_state=None, output_final_state=False, impl="chunk",
+        chunk_size=64):
+    """Gated linear attention with log decay g `[B, T, HV, K]` or `[B, T, HV]`."""
+    b, t, _, k_dim = q.shape
+    g = gated.check_gate("gla", g, b, t, v.shape[2], k_dim, per_channel=None)
+    return gated.gated_op("gla", q, k, v, g=g, beta=None, scale=scale, initial_state=initial_state,
+                          output_final_state=output_final_state, impl=impl, chunk_size=chunk_size)
+
+
+def gla_step(q_t, k_t, v_t, state, *, g_t, scale=None):
+    """One decoding step of GLA; g_t `[B, HV, K]` or `[B, HV]`."""
+    b, _, k_dim = q_t.shape
+    g_t = gated.check_gate("gla_step", g_t[:, None], b, 1, v_t.shape[1], k_dim, per_channel=None)[:, 0]
+    return gated.gated_step("gla_step", q_t, k_t, v_t, state, g_t=g_t, scale=scale)

@@ -1,0 +1,123 @@
+r"""First-order linear recurrences, elementwise: the scan every diagonal SSM reduces to.
+
+    h_t = a_t * h_{t-1} + b_t,        t = 0 .. T-1,  h_{-1} = h0 (zeros by default)
+
+`a` and `b` are `[B, T, ...]` (time on axis 1, any trailing shape); `h0` is `[B, ...]`.
+With `log_a=True`, `a` holds natural-log decays (a_t = exp(log_a_t), log_a_t <= 0), which keeps
+cumulative decays in log space where they cannot underflow before they are needed.
+
+Three algorithms, one result:
+
+* `REFERENCE`  lax.scan over t: the definition, float32.
+* `SCAN`       jax.lax.associative_scan with combine((a1, b1), (a2, b2)) = (a1 a2, a2 b1 + b2):
+               O(log T) depth; slower than lax.scan on CPU, an independent check and a
+               sequence-parallel building block.
+* `CHUNK`      two levels: a lax.scan over the C positions of every chunk at once (from h = 0),
+               then a lax.scan over the T / C chunk carries, then h_t = local_t + P_t * carry,
+               with P_t the decay from the chunk start to t. Depth C + T / C instead of T.
+
+All three compute in float32 and return `h` (every step) in float32 plus the final state.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from hybrid_jax.ops._common import Impl, check_chunk_size, pad_time, resolve_impl
+
+SUPPORTED = (Impl.REFERENCE, Impl.SCAN, Impl.CHUNK)
+
+
+def _as_decay(a: jax.Array, log_a: bool) -> jax.Array:
+    return jnp.exp(a) if log_a else a
+
+
+def linear_recurrence_reference(a, b, h0, *, log_a=False):
+    """The recurrence, one step at a time (time axis 1)."""
+
+    def step(h, ab):
+        a_t, b_t = ab
+        h = _as_decay(a_t, log_a) * h + b_t
+        return h, h
+
+    final, hs = jax.lax.scan(step, h0, (jnp.moveaxis(a, 1, 0), jnp.moveaxis(b, 1, 0)))
+    return jnp.moveaxis(hs, 0, 1), final
+
+
+def linear_recurrence_scan(a, b, h0, *, log_a=False):
+    """jax.lax.associative_scan over (decay, offset) pairs; the initial state enters as step -1."""
+
+    def combine(left, right):
+        a1, b1 = left
+        a2, b2 = right
+        if log_a:
+            return a1 + a2, jnp.exp(a2) * b1 + b2
+        return a1 * a2, a2 * b1 + b2
+
+    # Fold h0 into the first offset: h_0 = a_0 h0 + b_0.
+    b = b.at[:, 0].add(_as_decay(a[:, 0], log_a) * h0)
+    _, hs = jax.lax.associative_scan(combine, (a, b), axis=1)
+    return hs, hs[:, -1]
+
+
+def linear_recurrence_chunk(a, b, h0, *, log_a=False, chunk_size=64):
+    """Scan inside all chunks at once, then across chunk carries (see the module docstring)."""
+    batch, t = b.shape[:2]
+    c = min(chunk_size, t)
+    identity = 0.0 if log_a else 1.0  # padded steps keep the state: a = 1, b = 0
+    a = pad_time(a, c, value=identity)
+    b = pad_time(b, c)
+    n = a.shape[1] // c
+    a = a.reshape(batch, n, c, *a.shape[2:])
+    b = b.reshape(batch, n, c, *b.shape[2:])
+
+    zeros = jnp.zeros((batch, n) + b.shape[3:], jnp.float32)
+    # Time-within-chunk becomes the scanned axis; the chunk axis rides along as a batch axis.
+    local, _ = linear_recurrence_reference(
+        jnp.moveaxis(a, 2, 1), jnp.moveaxis(b, 2, 1), zeros, log_a=log_a
+    )
+    local = jnp.moveaxis(local, 1, 2)  # [B, N, C, ...]
+    if log_a:
+        decay_from_start = jnp.exp(jnp.cumsum(a, axis=2))
+    else:
+        decay_from_start = jnp.cumprod(a, axis=2)
+
+    def carry_step(h, inputs):
+        total_decay, last = inputs
+        return total_decay * h + last, h  # emit the state entering this chunk
+
+    final, carry_in = jax.lax.scan(
+        carry_step,
+        h0,
+        (jnp.moveaxis(decay_from_start[:, :, -1], 1, 0), jnp.moveaxis(local[:, :, -1], 1, 0)),
+    )
+    carry_in = jnp.moveaxis(carry_in, 0, 1)[:, :, None]  # [B, N, 1, ...]
+    hs = local + decay_from_start * carry_in
+    hs = hs.reshape(batch, n * c, *hs.shape[3:])[:, :t]
+    return hs, final
+
+
+def linear_recurrence(a, b, *, initial_state=None, log_a=False, impl="chunk", chunk_size=64):
+    """h_t = a_t * h_{t-1} + b_t over axis 1; returns (h `[B, T, ...]` float32, h_{T-1} `[B, ...]`)."""
+    choice = resolve_impl(impl, "linear_recurrence", SUPPORTED)
+    if a.shape != b.shape:
+        raise ValueError(f"linear_recurrence: a and b must have the same shape [B, T, ...], got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    if a.ndim < 2:
+        raise ValueError(f"linear_recurrence: a, b must be [B, T, ...], got rank {a.ndim}")
+    check_chunk_size(chunk_size, "linear_recurrence")
+    a = a.astype(jnp.float32)
+    b = b.astype(jnp.float32)
+    state_shape = (b.shape[0],) + b.shape[2:]
+    if initial_state is None:
+        h0 = jnp.zeros(state_shape, jnp.float32)
+    else:
+        if tuple(initial_state.shape) != state_shape:
+            raise ValueError(f"linear_recurrence: initial_state must have shape [B, ...] = {state_shape}, "
+                             f"got {tuple(initial_state.shape)}")
+        h0 = initial_state.astype(jnp.float32)
+    if choice is Impl.REFERENCE:
+        return linear_recurrence_reference(a, b, h0, log_a=log_a)
+    if choice is Impl.SCAN:
+        return linear_recurrence_scan(a, b, h0, log_a=log_a)
+    return linear_recurrence_chunk(a, b, h0, log_a=log_a, chunk_size=chunk_size)

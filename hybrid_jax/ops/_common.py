@@ -19,6 +19,7 @@ class Impl(str, enum.Enum):
     SCAN = "scan"  # jax.lax.associative_scan
     CHUNK = "chunk"  # chunked matmul form (the fast path on every backend)
     PALLAS = "pallas"  # Pallas kernel (GPU / TPU)
+    XLA = "xla"  # jax.nn.dot_product_attention (softmax attention only)
 
 
 def resolve_impl(impl: str | Impl, op: str, supported: Sequence[Impl]) -> Impl:
@@ -90,6 +91,6 @@ def pad_time(x: jax.Array, multiple: int, axis: int = 1, value: float = 0.0) -> 
     return jnp.pad(x, widths, constant_values=value)
 
 
-def check_chunk_size(chunk_size: int, op: str, lo: int = 1, hi: int = 1024) -> None:
+def check_chunk_size(chunk_size: int, op: str, lo: int = 1, hi: int = 1024, name: str = "chunk_size") -> None:
     if not isinstance(chunk_size, int) or not lo <= chunk_size <= hi:
-        raise ValueError(f"{op}: chunk_size must be an int in [{lo}, {hi}], got {chunk_size!r}")
+        raise ValueError(f"{op}: {name} must be an int in [{lo}, {hi}], got {chunk_size!r}")

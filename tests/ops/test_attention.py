@@ -2,6 +2,7 @@
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,12 +22,10 @@ def attend_grads(q, k, v, cotangent, **options):
 
 
 def make_inputs(seed, b, tq, tk, h, hkv, dk, dv, dtype=jnp.float32):
-    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
-    q = jax.random.normal(keys[0], (b, tq, h, dk), dtype)
-    k = jax.random.normal(keys[1], (b, tk, hkv, dk), dtype)
-    v = jax.random.normal(keys[2], (b, tk, hkv, dv), dtype)
-    cotangent = jax.random.normal(keys[3], (b, tq, h, dv), dtype)
-    return q, k, v, cotangent
+    # numpy draws: jax.random would compile anew for every shape.
+    rng = np.random.default_rng(seed)
+    shapes = [(b, tq, h, dk), (b, tk, hkv, dk), (b, tk, hkv, dv), (b, tq, h, dv)]
+    return tuple(jnp.asarray(rng.standard_normal(shape, np.float32), dtype) for shape in shapes)
 
 
 # name: (B, Tq, Tk, H, HKV, K, V, causal, window); block_size 4 never divides T.
@@ -136,8 +135,8 @@ def test_chunk_equals_reference_for_any_shape(b, tq, extra_keys, kv_heads_and_gr
     hkv, groups = kv_heads_and_groups
     q, k, v, _ = make_inputs(4, b, tq, tq + extra_keys, hkv * groups, hkv, 4, 3)
     options = dict(causal=causal, window=window)
-    expected = softmax_attention(q, k, v, impl="reference", **options)
-    assert_close(softmax_attention(q, k, v, impl="chunk", block_size=block_size, **options), expected)
+    expected = attend(q, k, v, impl="reference", **options)
+    assert_close(attend(q, k, v, impl="chunk", block_size=block_size, **options), expected)
 
 
 def _largest_intermediate(jaxpr) -> int:
@@ -193,7 +192,7 @@ def decode_all(q, k, v, k_cache, v_cache, *, window):
 def test_decode_steps_equal_causal_forward(window):
     q, k, v, _ = make_inputs(6, 2, 6, 6, 4, 2, 8, 8)
     # Stale cache contents past `length` must be ignored, so start from noise, not zeros.
-    k_cache, v_cache = (jax.random.normal(jax.random.PRNGKey(7), (2, 8, 2, 8)) * 10 for _ in range(2))
+    k_cache, v_cache = (10 * x for x in make_inputs(7, 2, 8, 8, 2, 2, 8, 8)[1:3])
     expected = attend(q, k, v, impl="reference", causal=True, window=window)
     assert_close(decode_all(q, k, v, k_cache, v_cache, window=window), expected)
 
@@ -206,7 +205,8 @@ def test_step_with_ragged_lengths_matches_prefill_rows():
         expected = attend(q[row : row + 1], k[row : row + 1, :length], v[row : row + 1, :length],
                           impl="reference", window=4)
         assert_close(o[row], expected[0, 0])
-    np.testing.assert_array_equal(np.asarray(softmax_attention_step(q[:, 0], k, v, length=jnp.zeros(2, jnp.int32))), 0.0)
+    empty = softmax_attention_step(q[:, 0], k, v, length=jnp.zeros(2, jnp.int32))
+    np.testing.assert_array_equal(np.asarray(empty), 0.0)
 
 
 def test_kv_cache_update_writes_one_slot_per_row():

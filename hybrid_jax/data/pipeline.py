@@ -1,0 +1,336 @@
+"""Language-modelling input pipeline: corpus -> token array -> packed, shuffled, sharded batches.
+
+    tokens  = concat(encode(doc_0), [eos], encode(doc_1), [eos], ...)    eos only if the tokenizer
+                                                                          has one; cached in memory
+    train   = tokens[:n - v],  val = tokens[n - v:],  v = round(val_fraction * n)
+    window i of a split = split[i*L : i*L + L + 1]                        (L = seq_len)
+    batch   = {"inputs": windows[:, :-1], "targets": windows[:, 1:]}     int32 [b, L] each
+
+Windows overlap by one token, so every token of a split except the first is a target exactly once
+per epoch, and train and val windows never share a token. Train windows are shuffled over the
+whole split with `seed`, reshuffled every epoch (grain folds the epoch into the seed), and dealt
+round-robin to `shard_count` processes; the validation pass is in order and finite. Each shard gets
+the same number of windows (the remainder is dropped) so that all processes step in lockstep.
+`batch_size` is the global batch; each process yields `batch_size // shard_count` rows.
+
+The training iterator is a grain `DatasetIterator`: `get_state()` / `set_state()` save and restore
+its position exactly (grain.checkpoint.CheckpointSave/Restore wrap it for orbax).
+
+Stats for reporting loss in bits per byte: bytes_per_token = UTF-8 bytes / tokens of a split, and
+a unigram baseline, the cross-entropy of the validation tokens under add-one-smoothed training-split
+token frequencies,  H = -1/|val| sum_t log2((c_train[x_t] + 1) / (|train| + V)),  divided by the
+validation bytes per token.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import NamedTuple
+
+import grain
+import ml_collections
+import numpy as np
+
+from hybrid_jax.data.sources import Source, resolve_source
+from hybrid_jax.data.tokenizers import Tokenizer, get_tokenizer
+
+Batch = dict[str, np.ndarray]
+
+# Windows are slices of an in-memory array: reading them in threads costs more than it saves.
+_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+_MAX_SEED = 2**32 - 1
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """The `data` section of a training config."""
+    config = ml_collections.ConfigDict()
+    config.source = "shakespeare"  # or a folder of .txt, a .txt, .npy or .array_record file
+    config.tokenizer = "byte"  # "byte", "gpt2", or a SentencePiece ".model" path
+    config.val_fraction = 0.05  # the last val_fraction of the tokens are held out
+    return config
+
+
+def _checked_config(data_config: Mapping | ml_collections.ConfigDict | None) -> dict:
+    config = default_data_config().to_dict()
+    given = {} if data_config is None else dict(data_config.items())
+    unknown = sorted(set(given) - set(config))
+    if unknown:
+        raise ValueError(f"unknown data config key(s) {unknown}; valid keys: {sorted(config)}")
+    config.update(given)
+    fraction = config["val_fraction"]
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ValueError(f"data.val_fraction must be a number in (0, 1), got {fraction!r}")
+    return config
+
+
+# ---------------------------------------------------------------------------- tokenised corpus
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedCorpus:
+    tokens: np.ndarray  # int32 [n], read-only (shared by every pipeline built on it)
+    num_documents: int | None  # None for pre-tokenised sources
+
+
+_CORPUS_CACHE: collections.OrderedDict[tuple, TokenizedCorpus] = collections.OrderedDict()
+_CORPUS_CACHE_SIZE = 4
+
+
+def tokenize_corpus(source: Source, tokenizer: Tokenizer) -> TokenizedCorpus:
+    """All documents of `source` as one token array, memoised on the files and the tokenizer."""
+    key = (source.fingerprint(), tokenizer.fingerprint())
+    if key in _CORPUS_CACHE:
+        _CORPUS_CACHE.move_to_end(key)
+        return _CORPUS_CACHE[key]
+    if source.is_pretokenized:
+        tokens, num_documents = source.token_ids(tokenizer.vocab_size), None
+    else:
+        documents = source.documents()
+        eos = [] if tokenizer.eos_id is None else [np.array([tokenizer.eos_id], np.int32)]
+        pieces = [piece for doc in documents for piece in (tokenizer.encode_array(doc), *eos)]
+        tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+        num_documents = len(documents)
+    tokens = tokens.astype(np.int32, copy=False)
+    tokens.flags.writeable = False
+    corpus = TokenizedCorpus(tokens, num_documents)
+    _CORPUS_CACHE[key] = corpus
+    if len(_CORPUS_CACHE) > _CORPUS_CACHE_SIZE:
+        _CORPUS_CACHE.popitem(last=False)
+    return corpus
+
+
+def split_tokens(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val): val is the last round(val_fraction * n) tokens."""
+    num_val = round(val_fraction * len(tokens))
+    return tokens[: len(tokens) - num_val], tokens[len(tokens) - num_val :]
+
+
+# ---------------------------------------------------------------------------- packing + grain
+
+
+class PackedSequences:
+    """Random-access windows of `seq_len + 1` tokens with stride `seq_len` over a token array."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self._tokens = tokens
+        self._seq_len = seq_len
+        self._len = max(len(tokens) - 1, 0) // seq_len
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not 0 <= index < self._len:
+            raise IndexError(f"window {index} out of range [0, {self._len})")
+        start = index * self._seq_len
+        return self._tokens[start : start + self._seq_len + 1]
+
+    def __repr__(self) -> str:
+        return f"PackedSequences(num_tokens={len(self._tokens)}, seq_len={self._seq_len})"
+
+
+def windows_to_batch(windows: list[np.ndarray]) -> Batch:
+    """Stacks `seq_len + 1` windows into next-token inputs and targets."""
+    stacked = np.stack(windows).astype(np.int32, copy=False)
+    return {
+        "inputs": np.ascontiguousarray(stacked[:, :-1]),
+        "targets": np.ascontiguousarray(stacked[:, 1:]),
+    }
+
+
+def _shard(dataset: grain.MapDataset, shard_index: int, shard_count: int) -> grain.MapDataset:
+    usable = len(dataset) - len(dataset) % shard_count
+    return dataset[:usable][shard_index::shard_count]
+
+
+def train_dataset(tokens: np.ndarray, *, seq_len: int, local_batch_size: int, seed: int,
+                  shard_index: int, shard_count: int) -> grain.IterDataset:
+    """Endless shuffled batches of this shard's windows, reshuffled each epoch."""
+    windows = grain.MapDataset.source(PackedSequences(tokens, seq_len)).shuffle(seed)
+    windows = _shard(windows, shard_index, shard_count).repeat(None)
+    batches = windows.batch(local_batch_size, drop_remainder=True, batch_fn=windows_to_batch)
+    return batches.to_iter_dataset(_READ_OPTIONS)
+
+
+def eval_dataset(tokens: np.ndarray, *, seq_len: int, local_batch_size: int,
+                 shard_index: int, shard_count: int) -> grain.MapDataset:
+    """One in-order pass over this shard's windows in full batches."""
+    windows = _shard(grain.MapDataset.source(PackedSequences(tokens, seq_len)),
+                     shard_index, shard_count)
+    return windows.batch(local_batch_size, drop_remainder=True, batch_fn=windows_to_batch)
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+@dataclasses.dataclass(frozen=True)
+class DataStats:
+    source: str
+    tokenizer: str
+    vocab_size: int
+    num_documents: int | None
+    total_tokens: int
+    train_tokens: int
+    val_tokens: int
+    train_sequences: int  # windows of seq_len + 1 over all shards, before the per-shard remainder
+    val_sequences: int
+    train_bytes_per_token: float
+    bytes_per_token: float  # of the validation split, the one eval losses are measured on
+    unigram_bits_per_byte: float  # baseline: a model that ignores context
+
+    def bits_per_byte(self, loss_nats_per_token: float, *, split: str = "val") -> float:
+        """Converts a mean next-token loss in nats to bits per UTF-8 byte of `split`."""
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        per_token = self.bytes_per_token if split == "val" else self.train_bytes_per_token
+        return loss_nats_per_token / math.log(2) / per_token
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        """One line for logs."""
+        return (
+            f"data {self.source} ({self.tokenizer}, vocab {self.vocab_size}): "
+            f"{self.train_tokens:,} train / {self.val_tokens:,} val tokens, "
+            f"{self.bytes_per_token:.3f} bytes/token, "
+            f"unigram baseline {self.unigram_bits_per_byte:.3f} bits/byte"
+        )
+
+
+def unigram_bits_per_token(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (bits) of `val` under add-one-smoothed unigram counts of `train`."""
+    counts = np.bincount(train, minlength=vocab_size).astype(np.float64)
+    log2_probs = np.log2((counts + 1.0) / (len(train) + vocab_size))
+    return float(-(np.bincount(val, minlength=vocab_size) @ log2_probs) / len(val))
+
+
+def _bytes_per_token(tokens: np.ndarray, byte_lengths: np.ndarray) -> float:
+    num_bytes = np.bincount(tokens, minlength=len(byte_lengths)) @ byte_lengths
+    return float(num_bytes / len(tokens)) if num_bytes else float("nan")
+
+
+def compute_stats(source: Source, tokenizer: Tokenizer, corpus: TokenizedCorpus,
+                  train: np.ndarray, val: np.ndarray, seq_len: int) -> DataStats:
+    byte_lengths = tokenizer.token_byte_lengths()
+    val_bytes_per_token = _bytes_per_token(val, byte_lengths)
+    return DataStats(
+        source=source.name,
+        tokenizer=tokenizer.name,
+        vocab_size=tokenizer.vocab_size,
+        num_documents=corpus.num_documents,
+        total_tokens=len(corpus.tokens),
+        train_tokens=len(train),
+        val_tokens=len(val),
+        train_sequences=len(PackedSequences(train, seq_len)),
+        val_sequences=len(PackedSequences(val, seq_len)),
+        train_bytes_per_token=_bytes_per_token(train, byte_lengths),
+        bytes_per_token=val_bytes_per_token,
+        unigram_bits_per_byte=unigram_bits_per_token(train, val, tokenizer.vocab_size)
+        / val_bytes_per_token,
+    )
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+class Datasets(NamedTuple):
+    train_iter: grain.DatasetIterator  # endless; get_state()/set_state() for exact resume
+    val_batches: Callable[..., Iterator[Batch]]  # val_batches(max_batches=None): a fresh pass
+    tokenizer: Tokenizer
+    stats: DataStats
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _checked_seed(seed) -> int:
+    is_integer = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
+    if not (is_integer and 0 <= seed <= _MAX_SEED):
+        raise ValueError(f"seed must be an integer in [0, {_MAX_SEED}], got {seed!r}")
+    return int(seed)
+
+
+def _resolve_shards(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+    if shard_index is None and shard_count is None:
+        import jax
+
+        return jax.process_index(), jax.process_count()
+    if shard_index is None or shard_count is None:
+        raise ValueError("give both shard_index and shard_count, or neither (then jax decides)")
+    shard_count = _positive_int(shard_count, "shard_count")
+    is_integer = isinstance(shard_index, (int, np.integer)) and not isinstance(shard_index, bool)
+    if not (is_integer and 0 <= shard_index < shard_count):
+        raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index!r}")
+    return int(shard_index), shard_count
+
+
+def make_datasets(data_config: Mapping | ml_collections.ConfigDict | None = None, *,
+                  seq_len: int, batch_size: int, seed: int,
+                  shard_index: int | None = None, shard_count: int | None = None) -> Datasets:
+    """Builds the training iterator, the validation pass, the tokenizer and corpus stats.
+
+    Args:
+      data_config: keys of `default_data_config()` (missing keys take the defaults).
+      seq_len: tokens per row of `inputs` / `targets`.
+      batch_size: global batch; every process yields `batch_size // shard_count` rows.
+      seed: shuffle seed in [0, 2**32).
+      shard_index, shard_count: this process's data shard; default jax.process_index() / count().
+
+    Returns:
+      `Datasets(train_iter, val_batches, tokenizer, stats)`, unpackable as a 4-tuple. Batches are
+      `{"inputs": int32 [b, seq_len], "targets": int32 [b, seq_len]}`.
+    """
+    config = _checked_config(data_config)
+    source = resolve_source(config["source"])
+    seq_len = _positive_int(seq_len, "seq_len")
+    batch_size = _positive_int(batch_size, "batch_size")
+    seed = _checked_seed(seed)
+    shard_index, shard_count = _resolve_shards(shard_index, shard_count)
+    if batch_size % shard_count:
+        raise ValueError(
+            f"batch_size {batch_size} must be divisible by shard_count {shard_count} "
+            "(batch_size is the global batch)"
+        )
+    local_batch_size = batch_size // shard_count
+    tokenizer = get_tokenizer(config["tokenizer"])
+
+    corpus = tokenize_corpus(source, tokenizer)
+    train, val = split_tokens(corpus.tokens, config["val_fraction"])
+    for split, tokens in (("training", train), ("validation", val)):
+        per_shard = len(PackedSequences(tokens, seq_len)) // shard_count
+        if per_shard < local_batch_size:
+            raise ValueError(
+                f"the {split} split of {source.name!r} ({len(tokens)} tokens) gives {per_shard} "
+                f"windows of seq_len + 1 = {seq_len + 1} per shard, fewer than one batch of "
+                f"{local_batch_size}; use more data, a smaller seq_len or batch_size, or change "
+                f"data.val_fraction ({config['val_fraction']})"
+            )
+    stats = compute_stats(source, tokenizer, corpus, train, val, seq_len)
+
+    shard = dict(shard_index=shard_index, shard_count=shard_count)
+    train_iter = iter(train_dataset(train, seq_len=seq_len, local_batch_size=local_batch_size,
+                                    seed=seed, **shard))
+    val_batches_all = eval_dataset(val, seq_len=seq_len, local_batch_size=local_batch_size, **shard)
+
+    def val_batches(max_batches: int | None = None) -> Iterator[Batch]:
+        """A fresh in-order pass over this shard's validation batches (the first `max_batches`)."""
+        dataset = val_batches_all
+        if max_batches is not None:
+            dataset = dataset[: _positive_int(max_batches, "max_batches")]
+        return iter(dataset.to_iter_dataset(_READ_OPTIONS))
+
+    return Datasets(train_iter, val_batches, tokenizer, stats)
+
+
+__all__ = [
+    "Batch", "DataStats", "Datasets", "PackedSequences", "TokenizedCorpus", "compute_stats",
+    "default_data_config", "eval_dataset", "make_datasets", "split_tokens",
+    "tokenize_corpus", "train_dataset", "unigram_bits_per_token", "windows_to_batch",
+]

@@ -1,0 +1,94 @@
+"""Multi-query associative recall (MQAR; Arora et al. 2023, "Zoology").
+
+Each row shows N key-value pairs, then asks for every key again somewhere later:
+
+    position  0    1    2    3   ...  2N-2  2N-1 | 2N ...                               T-1
+    inputs    k_1  v_1  k_2  v_2 ...  k_N   v_N  | 0  0  k_3  0  k_1  0 ... k_2  0  ...
+    targets   -    -    -    -   ...  -     -    | -  -  v_3  -  v_1  - ... v_2  -  ...
+    mask      0    0    0    0   ...  0     0    | 0  0  1    0  1    0 ... 1    0  ...
+
+A model solves it only by recalling, at each query, the value stored next to the same key in
+the context. Keys are distinct draws from [1, V/2), values distinct draws from [V/2, V), token 0
+fills the query region. As in Zoology, the query offsets within the query region follow a power
+law, p(offset) ~ (offset + 1)^(a - 1) with a = `power_a` (0.01: mostly near the context, with a
+long tail), sampled without replacement by the Gumbel-top-k trick; which key is asked where is a
+uniform random permutation. Everything is numpy and determined by `rng`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _check_positive(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def mqar_batch(
+    rng: np.random.Generator | int | None,
+    batch: int,
+    seq_len: int,
+    vocab_size: int,
+    num_kv_pairs: int,
+    *,
+    power_a: float = 0.01,
+) -> dict[str, np.ndarray]:
+    """One MQAR batch.
+
+    Args:
+      rng: a numpy Generator, or a seed for one.
+      batch, seq_len: output shape [batch, seq_len]; needs seq_len >= 3 * num_kv_pairs.
+      vocab_size: ids lie in [0, vocab_size); needs vocab_size >= 2 * (num_kv_pairs + 1).
+      num_kv_pairs: N, the pairs shown and queried in each row.
+      power_a: power-law exponent of the query placement (a > 0; 1 is uniform).
+
+    Returns:
+      {"inputs": int32 [B, T], "targets": int32 [B, T] (0 where unmasked),
+       "mask": float32 [B, T], 1 exactly at the N query positions of each row}.
+    """
+    batch = _check_positive(batch, "batch")
+    seq_len = _check_positive(seq_len, "seq_len")
+    vocab_size = _check_positive(vocab_size, "vocab_size")
+    num_pairs = _check_positive(num_kv_pairs, "num_kv_pairs")
+    if seq_len < 3 * num_pairs:
+        raise ValueError(
+            f"seq_len ({seq_len}) must be at least 3 * num_kv_pairs ({3 * num_pairs}): "
+            "2 tokens per pair of context plus one per query"
+        )
+    num_keys = vocab_size // 2 - 1  # key ids 1 .. V/2 - 1; 0 is the filler
+    if num_pairs > num_keys:
+        raise ValueError(
+            f"vocab_size ({vocab_size}) too small for {num_pairs} distinct keys: needs "
+            f"vocab_size >= {2 * (num_pairs + 1)}"
+        )
+    if not power_a > 0:
+        raise ValueError(f"power_a must be > 0, got {power_a!r}")
+    rng = np.random.default_rng(rng)
+
+    def distinct(count: int, low: int, high: int) -> np.ndarray:
+        """[batch, count] distinct draws from [low, high) per row."""
+        return np.argsort(rng.random((batch, high - low)), axis=1)[:, :count] + low
+
+    keys = distinct(num_pairs, 1, 1 + num_keys)
+    values = distinct(num_pairs, vocab_size // 2, vocab_size)
+
+    context_len = 2 * num_pairs
+    query_len = seq_len - context_len
+    log_weight = (power_a - 1.0) * np.log1p(np.arange(query_len))
+    gumbel = rng.gumbel(size=(batch, query_len))
+    offsets = np.argsort(-(log_weight + gumbel), axis=1)[:, :num_pairs]
+    asked = np.argsort(rng.random((batch, num_pairs)), axis=1)  # which pair each query asks for
+
+    rows = np.arange(batch)[:, None]
+    inputs = np.zeros((batch, seq_len), np.int32)
+    inputs[:, 0:context_len:2] = keys
+    inputs[:, 1:context_len:2] = values
+    query_positions = context_len + offsets
+    inputs[rows, query_positions] = keys[rows, asked]
+    targets = np.zeros((batch, seq_len), np.int32)
+    targets[rows, query_positions] = values[rows, asked]
+    mask = np.zeros((batch, seq_len), np.float32)
+    mask[rows, query_positions] = 1.0
+    return {"inputs": inputs, "targets": targets, "mask": mask}

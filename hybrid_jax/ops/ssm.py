@@ -1,0 +1,113 @@
+r"""State-space models: Mamba's selective scan (S6) and Mamba-2's state-space duality (SSD).
+
+selective_scan (Mamba, diagonal A `[D, N]`, per channel d and state n):
+    h_t[d, n] = exp(dt_t[d] A[d, n]) h_{t-1}[d, n] + dt_t[d] B_t[n] u_t[d]
+    y_t[d]    = sum_n C_t[n] h_t[d, n] + D[d] u_t[d]
+  u, dt `[B, T, D]` (dt > 0, already softplus-ed by the layer), B, C `[B, T, N]`, state `[B, D, N]`.
+  An elementwise first-order recurrence: it runs on `scan.linear_recurrence` in log space.
+
+ssd (Mamba-2, one scalar decay per head, B/C shared by groups of heads):
+    h_t = exp(A dt_t) h_{t-1} + dt_t B_t x_t^T      (h `[N, P]` per head)
+    y_t = h_t^T C_t + D x_t
+  x `[B, T, H, P]`, dt `[B, T, H]`, A `[H]` (< 0), B, C `[B, T, G, N]` with H % G == 0, state
+  `[B, H, N, P]`. This is the non-delta gated recurrence with q = C, k = B, v = dt * x, g = A * dt and
+  scale 1, so it runs on the chunked machinery of `gated.py` (intra-chunk matmuls with the masked
+  relative decay, one pass over chunk states).
+
+impl: "reference" | "scan" | "chunk" (default). States in float32; y in the input dtype.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from hybrid_jax.ops import gated
+from hybrid_jax.ops import scan as first_order
+from hybrid_jax.ops._common import check_floating, check_rank, check_shape, resolve_impl
+
+
+def _check_selective(u, dt, A, B, C, D, op):
+    check_rank(f"{op}: u", u, 3, "[B, T, D]")
+    check_floating(f"{op}: u", u)
+    b, t, d = u.shape
+    check_shape(f"{op}: dt", dt, (b, t, d), "[B, T, D]")
+    check_rank(f"{op}: A", A, 2, "[D, N]")
+    n = A.shape[1]
+    check_shape(f"{op}: A", A, (d, n), "[D, N]")
+    check_shape(f"{op}: B", B, (b, t, n), "[B, T, N]")
+    check_shape(f"{op}: C", C, (b, t, n), "[B, T, N]")
+    check_shape(f"{op}: D", D, (d,), "[D]")
+    return b, t, d, n
+
+
+def _selective_inputs(u, dt, A, B):
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    log_decay = f32(dt)[..., None] * f32(A)  # [B, T, D, N]
+    write = (f32(dt) * f32(u))[..., None] * f32(B)[..., None, :]
+    return log_decay, write
+
+
+def selective_scan(u, dt, A, B, C, *, D=None, initial_state=None, output_final_state=False,
+                   impl="chunk", chunk_size=64):
+    """Mamba S6. Returns (y `[B, T, D]`, final state `[B, D, N]` float32 or None)."""
+    b, t, d, n = _check_selective(u, dt, A, B, C, D, "selective_scan")
+    resolve_impl(impl, "selective_scan", first_order.SUPPORTED)
+    check_shape("selective_scan: initial_state", initial_state, (b, d, n), "[B, D, N]")
+    log_decay, write = _selective_inputs(u, dt, A, B)
+    h, final = first_order.linear_recurrence(log_decay, write, initial_state=initial_state,
+                                             log_a=True, impl=impl, chunk_size=chunk_size)
+    y = jnp.einsum("btdn,btn->btd", h, C.astype(jnp.float32))
+    if D is not None:
+        y = y + D.astype(jnp.float32) * u.astype(jnp.float32)
+    return y.astype(u.dtype), (final if output_final_state else None)
+
+
+def selective_scan_step(u_t, dt_t, A, B_t, C_t, state, *, D=None):
+    """One decoding step: u_t, dt_t `[B, D]`, B_t, C_t `[B, N]`, state `[B, D, N]`."""
+    b, _, d, n = _check_selective(u_t[:, None], dt_t[:, None], A, B_t[:, None], C_t[:, None], D,
+                                  "selective_scan_step")
+    check_shape("selective_scan_step: state", state, (b, d, n), "[B, D, N]")
+    log_decay, write = _selective_inputs(u_t, dt_t, A, B_t)
+    state = jnp.exp(log_decay) * state.astype(jnp.float32) + write
+    y = jnp.einsum("bdn,bn->bd", state, C_t.astype(jnp.float32))
+    if D is not None:
+        y = y + D.astype(jnp.float32) * u_t.astype(jnp.float32)
+    return y.astype(u_t.dtype), state
+
+
+def _check_ssd(x, dt, A, B, C, D, op):
+    check_rank(f"{op}: x", x, 4, "[B, T, H, P]")
+    b, t, h, _ = x.shape
+    check_shape(f"{op}: dt", dt, (b, t, h), "[B, T, H]")
+    check_shape(f"{op}: A", A, (h,), "[H]")
+    check_rank(f"{op}: B", B, 4, "[B, T, G, N]")
+    check_shape(f"{op}: C", C, B.shape, "[B, T, G, N] (same as B)")
+    check_shape(f"{op}: D", D, (h,), "[H]")
+    if B.shape[:2] != (b, t) or h % B.shape[2]:
+        raise ValueError(f"{op}: B and C must be [B, T, G, N] with B={b}, T={t} and heads H={h} a "
+                         f"multiple of groups G, got {tuple(B.shape)}")
+
+
+def ssd(x, dt, A, B, C, *, D=None, initial_state=None, output_final_state=False, impl="chunk",
+        chunk_size=64):
+    """Mamba-2 SSD. Returns (y `[B, T, H, P]`, final state `[B, H, N, P]` float32 or None)."""
+    _check_ssd(x, dt, A, B, C, D, "ssd")
+    dt32 = dt.astype(jnp.float32)
+    y, final = gated.gated_op(
+        "ssd", C, B, dt32[..., None] * x.astype(jnp.float32), g=(dt32 * A.astype(jnp.float32))[..., None],
+        beta=None, scale=1.0, initial_state=initial_state, output_final_state=output_final_state,
+        impl=impl, chunk_size=chunk_size)
+    if D is not None:
+        y = y + D.astype(jnp.float32)[:, None] * x.astype(jnp.float32)
+    return y.astype(x.dtype), final
+
+
+def ssd_step(x_t, dt_t, A, B_t, C_t, state, *, D=None):
+    """One decoding step: x_t `[B, H, P]`, dt_t `[B, H]`, B_t, C_t `[B, G, N]`, state `[B, H, N, P]`."""
+    _check_ssd(x_t[:, None], dt_t[:, None], A, B_t[:, None], C_t[:, None], D, "ssd_step")
+    dt32 = dt_t.astype(jnp.float32)
+    y, state = gated.gated_step("ssd_step", C_t, B_t, dt32[..., None] * x_t.astype(jnp.float32), state,
+                                g_t=(dt32 * A.astype(jnp.float32))[..., None], scale=1.0)
+    if D is not None:
+        y = y + D.astype(jnp.float32)[:, None] * x_t.astype(jnp.float32)
+    return y.astype(x_t.dtype), state

@@ -13,7 +13,7 @@ for c in $(PYTHON) python3.13 python3.12 python3; do \
 done; \
 if command -v pyenv >/dev/null 2>&1; then \
   root=$$(pyenv root); \
-  for v in $$(ls "$$root/versions" 2>/dev/null | grep -E '^3\.[0-9]+\.[0-9]+$$' | sort -t. -k1,1n -k2,2n -k3,3n -r); do \
+  for v in $$(ls "$$root/versions" 2>/dev/null | grep -E '^3\.[0-9]+\.[0-9]+$$' | sort -t. -k1,1nr -k2,2nr -k3,3nr); do \
     c="$$root/versions/$$v/bin/python3"; if ok "$$c"; then echo "$$c"; exit 0; fi; \
   done; \
 fi; \

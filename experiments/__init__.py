@@ -1,0 +1,1 @@
+"""Experiments: configs (experiments/configs), benchmarks and sweeps. Library code never imports this."""

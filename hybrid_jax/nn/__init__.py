@@ -1,0 +1,70 @@
+"""Flax NNX layers: norms, short conv, RoPE, MLP and the mixer layers, registered by kind.
+
+Importing this package imports every module in `MIXER_MODULES`, whose `@register_mixer` decorators
+fill `MIXERS`. A new mixer module is added by appending its name to `MIXER_MODULES` (see
+`hybrid_jax.nn.registry` for the interface).
+"""
+
+import importlib
+
+from hybrid_jax.nn.common import (
+    ACTIVATIONS,
+    Dense,
+    Embed,
+    activation,
+    count_params,
+    logical_axes,
+    logical_param,
+)
+from hybrid_jax.nn.conv import ShortConv
+from hybrid_jax.nn.mlp import SwiGLU
+from hybrid_jax.nn.norms import GatedRMSNorm, RMSNorm, l2_normalize, rms_normalize
+from hybrid_jax.nn.registry import (
+    MIXERS,
+    Mixer,
+    build_mixer,
+    get_mixer,
+    mixer_config,
+    register_mixer,
+    resolve_mixer_config,
+)
+from hybrid_jax.nn.rope import apply_rope
+
+# Modules under hybrid_jax/nn/ that define mixer layers; importing one registers its kinds.
+MIXER_MODULES: tuple[str, ...] = (
+    "attention",
+    "mla",
+    "linear_attention",
+    "mamba",
+    "delta",
+    "log_linear",
+)
+
+for _name in MIXER_MODULES:
+    importlib.import_module(f"hybrid_jax.nn.{_name}")
+del _name
+
+__all__ = [
+    "ACTIVATIONS",
+    "Dense",
+    "Embed",
+    "GatedRMSNorm",
+    "MIXERS",
+    "MIXER_MODULES",
+    "Mixer",
+    "RMSNorm",
+    "ShortConv",
+    "SwiGLU",
+    "activation",
+    "apply_rope",
+    "build_mixer",
+    "count_params",
+    "get_mixer",
+    "l2_normalize",
+    "logical_axes",
+    "logical_param",
+    "mixer_config",
+    "register_mixer",
+    "resolve_mixer_config",
+    "rms_normalize",
+]

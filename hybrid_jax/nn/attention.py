@@ -1,0 +1,145 @@
+r"""Multi-head softmax attention layer: MHA / GQA / MQA, RoPE or NoPE, optional sliding window.
+
+With H query heads, HKV key/value heads (H % HKV == 0; HKV = H is MHA, HKV = 1 is MQA) and head
+dim Dh, for x `[B, T, d_model]`:
+
+    q = rope(x W_q)  [B, T, H, Dh],   k = rope(x W_k)  [B, T, HKV, Dh],   v = x W_v  [B, T, HKV, Dh]
+    o = softmax_attention(q, k, v, causal, window)          (hybrid_jax.ops.attention)
+    y = o W_o,   W_o: [H, Dh, d_model]
+
+`rope=False` gives NoPE (no position signal but causality, as in some hybrid stacks whose recurrent
+layers carry position). `rope_fraction` < 1 rotates only the first fraction of each head (partial
+rotary). `window=W` restricts each token to the last W tokens (sliding-window attention, e.g. Samba);
+it also bounds the decode cache to W tokens. `qk_norm` applies a per-head RMSNorm to q and k before
+RoPE (OLMo-2 / Qwen-3 style), which keeps logits bounded at scale.
+
+Decode cache per sequence: 2 * HKV * Dh * min(context, W) elements.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from ml_collections import config_dict
+
+from hybrid_jax.nn.common import Dense
+from hybrid_jax.nn.norms import RMSNorm
+from hybrid_jax.nn.registry import Mixer, check_positive, register_mixer
+from hybrid_jax.nn.rope import apply_rope, rotary_dim_for
+from hybrid_jax.ops.attention import SUPPORTED as ATTENTION_IMPLS
+from hybrid_jax.ops.attention import softmax_attention
+
+
+def attention_impls() -> list[str]:
+    return [impl.value for impl in ATTENTION_IMPLS]
+
+
+def check_attention_impl(impl: str) -> None:
+    if impl not in attention_impls():
+        raise ValueError(
+            f"impl={impl!r} is not a softmax_attention impl; valid choices are {attention_impls()}"
+        )
+
+
+def mean_attended_keys(context: int, window: int | None) -> float:
+    """Mean over positions t = 1..N of the keys a causal query attends to: mean_t min(t, W)."""
+    n = int(context)
+    w = n if window is None else min(int(window), n)
+    return (w * (w + 1) / 2 + (n - w) * w) / n
+
+
+def attention_head_dim(cfg: ml_collections.ConfigDict, d_model: int) -> int:
+    return cfg.head_dim if cfg.head_dim is not None else d_model // cfg.num_heads
+
+
+def attention_kv_heads(cfg: ml_collections.ConfigDict) -> int:
+    return cfg.num_kv_heads if cfg.num_kv_heads is not None else cfg.num_heads
+
+
+@register_mixer("attention")
+class Attention(Mixer):
+    """Causal softmax attention with grouped key/value heads (see the module docstring)."""
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        return ml_collections.ConfigDict(
+            {
+                "num_heads": 8,
+                "num_kv_heads": config_dict.placeholder(int),  # None: num_heads (MHA); fewer: GQA; 1: MQA
+                "head_dim": config_dict.placeholder(int),  # None: d_model // num_heads
+                "rope": True,  # False: NoPE
+                "rope_theta": 10000.0,
+                "rope_fraction": 1.0,  # share of each head's dims that RoPE rotates
+                "window": config_dict.placeholder(int),  # None: global causal; W: last W tokens
+                "qk_norm": False,
+                "impl": "chunk",
+            }
+        )
+
+    @classmethod
+    def check_config(cls, cfg: ml_collections.ConfigDict, d_model: int) -> None:
+        check_positive(cfg, "num_heads")
+        if cfg.num_kv_heads is not None:
+            check_positive(cfg, "num_kv_heads")
+        if cfg.num_heads % attention_kv_heads(cfg):
+            raise ValueError(
+                f"num_kv_heads={cfg.num_kv_heads} must divide num_heads={cfg.num_heads} (grouped-query heads)"
+            )
+        if cfg.head_dim is None and d_model % cfg.num_heads:
+            raise ValueError(
+                f"num_heads={cfg.num_heads} does not divide d_model={d_model}; choose num_heads among the "
+                f"divisors of d_model or set head_dim"
+            )
+        if cfg.head_dim is not None:
+            check_positive(cfg, "head_dim")
+        if cfg.window is not None:
+            check_positive(cfg, "window")
+        if cfg.rope and rotary_dim_for(attention_head_dim(cfg, d_model), cfg.rope_fraction) == 0:
+            raise ValueError(
+                f"rope_fraction={cfg.rope_fraction} rotates no dims of head_dim={attention_head_dim(cfg, d_model)}; "
+                f"use rope=False for NoPE"
+            )
+        check_attention_impl(cfg.impl)
+
+    @classmethod
+    def cache_bytes(cls, cfg, d_model: int, context: int, dtype_bytes: int = 2) -> int:
+        tokens = context if cfg.window is None else min(context, cfg.window)
+        return 2 * attention_kv_heads(cfg) * attention_head_dim(cfg, d_model) * tokens * dtype_bytes
+
+    @classmethod
+    def flops_per_token(cls, cfg, d_model: int, context: int) -> int:
+        head_dim = attention_head_dim(cfg, d_model)
+        q_and_o = 2 * d_model * cfg.num_heads * head_dim
+        k_and_v = 2 * d_model * attention_kv_heads(cfg) * head_dim
+        scores_and_values = 2 * cfg.num_heads * head_dim * mean_attended_keys(context, cfg.window)
+        return int(round(2 * (q_and_o + k_and_v + scores_and_values)))
+
+    def __init__(self, cfg: ml_collections.ConfigDict, d_model: int, *, rngs: nnx.Rngs):
+        self.num_heads, self.num_kv_heads = cfg.num_heads, attention_kv_heads(cfg)
+        self.head_dim = attention_head_dim(cfg, d_model)
+        self.rotary_dim = rotary_dim_for(self.head_dim, cfg.rope_fraction) if cfg.rope else 0
+        self.rope_theta, self.window, self.impl = cfg.rope_theta, cfg.window, cfg.impl
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        self.q_proj = Dense(d_model, (heads, head_dim), ("embed", "heads", "kv"), rngs=rngs)
+        self.k_proj = Dense(d_model, (kv_heads, head_dim), ("embed", "kv_heads", "kv"), rngs=rngs)
+        self.v_proj = Dense(d_model, (kv_heads, head_dim), ("embed", "kv_heads", "kv"), rngs=rngs)
+        self.o_proj = Dense((heads, head_dim), d_model, ("heads", "kv", "embed"), rngs=rngs)
+        self.q_norm = RMSNorm(head_dim) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(head_dim) if cfg.qk_norm else None
+
+    def project_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q `[B, T, H, Dh]`, k, v `[B, T, HKV, Dh]` for tokens at `positions` (`[T]` or `[B, T]`)."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary_dim:
+            q = apply_rope(q, positions, theta=self.rope_theta, rotary_dim=self.rotary_dim)
+            k = apply_rope(k, positions, theta=self.rope_theta, rotary_dim=self.rotary_dim)
+        return q, k, v
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        q, k, v = self.project_qkv(x, jnp.arange(x.shape[1]))
+        o = softmax_attention(q, k, v, causal=True, window=self.window, impl=self.impl)
+        return self.o_proj(o)

@@ -1,0 +1,84 @@
+r"""Causal depthwise short convolution (the ShortConv of Mamba, GDN, KDA), with a decode state.
+
+For channel c and kernel size W (weights w[0..W-1], w[W-1] multiplying the current token):
+
+    y_t[c] = act( sum_{i=0}^{W-1} w[i, c] * x_{t-W+1+i}[c]  (+ b[c]) ),   x_s = 0 for s < 0
+
+The decode state is the last W-1 inputs `[B, W-1, C]` (oldest first). Running `__call__` over a
+sequence with a state, or `step` token by token, gives the same outputs and the same final state, so
+a prefill can hand its state to decoding. The convolution is W shifted multiply-adds (W is ~4), which
+XLA fuses; no im2col or FFT is worth it at this width. Products accumulate in float32; y and the
+state come back in the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hybrid_jax.nn.common import activation, logical_param
+
+
+class ShortConv(nnx.Module):
+    """Depthwise causal conv over time for `x` `[B, T, C]`; returns `(y, new_state)`."""
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        kernel_size: int = 4,
+        activation_name: str = "silu",
+        use_bias: bool = False,
+        axis_name: str | None = "mlp",
+        rngs: nnx.Rngs,
+    ):
+        if kernel_size < 1:
+            raise ValueError(f"ShortConv: kernel_size must be >= 1, got {kernel_size}")
+        activation(activation_name)  # fail at construction on an unknown name
+        self.channels, self.kernel_size, self.activation_name = channels, kernel_size, activation_name
+        # Uniform(-1/sqrt(W), 1/sqrt(W)): PyTorch's Conv1d default for a depthwise kernel (fan-in W).
+        bound = 1.0 / math.sqrt(kernel_size)
+        weight = jax.random.uniform(rngs.params(), (kernel_size, channels), jnp.float32, -bound, bound)
+        self.weight = logical_param(weight, ("conv", axis_name))
+        self.bias = logical_param(jnp.zeros((channels,), jnp.float32), (axis_name,)) if use_bias else None
+
+    def init_state(self, batch: int, dtype=jnp.float32) -> jax.Array:
+        """The all-zero state (no history) `[B, W-1, C]`."""
+        return jnp.zeros((batch, self.kernel_size - 1, self.channels), dtype)
+
+    def _check(self, x: jax.Array, conv_state: jax.Array | None, rank: int, layout: str) -> None:
+        if x.ndim != rank or x.shape[-1] != self.channels:
+            raise ValueError(
+                f"ShortConv: x must have shape {layout} with C={self.channels}, got {tuple(x.shape)}"
+            )
+        expected = (x.shape[0], self.kernel_size - 1, self.channels)
+        if conv_state is not None and tuple(conv_state.shape) != expected:
+            raise ValueError(
+                f"ShortConv: conv_state must have shape [B, W-1, C] = {expected}, got {tuple(conv_state.shape)}"
+            )
+
+    def _finish(self, y: jax.Array) -> jax.Array:
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return activation(self.activation_name)(y)
+
+    def __call__(self, x: jax.Array, conv_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """x `[B, T, C]`, optional state `[B, W-1, C]` -> (y `[B, T, C]`, new state `[B, W-1, C]`)."""
+        self._check(x, conv_state, 3, "[B, T, C]")
+        width, t = self.kernel_size, x.shape[1]
+        history = self.init_state(x.shape[0], x.dtype) if conv_state is None else conv_state.astype(x.dtype)
+        padded = jnp.concatenate([history, x], axis=1)  # [B, W-1+T, C]
+        taps = padded.astype(jnp.float32)  # accumulate the W products in float32
+        y = sum(taps[:, i : i + t] * self.weight[i] for i in range(width))
+        new_state = padded[:, padded.shape[1] - (width - 1) :]
+        return self._finish(y).astype(x.dtype), new_state
+
+    def step(self, x_t: jax.Array, conv_state: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """One token: x_t `[B, C]`, state `[B, W-1, C]` -> (y_t `[B, C]`, new state)."""
+        self._check(x_t, conv_state, 2, "[B, C]")
+        window = jnp.concatenate([conv_state.astype(x_t.dtype), x_t[:, None]], axis=1)  # [B, W, C]
+        y_t = jnp.sum(window.astype(jnp.float32) * self.weight[...], axis=1)
+        return self._finish(y_t).astype(x_t.dtype), window[:, 1:]

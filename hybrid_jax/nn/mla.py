@@ -1,0 +1,131 @@
+r"""Multi-head Latent Attention (DeepSeek-V2 / V3), with the NoPE variant used by Kimi Linear.
+
+Keys and values are generated from a small shared latent, so decoding caches only the latent:
+
+    c_KV  = RMSNorm(x W_DKV)                       [B, T, r_kv]      (kv_lora_rank)
+    k^C   = c_KV W_UK,   v = c_KV W_UV             [B, T, H, d_nope], [B, T, H, d_v]
+    k^R   = rope(x W_KR)                           [B, T, 1, d_rope]  one key shared by all heads
+    q     = x W_Q  or  RMSNorm(x W_DQ) W_UQ        [B, T, H, d_nope + d_rope]   (q_lora_rank = 0 or r_q)
+    q     = [q^C ; rope(q^R)],   k = [k^C ; k^R broadcast over heads]
+    o     = softmax_attention(q, k, v)  with scale (d_nope + d_rope)^-1/2,     y = o W_O
+
+The training path materialises per-head k and v and calls the softmax attention op. Decoding can
+instead absorb W_UK into the query and W_UV into W_O and attend over the cached [c_KV ; k^R] directly,
+which is why the cache per token is r_kv + d_rope elements, independent of H.
+
+NoPE (`qk_rope_head_dim = 0`): no decoupled rope key at all; positions come only from causality and,
+in Kimi Linear, from the KDA layers around it. The cache is then r_kv elements per token.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from hybrid_jax.nn.attention import check_attention_impl, mean_attended_keys
+from hybrid_jax.nn.common import Dense
+from hybrid_jax.nn.norms import RMSNorm
+from hybrid_jax.nn.registry import Mixer, check_positive, register_mixer
+from hybrid_jax.nn.rope import apply_rope
+from hybrid_jax.ops.attention import softmax_attention
+
+
+@register_mixer("mla")
+class MLA(Mixer):
+    """Multi-head latent attention (see the module docstring)."""
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        return ml_collections.ConfigDict(
+            {
+                "num_heads": 8,
+                "q_lora_rank": 0,  # 0: direct query projection (DeepSeek-V2-Lite, Kimi Linear)
+                "kv_lora_rank": 128,
+                "qk_nope_head_dim": 64,
+                "qk_rope_head_dim": 32,  # 0: NoPE
+                "v_head_dim": 64,
+                "rope_theta": 10000.0,
+                "impl": "chunk",
+            }
+        )
+
+    @classmethod
+    def check_config(cls, cfg: ml_collections.ConfigDict, d_model: int) -> None:
+        check_positive(cfg, "num_heads", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim")
+        check_positive(cfg, "q_lora_rank", "qk_rope_head_dim", minimum=0)
+        if cfg.qk_rope_head_dim % 2:
+            raise ValueError(
+                f"qk_rope_head_dim must be even (RoPE rotates pairs), got {cfg.qk_rope_head_dim}"
+            )
+        check_attention_impl(cfg.impl)
+        qk_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        if cfg.impl == "xla" and qk_dim != cfg.v_head_dim:
+            raise ValueError(
+                f"impl='xla' needs qk_nope_head_dim + qk_rope_head_dim ({qk_dim}) == v_head_dim ({cfg.v_head_dim}); "
+                f"use impl='chunk'"
+            )
+
+    @classmethod
+    def cache_bytes(cls, cfg, d_model: int, context: int, dtype_bytes: int = 2) -> int:
+        return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * context * dtype_bytes
+
+    @classmethod
+    def flops_per_token(cls, cfg, d_model: int, context: int) -> int:
+        heads, qk_dim = cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        if cfg.q_lora_rank:
+            query = d_model * cfg.q_lora_rank + cfg.q_lora_rank * heads * qk_dim
+        else:
+            query = d_model * heads * qk_dim
+        key_value = d_model * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * heads * (
+            cfg.qk_nope_head_dim + cfg.v_head_dim
+        )
+        output = heads * cfg.v_head_dim * d_model
+        mixing = heads * (qk_dim + cfg.v_head_dim) * mean_attended_keys(context, None)
+        return int(round(2 * (query + key_value + output + mixing)))
+
+    def __init__(self, cfg: ml_collections.ConfigDict, d_model: int, *, rngs: nnx.Rngs):
+        heads = cfg.num_heads
+        self.num_heads, self.kv_lora_rank, self.q_lora_rank = heads, cfg.kv_lora_rank, cfg.q_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.rope_theta, self.impl = cfg.rope_theta, cfg.impl
+        qk_dim = self.nope_dim + self.rope_dim
+        if self.q_lora_rank:
+            self.q_down = Dense(d_model, self.q_lora_rank, ("embed", "latent"), rngs=rngs)
+            self.q_norm = RMSNorm(self.q_lora_rank)
+            self.q_up = Dense(self.q_lora_rank, (heads, qk_dim), ("latent", "heads", "kv"), rngs=rngs)
+        else:
+            self.q_proj = Dense(d_model, (heads, qk_dim), ("embed", "heads", "kv"), rngs=rngs)
+        self.kv_down = Dense(d_model, self.kv_lora_rank, ("embed", "latent"), rngs=rngs)
+        self.kv_norm = RMSNorm(self.kv_lora_rank)
+        self.k_up = Dense(self.kv_lora_rank, (heads, self.nope_dim), ("latent", "heads", "kv"), rngs=rngs)
+        self.v_up = Dense(self.kv_lora_rank, (heads, self.v_dim), ("latent", "heads", "kv"), rngs=rngs)
+        self.k_rope = Dense(d_model, self.rope_dim, ("embed", "kv"), rngs=rngs) if self.rope_dim else None
+        self.o_proj = Dense((heads, self.v_dim), d_model, ("heads", "kv", "embed"), rngs=rngs)
+
+    def query(self, x: jax.Array) -> jax.Array:
+        """The un-rotated query `[B, T, H, d_nope + d_rope]`."""
+        if self.q_lora_rank:
+            return self.q_up(self.q_norm(self.q_down(x)))
+        return self.q_proj(x)
+
+    def latent(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """What decoding caches: c_KV `[B, T, r_kv]` and the rotated shared key k^R `[B, T, 1, d_rope]`."""
+        c_kv = self.kv_norm(self.kv_down(x))
+        if self.k_rope is None:
+            return c_kv, None
+        k_pe = apply_rope(self.k_rope(x)[:, :, None, :], positions, theta=self.rope_theta)
+        return c_kv, k_pe
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        positions = jnp.arange(x.shape[1])
+        q = self.query(x)
+        c_kv, k_pe = self.latent(x, positions)
+        k, v = self.k_up(c_kv), self.v_up(c_kv)
+        if k_pe is not None:
+            q_pe = apply_rope(q[..., self.nope_dim :], positions, theta=self.rope_theta)
+            q = jnp.concatenate([q[..., : self.nope_dim], q_pe], axis=-1)
+            k = jnp.concatenate([k, jnp.broadcast_to(k_pe, k.shape[:3] + (self.rope_dim,))], axis=-1)
+        o = softmax_attention(q, k, v, causal=True, impl=self.impl)
+        return self.o_proj(o)

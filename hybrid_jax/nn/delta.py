@@ -1,0 +1,227 @@
+r"""The delta-rule layers: DeltaNet, Gated DeltaNet and Kimi Delta Attention (KDA).
+
+All three share the input side (flash-linear-attention's layers; Yang et al. 2024 / 2025, Kimi Linear
+report), with H query/key heads of dim K and HV value heads (HV % H == 0, grouped value heads) of
+dim V = expand_v * K:
+
+    q = l2norm(SiLU(conv(x W_q))),  k = l2norm(SiLU(conv(x W_k)))   [B, T, H, K]
+    v = SiLU(conv(x W_v))                                          [B, T, HV, V]
+    beta = sigmoid(x W_b)                                          [B, T, HV]
+
+and differ in the decay and the output:
+
+    DeltaNet:       S_t = (I - b k k^T) S_{t-1} + b k v^T;          y = RMSNorm(o) W_o
+    Gated DeltaNet: g = -exp(A_log) softplus(x W_a + dt_bias)  [B, T, HV]   (one decay per head)
+                    S_t = (I - b k k^T) exp(g_t) S_{t-1} + b k v^T; y = (RMSNorm(o) * SiLU(x W_g)) W_o
+    KDA:            g = -exp(A_log) softplus(x W_down W_up + dt_bias)  [B, T, HV, K]  (per channel)
+                    S_t = (I - b k k^T) Diag(exp g_t) S_{t-1} + b k v^T
+                    y = (RMSNorm(o) * sigmoid(x W_down' W_up' + b')) W_o
+
+A_log = log U(1, 16) per head; dt_bias starts at softplus^{-1} of a log-uniform dt in [1e-3, 0.1]
+(per head for Gated DeltaNet, per head and channel for KDA); the low-rank gates have rank
+`gate_low_rank_dim` (default V, as in Kimi Linear). The RMSNorm weights span V and are shared by
+the heads. o_t = S_t^T q_t / sqrt(K) (hybrid_jax.ops.delta).
+
+Subclasses change only the hooks `init_gates` (decay / output-gate parameters and the output norm),
+`gates` (g, beta), `mix` (the op) and `output`, so the log-linear variants (`log_linear.py`) reuse
+everything but `mix`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from ml_collections import config_dict
+
+from hybrid_jax.nn.attention import check_positive
+from hybrid_jax.nn.common import Dense, logical_param
+from hybrid_jax.nn.linear_attention import LinearMixer, check_heads, check_impl, check_positive_float, heads_and_dim
+from hybrid_jax.nn.mamba import ConvProjection, a_log_init, dt_bias_init
+from hybrid_jax.nn.norms import GatedRMSNorm, RMSNorm, l2_normalize
+from hybrid_jax.nn.registry import register_mixer
+from hybrid_jax.ops.delta import delta_rule, gated_delta_rule, kda
+
+
+@register_mixer("deltanet")
+class DeltaNet(LinearMixer):
+    """DeltaNet: the delta rule with short convolutions and L2-normalised q, k (see the module docstring)."""
+
+    DECAY_FLOPS = 0  # per state element and token
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        return ml_collections.ConfigDict(
+            {
+                "num_heads": 4,
+                "head_dim": config_dict.placeholder(int),  # None: d_model // num_heads
+                "num_v_heads": config_dict.placeholder(int),  # None: num_heads; more: grouped value heads
+                "expand_v": 1.0,  # value head dim = expand_v * head_dim
+                "conv_size": 4,
+                "norm_eps": 1e-5,
+                "impl": "chunk",
+                "chunk_size": 64,
+            }
+        )
+
+    @classmethod
+    def dims(cls, cfg, d_model: int) -> tuple[int, int, int, int]:
+        """(H, K, HV, V): query/key heads and dim, value heads and dim."""
+        heads, key_dim = heads_and_dim(cfg, d_model)
+        v_heads = cfg.num_v_heads if cfg.num_v_heads is not None else heads
+        return heads, key_dim, v_heads, int(cfg.expand_v * key_dim)
+
+    @classmethod
+    def value_heads(cls, cfg, d_model: int) -> int:
+        return cls.dims(cfg, d_model)[2]
+
+    @classmethod
+    def check_config(cls, cfg: ml_collections.ConfigDict, d_model: int) -> None:
+        check_heads(cfg, d_model)
+        check_positive(cfg, "conv_size")
+        if cfg.num_v_heads is not None:
+            check_positive(cfg, "num_v_heads")
+            if cfg.num_v_heads % cfg.num_heads:
+                raise ValueError(
+                    f"num_v_heads={cfg.num_v_heads} must be a multiple of num_heads={cfg.num_heads} "
+                    f"(each query/key head serves a group of value heads)"
+                )
+        key_dim = heads_and_dim(cfg, d_model)[1]
+        value_dim = cfg.expand_v * key_dim
+        if not value_dim >= 1 or value_dim != int(value_dim):
+            raise ValueError(
+                f"expand_v={cfg.expand_v} times head_dim={key_dim} must be a positive int, got {value_dim}"
+            )
+        check_positive_float(cfg, "norm_eps")
+        check_impl(cfg)
+
+    @classmethod
+    def conv_channels(cls, cfg, d_model: int) -> int:
+        heads, key_dim, v_heads, value_dim = cls.dims(cfg, d_model)
+        return 2 * heads * key_dim + v_heads * value_dim
+
+    @classmethod
+    def state_elements(cls, cfg, d_model: int, context: int) -> int:
+        _, key_dim, v_heads, value_dim = cls.dims(cfg, d_model)
+        return v_heads * key_dim * value_dim
+
+    @classmethod
+    def mixing_flops(cls, cfg, d_model: int, context: int) -> float:
+        # k^T S, the rank-one correction and the read S^T q are multiply-adds; the decay a multiply
+        return (2 * 3 + cls.DECAY_FLOPS) * cls.state_elements(cfg, d_model, context)
+
+    def __init__(self, cfg: ml_collections.ConfigDict, d_model: int, *, rngs: nnx.Rngs):
+        heads, key_dim, v_heads, value_dim = self.dims(cfg, d_model)
+        self.impl, self.chunk_size = cfg.impl, cfg.chunk_size
+        conv = dict(conv_size=cfg.conv_size, rngs=rngs)
+        self.q_proj = ConvProjection(d_model, (heads, key_dim), ("heads", "kv"), **conv)
+        self.k_proj = ConvProjection(d_model, (heads, key_dim), ("heads", "kv"), **conv)
+        self.v_proj = ConvProjection(d_model, (v_heads, value_dim), ("heads", "kv"), **conv)
+        self.b_proj = Dense(d_model, v_heads, ("embed", "heads"), rngs=rngs)
+        self.init_gates(cfg, d_model, rngs)
+        self.o_proj = Dense((v_heads, value_dim), d_model, ("heads", "kv", "embed"), rngs=rngs)
+
+    def init_gates(self, cfg, d_model: int, rngs: nnx.Rngs) -> None:
+        """Decay and output-gate parameters, and the output norm."""
+        self.o_norm = RMSNorm(self.dims(cfg, d_model)[3], eps=cfg.norm_eps)
+
+    def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q, k `[B, T, H, K]` (unit norm), v `[B, T, HV, V]`."""
+        return l2_normalize(self.q_proj(x)), l2_normalize(self.k_proj(x)), self.v_proj(x)
+
+    def gates(self, x: jax.Array) -> tuple[jax.Array | None, jax.Array]:
+        """(g, beta) in float32: the log decay (None: no decay) and beta `[B, T, HV]` in (0, 1)."""
+        return None, jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
+
+    def mix(self, x, q, k, v, g, beta) -> jax.Array:
+        o, _ = delta_rule(q, k, v, beta=beta, impl=self.impl, chunk_size=self.chunk_size)
+        return o
+
+    def output(self, o: jax.Array, x: jax.Array) -> jax.Array:
+        return self.o_proj(self.o_norm(o))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        q, k, v = self.qkv(x)
+        g, beta = self.gates(x)
+        return self.output(self.mix(x, q, k, v, g, beta), x)
+
+
+@register_mixer("gated_deltanet")
+class GatedDeltaNet(DeltaNet):
+    """Gated DeltaNet: a Mamba-2-style scalar decay per head and a SiLU output gate."""
+
+    DECAY_FLOPS = 1
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        cfg = super().default_config()
+        cfg.expand_v = 2.0  # the Gated DeltaNet paper's value expansion
+        return cfg
+
+    def init_gates(self, cfg, d_model: int, rngs: nnx.Rngs) -> None:
+        _, _, v_heads, value_dim = self.dims(cfg, d_model)
+        self.a_proj = Dense(d_model, v_heads, ("embed", "heads"), rngs=rngs)
+        self.A_log = logical_param(a_log_init(rngs.params(), (v_heads,)), ("heads",))
+        self.dt_bias = logical_param(dt_bias_init(rngs.params(), (v_heads,)), ("heads",))
+        self.g_proj = Dense(d_model, (v_heads, value_dim), ("embed", "heads", "kv"), rngs=rngs)
+        self.o_norm = GatedRMSNorm(value_dim, activation_name="silu", eps=cfg.norm_eps)
+
+    def gates(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """g = -exp(A_log) softplus(x W_a + dt_bias) `[B, T, HV]` (<= 0) and beta."""
+        _, beta = super().gates(x)
+        rate = jax.nn.softplus(self.a_proj(x).astype(jnp.float32) + self.dt_bias[...])
+        return -jnp.exp(self.A_log[...]) * rate, beta
+
+    def mix(self, x, q, k, v, g, beta) -> jax.Array:
+        o, _ = gated_delta_rule(q, k, v, g=g, beta=beta, impl=self.impl, chunk_size=self.chunk_size)
+        return o
+
+    def output(self, o: jax.Array, x: jax.Array) -> jax.Array:
+        return self.o_proj(self.o_norm(o, self.g_proj(x)))
+
+
+@register_mixer("kda")
+class KDA(DeltaNet):
+    """Kimi Delta Attention: a low-rank per-channel decay and a low-rank sigmoid output gate."""
+
+    DECAY_FLOPS = 1
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        cfg = super().default_config()
+        cfg.gate_low_rank_dim = config_dict.placeholder(int)  # None: the value head dim (Kimi Linear)
+        return cfg
+
+    @classmethod
+    def check_config(cls, cfg: ml_collections.ConfigDict, d_model: int) -> None:
+        super().check_config(cfg, d_model)
+        if cfg.gate_low_rank_dim is not None:
+            check_positive(cfg, "gate_low_rank_dim")
+
+    @classmethod
+    def gate_rank(cls, cfg, d_model: int) -> int:
+        return cfg.gate_low_rank_dim if cfg.gate_low_rank_dim is not None else cls.dims(cfg, d_model)[3]
+
+    def init_gates(self, cfg, d_model: int, rngs: nnx.Rngs) -> None:
+        _, key_dim, v_heads, value_dim = self.dims(cfg, d_model)
+        rank = self.gate_rank(cfg, d_model)
+        self.f_down = Dense(d_model, rank, ("embed", "latent"), rngs=rngs)
+        self.f_up = Dense(rank, (v_heads, key_dim), ("latent", "heads", "kv"), rngs=rngs)
+        self.A_log = logical_param(a_log_init(rngs.params(), (v_heads,)), ("heads",))
+        self.dt_bias = logical_param(dt_bias_init(rngs.params(), (v_heads, key_dim)), ("heads", "kv"))
+        self.g_down = Dense(d_model, rank, ("embed", "latent"), rngs=rngs)
+        self.g_up = Dense(rank, (v_heads, value_dim), ("latent", "heads", "kv"), use_bias=True, rngs=rngs)
+        self.o_norm = GatedRMSNorm(value_dim, activation_name="sigmoid", eps=cfg.norm_eps)
+
+    def gates(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """g = -exp(A_log) softplus(x W_down W_up + dt_bias) `[B, T, HV, K]` (<= 0) and beta."""
+        _, beta = super().gates(x)
+        rate = jax.nn.softplus(self.f_up(self.f_down(x)).astype(jnp.float32) + self.dt_bias[...])
+        return -jnp.exp(self.A_log[...])[:, None] * rate, beta
+
+    def mix(self, x, q, k, v, g, beta) -> jax.Array:
+        o, _ = kda(q, k, v, g=g, beta=beta, impl=self.impl, chunk_size=self.chunk_size)
+        return o
+
+    def output(self, o: jax.Array, x: jax.Array) -> jax.Array:
+        return self.o_proj(self.o_norm(o, self.g_up(self.g_down(x))))

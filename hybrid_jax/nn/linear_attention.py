@@ -1,0 +1,293 @@
+r"""Linear attention layers (feature-map linear attention, GLA) and what every linear mixer shares.
+
+LinearAttention (Katharopoulos et al. 2020; feature maps as in flash-linear-attention), H heads of
+dim Dh, feature map phi applied per head to q and k:
+
+    q = phi_q(x W_q),  k = phi_k(x W_k)  [B, T, H, F],   v = x W_v  [B, T, H, Dh]
+    S_t = S_{t-1} + k_t v_t^T,   o_t = S_t^T q_t / sqrt(F)           (hybrid_jax.ops.linear_attention)
+    output_norm = "rmsnorm":      y = RMSNorm(o) W_o                  (per head; flash-linear-attention)
+    output_norm = "denominator":  y = (S_t^T q_t / (q_t . sum_{s<=t} k_s + eps)) W_o     (Katharopoulos)
+
+  phi: "identity" (F = Dh), "elu" (elu(x) + 1), "relu", or "hedgehog" (Zhang et al. 2024,
+  "The Hedgehog & the Porcupine"): a learnable per-head affine map followed by the two-sided softmax
+  phi(x) = [softmax(x A_h + b_h), softmax(-(x A_h + b_h))] (F = 2 Dh; A_h starts at the identity,
+  q and k have their own maps). The denominator is carried by the same scan as an extra all-ones
+  value column, so it costs one more value channel, not a second pass; it needs phi >= 0.
+
+GLA (Yang et al. 2024, "Gated Linear Attention Transformers with Hardware-Efficient Training"):
+
+    q = x W_q, k = x W_k  [B, T, H, Dk]  (Dk = expand_k d / H),  v = x W_v  [B, T, H, Dv]  (Dv = expand_v d / H)
+    g = logsigmoid(x W_down W_up + b) / gate_logit_normalizer       [B, T, H, Dk], g <= 0
+    S_t = Diag(exp g_t) S_{t-1} + k_t v_t^T,   o_t = S_t^T q_t / sqrt(Dk)      (hybrid_jax.ops.gla)
+    y = (RMSNorm(o) * SiLU(x W_gate)) W_o
+
+Shared by the linear mixers of this package (`LinearMixer`): config checks, `cache_bytes` and
+`flops_per_token`. The decode cache is the short-conv history in the activation dtype
+((W - 1) * channels * dtype_bytes) plus the recurrent state in float32 (4 bytes per element, because
+the ops accumulate states in float32 whatever the input dtype). FLOPs per token are 2 per parameter
+(every weight multiplies once per token: projections, convolution taps, per-head maps) plus the
+mixer's own state work, `mixing_flops`, counted as 2 per multiply-add and 1 per elementwise decay.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from ml_collections import config_dict
+
+from hybrid_jax.nn.attention import check_positive
+from hybrid_jax.nn.common import Dense, count_params, logical_param
+from hybrid_jax.nn.norms import GatedRMSNorm, RMSNorm
+from hybrid_jax.nn.registry import Mixer, register_mixer
+from hybrid_jax.ops.gated import SUPPORTED as GATED_IMPLS
+from hybrid_jax.ops.linear_attention import gla, linear_attention
+
+STATE_BYTES = 4  # recurrent states are float32 (see the module docstring)
+FEATURE_MAPS = ("identity", "elu", "relu", "hedgehog")
+OUTPUT_NORMS = ("rmsnorm", "denominator")
+
+
+def impl_names(supported) -> list[str]:
+    return [impl.value for impl in supported]
+
+
+def check_impl(cfg: ml_collections.ConfigDict, supported=GATED_IMPLS) -> None:
+    """ValueError naming `impl` (with the valid choices) or `chunk_size`."""
+    if cfg.impl not in impl_names(supported):
+        raise ValueError(f"impl={cfg.impl!r} is not supported; valid choices are {impl_names(supported)}")
+    check_positive(cfg, "chunk_size")
+
+
+def check_positive_float(cfg: ml_collections.ConfigDict, *keys: str) -> None:
+    for key in keys:
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{key} must be a number > 0, got {value!r}")
+
+
+def heads_and_dim(cfg: ml_collections.ConfigDict, d_model: int) -> tuple[int, int]:
+    """(num_heads, head_dim), head_dim defaulting to d_model // num_heads."""
+    return cfg.num_heads, cfg.head_dim if cfg.head_dim is not None else d_model // cfg.num_heads
+
+
+def check_heads(cfg: ml_collections.ConfigDict, d_model: int) -> None:
+    """num_heads >= 1, and it divides d_model unless head_dim is given."""
+    check_positive(cfg, "num_heads")
+    if cfg.head_dim is None:
+        if d_model % cfg.num_heads:
+            raise ValueError(
+                f"num_heads={cfg.num_heads} does not divide d_model={d_model}; choose num_heads among the "
+                f"divisors of d_model or set head_dim"
+            )
+    else:
+        check_positive(cfg, "head_dim")
+
+
+def expanded_dim(cfg: ml_collections.ConfigDict, key: str, d_model: int, heads: int) -> int:
+    """Per-head dim of an `expand_*` width, d_model * expand / heads, which must be a positive int."""
+    total = cfg[key] * d_model
+    if not total == int(total) or int(total) % heads or total < heads:
+        raise ValueError(
+            f"{key}={cfg[key]} gives a width of {total} for d_model={d_model}, which must be a positive "
+            f"multiple of num_heads={heads}"
+        )
+    return int(total) // heads
+
+
+class LinearMixer(Mixer):
+    """Shared `cache_bytes` / `flops_per_token` of the linear mixers (see the module docstring).
+
+    Subclasses define `conv_channels` (0 without a short conv), `conv_size`, `state_elements` and
+    `mixing_flops`.
+    """
+
+    @classmethod
+    def conv_channels(cls, cfg, d_model: int) -> int:
+        return 0
+
+    @classmethod
+    def state_elements(cls, cfg, d_model: int, context: int) -> int:
+        raise NotImplementedError(f"{cls.__name__}.state_elements")
+
+    @classmethod
+    def mixing_flops(cls, cfg, d_model: int, context: int) -> float:
+        raise NotImplementedError(f"{cls.__name__}.mixing_flops")
+
+    @classmethod
+    def cache_bytes(cls, cfg, d_model: int, context: int, dtype_bytes: int = 2) -> int:
+        history = (cfg.conv_size - 1) * cls.conv_channels(cfg, d_model) if "conv_size" in cfg else 0
+        return history * dtype_bytes + cls.state_elements(cfg, d_model, context) * STATE_BYTES
+
+    @classmethod
+    def flops_per_token(cls, cfg, d_model: int, context: int) -> int:
+        abstract = nnx.eval_shape(lambda: cls(cfg, d_model, rngs=nnx.Rngs(0)))
+        return int(round(2 * count_params(abstract) + cls.mixing_flops(cfg, d_model, context)))
+
+
+class HedgehogFeatureMap(nnx.Module):
+    """[softmax(x A_h + b_h), softmax(-(x A_h + b_h))] per head: `[B, T, H, D]` -> `[B, T, H, 2D]`."""
+
+    def __init__(self, heads: int, dim: int, *, rngs: nnx.Rngs | None = None):
+        del rngs  # identity init, as in Hedgehog: training starts from the parameter-free two-sided softmax
+        identity = jnp.broadcast_to(jnp.eye(dim, dtype=jnp.float32), (heads, dim, dim))
+        self.weight = logical_param(identity, ("heads", "kv", None))
+        self.bias = logical_param(jnp.zeros((heads, dim), jnp.float32), ("heads", "kv"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jnp.einsum("bthd,hde->bthe", x.astype(jnp.float32), self.weight[...]) + self.bias[...]
+        return jnp.concatenate([jax.nn.softmax(h, axis=-1), jax.nn.softmax(-h, axis=-1)], axis=-1).astype(x.dtype)
+
+
+ELEMENTWISE_FEATURE_MAPS = {
+    "identity": lambda x: x,
+    "elu": lambda x: jax.nn.elu(x) + 1.0,
+    "relu": jax.nn.relu,
+}
+
+
+@register_mixer("linear_attention")
+class LinearAttention(LinearMixer):
+    """Causal linear attention with a feature map (see the module docstring)."""
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        return ml_collections.ConfigDict(
+            {
+                "num_heads": 4,
+                "head_dim": config_dict.placeholder(int),  # None: d_model // num_heads
+                "feature_map": "elu",
+                "output_norm": "rmsnorm",
+                "norm_eps": 1e-5,
+                "impl": "chunk",
+                "chunk_size": 64,
+            }
+        )
+
+    @classmethod
+    def check_config(cls, cfg: ml_collections.ConfigDict, d_model: int) -> None:
+        check_heads(cfg, d_model)
+        if cfg.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map={cfg.feature_map!r} is not valid; valid choices are {list(FEATURE_MAPS)}")
+        if cfg.output_norm not in OUTPUT_NORMS:
+            raise ValueError(f"output_norm={cfg.output_norm!r} is not valid; valid choices are {list(OUTPUT_NORMS)}")
+        if cfg.output_norm == "denominator" and cfg.feature_map == "identity":
+            raise ValueError(
+                "output_norm='denominator' needs a non-negative feature map (q . sum k must stay positive); "
+                "feature_map='identity' is not, use 'elu', 'relu' or 'hedgehog'"
+            )
+        check_positive_float(cfg, "norm_eps")
+        check_impl(cfg)
+
+    @classmethod
+    def feature_dim(cls, cfg, d_model: int) -> int:
+        return heads_and_dim(cfg, d_model)[1] * (2 if cfg.feature_map == "hedgehog" else 1)
+
+    @classmethod
+    def state_elements(cls, cfg, d_model: int, context: int) -> int:
+        heads, head_dim = heads_and_dim(cfg, d_model)
+        value_dim = head_dim + (cfg.output_norm == "denominator")  # the all-ones denominator column
+        return heads * cls.feature_dim(cfg, d_model) * value_dim
+
+    @classmethod
+    def mixing_flops(cls, cfg, d_model: int, context: int) -> float:
+        return 2 * 2 * cls.state_elements(cfg, d_model, context)  # write k v^T and read S^T q
+
+    def __init__(self, cfg: ml_collections.ConfigDict, d_model: int, *, rngs: nnx.Rngs):
+        heads, head_dim = heads_and_dim(cfg, d_model)
+        self.feature_map, self.output_norm = cfg.feature_map, cfg.output_norm
+        self.eps, self.impl, self.chunk_size = cfg.norm_eps, cfg.impl, cfg.chunk_size
+        self.q_proj = Dense(d_model, (heads, head_dim), ("embed", "heads", "kv"), rngs=rngs)
+        self.k_proj = Dense(d_model, (heads, head_dim), ("embed", "heads", "kv"), rngs=rngs)
+        self.v_proj = Dense(d_model, (heads, head_dim), ("embed", "heads", "kv"), rngs=rngs)
+        hedgehog = cfg.feature_map == "hedgehog"
+        self.q_map = HedgehogFeatureMap(heads, head_dim) if hedgehog else None
+        self.k_map = HedgehogFeatureMap(heads, head_dim) if hedgehog else None
+        self.norm = RMSNorm(head_dim, eps=cfg.norm_eps) if cfg.output_norm == "rmsnorm" else None
+        self.o_proj = Dense((heads, head_dim), d_model, ("heads", "kv", "embed"), rngs=rngs)
+
+    def features(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """phi(q), phi(k) `[B, T, H, F]`."""
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.q_map is not None:
+            return self.q_map(q), self.k_map(k)
+        phi = ELEMENTWISE_FEATURE_MAPS[self.feature_map]
+        return phi(q), phi(k)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        q, k = self.features(x)
+        v = self.v_proj(x)
+        if self.norm is not None:
+            o, _ = linear_attention(q, k, v, impl=self.impl, chunk_size=self.chunk_size)
+            return self.o_proj(self.norm(o))
+        # Scale 1: it would cancel in the ratio anyway, and eps then compares with q . sum k itself.
+        ones = jnp.ones(v.shape[:-1] + (1,), v.dtype)
+        o, _ = linear_attention(q, k, jnp.concatenate([v, ones], axis=-1), scale=1.0, impl=self.impl,
+                                chunk_size=self.chunk_size)
+        o32 = o.astype(jnp.float32)
+        normalised = o32[..., :-1] / (o32[..., -1:] + self.eps)
+        return self.o_proj(normalised.astype(x.dtype))
+
+
+@register_mixer("gla")
+class GLA(LinearMixer):
+    """Gated linear attention with a low-rank per-channel forget gate (see the module docstring)."""
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        return ml_collections.ConfigDict(
+            {
+                "num_heads": 4,
+                "expand_k": 0.5,
+                "expand_v": 1.0,
+                "gate_low_rank_dim": 16,
+                "gate_logit_normalizer": 16.0,
+                "norm_eps": 1e-5,
+                "impl": "chunk",
+                "chunk_size": 64,
+            }
+        )
+
+    @classmethod
+    def dims(cls, cfg, d_model: int) -> tuple[int, int, int]:
+        heads = cfg.num_heads
+        return heads, expanded_dim(cfg, "expand_k", d_model, heads), expanded_dim(cfg, "expand_v", d_model, heads)
+
+    @classmethod
+    def check_config(cls, cfg: ml_collections.ConfigDict, d_model: int) -> None:
+        check_positive(cfg, "num_heads", "gate_low_rank_dim")
+        cls.dims(cfg, d_model)
+        check_positive_float(cfg, "gate_logit_normalizer", "norm_eps")
+        check_impl(cfg)
+
+    @classmethod
+    def state_elements(cls, cfg, d_model: int, context: int) -> int:
+        heads, key_dim, value_dim = cls.dims(cfg, d_model)
+        return heads * key_dim * value_dim
+
+    @classmethod
+    def mixing_flops(cls, cfg, d_model: int, context: int) -> float:
+        return (2 * 2 + 1) * cls.state_elements(cfg, d_model, context)  # write, read, decay
+
+    def __init__(self, cfg: ml_collections.ConfigDict, d_model: int, *, rngs: nnx.Rngs):
+        heads, key_dim, value_dim = self.dims(cfg, d_model)
+        self.normalizer, self.impl, self.chunk_size = cfg.gate_logit_normalizer, cfg.impl, cfg.chunk_size
+        self.q_proj = Dense(d_model, (heads, key_dim), ("embed", "heads", "kv"), rngs=rngs)
+        self.k_proj = Dense(d_model, (heads, key_dim), ("embed", "heads", "kv"), rngs=rngs)
+        self.v_proj = Dense(d_model, (heads, value_dim), ("embed", "heads", "kv"), rngs=rngs)
+        self.gate_down = Dense(d_model, cfg.gate_low_rank_dim, ("embed", "latent"), rngs=rngs)
+        self.gate_up = Dense(cfg.gate_low_rank_dim, (heads, key_dim), ("latent", "heads", "kv"), use_bias=True,
+                             rngs=rngs)
+        self.out_gate = Dense(d_model, (heads, value_dim), ("embed", "heads", "kv"), rngs=rngs)
+        self.norm = GatedRMSNorm(value_dim, activation_name="silu", eps=cfg.norm_eps)
+        self.o_proj = Dense((heads, value_dim), d_model, ("heads", "kv", "embed"), rngs=rngs)
+
+    def forget_gate(self, x: jax.Array) -> jax.Array:
+        """g = logsigmoid(x W_down W_up + b) / normaliser `[B, T, H, Dk]` in float32, g <= 0."""
+        logits = self.gate_up(self.gate_down(x)).astype(jnp.float32)
+        return jax.nn.log_sigmoid(logits) / self.normalizer
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        o, _ = gla(q, k, v, g=self.forget_gate(x), impl=self.impl, chunk_size=self.chunk_size)
+        return self.o_proj(self.norm(o, self.out_gate(x)))

@@ -1,0 +1,267 @@
+r"""Mamba (S6) and Mamba-2 (SSD) layers, plus the SSM parameterisation the gated mixers share.
+
+Mamba (Gu & Dao 2023), inner width E = expand * d, state size N, dt rank R = ceil(d / 16):
+
+    x = SiLU(conv(u W_x)),  z = u W_z                              [B, T, E]
+    dt = softplus((x W_dt_low) W_dt + dt_bias)                     [B, T, E]      (R-rank)
+    B = x W_B,  C = x W_C                                          [B, T, N]
+    A = -exp(A_log)  [E, N],  A_log[e, n] = log(n + 1)             (S4D-real init)
+    y = selective_scan(x, dt, A, B, C, D) * SiLU(z),   out = y W_out     (D starts at 1)
+
+Mamba-2 (Dao & Gu 2024), E = expand * d split into H = E / P heads of dim P, G groups of B/C:
+
+    z = u W_z  [B, T, H, P],  x = SiLU(conv(u W_x)),  B, C = SiLU(conv(u W_B)), SiLU(conv(u W_C))  [B, T, G, N]
+    dt = softplus(u W_dt + dt_bias)  [B, T, H],   A = -exp(A_log)  [H],  A_log ~ log U(1, 16)
+    y = ssd(x, dt, A, B, C, D)                                      (D [H] starts at 1)
+    out = RMSNorm_G(y * SiLU(z)) W_out      (norm after the gate, over each group of E / G channels)
+
+The published single in_proj / x_proj matrices are kept as one Dense per output (same function,
+each with its own logical axes, so heads and state dims shard independently), and the convolution
+over the concatenated (x, B, C) as one depthwise ShortConv per stream (a depthwise conv of a
+concatenation is the concatenation of the convs).
+
+dt_bias init (all dt-parameterised layers here and in `delta.py`): dt ~ exp(U(log dt_min, log dt_max))
+floored at 1e-4, dt_bias = softplus^{-1}(dt), so softplus(dt_bias) starts in [dt_min, dt_max].
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from ml_collections import config_dict
+
+from hybrid_jax.nn.attention import check_positive
+from hybrid_jax.nn.common import Dense, logical_param
+from hybrid_jax.nn.conv import ShortConv
+from hybrid_jax.nn.linear_attention import LinearMixer, check_impl, check_positive_float
+from hybrid_jax.nn.norms import rms_normalize
+from hybrid_jax.nn.registry import register_mixer
+from hybrid_jax.ops import gated
+from hybrid_jax.ops import scan as first_order
+from hybrid_jax.ops.ssm import selective_scan, ssd
+
+DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
+A_INIT_RANGE = (1.0, 16.0)
+
+
+def inverse_softplus(y: jax.Array) -> jax.Array:
+    return y + jnp.log(-jnp.expm1(-y))
+
+
+def dt_bias_init(key: jax.Array, shape, dt_min: float = DT_MIN, dt_max: float = DT_MAX) -> jax.Array:
+    """softplus^{-1} of dt log-uniform in [dt_min, dt_max] (floored at DT_FLOOR)."""
+    u = jax.random.uniform(key, shape, jnp.float32)
+    dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    return inverse_softplus(jnp.maximum(dt, DT_FLOOR))
+
+
+def a_log_init(key: jax.Array, shape) -> jax.Array:
+    """log A with A ~ U(1, 16): per-head decay rates of Mamba-2, Gated DeltaNet and KDA."""
+    return jnp.log(jax.random.uniform(key, shape, jnp.float32, *A_INIT_RANGE))
+
+
+def check_dt_range(cfg: ml_collections.ConfigDict) -> None:
+    check_positive_float(cfg, "dt_min", "dt_max")
+    if cfg.dt_min > cfg.dt_max:
+        raise ValueError(f"dt_min={cfg.dt_min} must be <= dt_max={cfg.dt_max}")
+
+
+class ConvProjection(nnx.Module):
+    """act(ShortConv(x W)): a projection followed by a causal depthwise conv over time.
+
+    `out_shape` / `out_axes` name the projection's output dims (e.g. `(H, K)`, `("heads", "kv")`);
+    the conv runs over their flattening, its channel axis named after the leading output axis.
+    """
+
+    def __init__(self, d_model: int, out_shape, out_axes, *, conv_size: int, use_bias: bool = False,
+                 activation_name: str = "silu", rngs: nnx.Rngs):
+        out_shape, out_axes = tuple(out_shape), tuple(out_axes)
+        self.proj = Dense(d_model, out_shape, ("embed",) + out_axes, rngs=rngs)
+        self.conv = ShortConv(math.prod(out_shape), kernel_size=conv_size, activation_name=activation_name,
+                              use_bias=use_bias, axis_name=out_axes[0], rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.proj(x)
+        y, _ = self.conv(h.reshape(h.shape[:2] + (-1,)))
+        return y.reshape(h.shape)
+
+
+def check_ssm_common(cfg: ml_collections.ConfigDict, supported) -> None:
+    check_positive(cfg, "expand", "state_dim", "conv_size")
+    check_dt_range(cfg)
+    check_impl(cfg, supported)
+
+
+@register_mixer("mamba")
+class Mamba(LinearMixer):
+    """Mamba's selective SSM block (see the module docstring)."""
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        return ml_collections.ConfigDict(
+            {
+                "expand": 2,
+                "state_dim": 16,
+                "dt_rank": config_dict.placeholder(int),  # None: ceil(d_model / 16)
+                "conv_size": 4,
+                "dt_min": DT_MIN,
+                "dt_max": DT_MAX,
+                "impl": "chunk",
+                "chunk_size": 64,
+            }
+        )
+
+    @classmethod
+    def check_config(cls, cfg: ml_collections.ConfigDict, d_model: int) -> None:
+        check_ssm_common(cfg, first_order.SUPPORTED)
+        if cfg.dt_rank is not None:
+            check_positive(cfg, "dt_rank")
+
+    @classmethod
+    def dims(cls, cfg, d_model: int) -> tuple[int, int, int]:
+        """(inner width E, state size N, dt rank R)."""
+        return cfg.expand * d_model, cfg.state_dim, cfg.dt_rank if cfg.dt_rank is not None else math.ceil(d_model / 16)
+
+    @classmethod
+    def conv_channels(cls, cfg, d_model: int) -> int:
+        return cls.dims(cfg, d_model)[0]
+
+    @classmethod
+    def state_elements(cls, cfg, d_model: int, context: int) -> int:
+        inner, state, _ = cls.dims(cfg, d_model)
+        return inner * state
+
+    @classmethod
+    def mixing_flops(cls, cfg, d_model: int, context: int) -> float:
+        # write dt B u (2 multiplies), decay exp(dt A) h (2), read C . h (1 multiply-add)
+        return (2 + 2 + 2) * cls.state_elements(cfg, d_model, context)
+
+    def __init__(self, cfg: ml_collections.ConfigDict, d_model: int, *, rngs: nnx.Rngs):
+        inner, state, rank = self.dims(cfg, d_model)
+        self.impl, self.chunk_size = cfg.impl, cfg.chunk_size
+        self.x_proj = ConvProjection(d_model, (inner,), ("mlp",), conv_size=cfg.conv_size, use_bias=True, rngs=rngs)
+        self.z_proj = Dense(d_model, inner, ("embed", "mlp"), rngs=rngs)
+        self.dt_down = Dense(inner, rank, ("mlp", "latent"), rngs=rngs)
+        # Mamba draws W_dt ~ U(+-R^-1/2); a normal with the same std (R^-1/2 / sqrt 3).
+        self.dt_up = Dense(rank, inner, ("latent", "mlp"), init_scale=3**-0.5, rngs=rngs)
+        self.dt_bias = logical_param(dt_bias_init(rngs.params(), (inner,), cfg.dt_min, cfg.dt_max), ("mlp",))
+        self.b_proj = Dense(inner, state, ("mlp", "kv"), rngs=rngs)
+        self.c_proj = Dense(inner, state, ("mlp", "kv"), rngs=rngs)
+        s4d_real = jnp.broadcast_to(jnp.log(jnp.arange(1, state + 1, dtype=jnp.float32)), (inner, state))
+        self.A_log = logical_param(s4d_real, ("mlp", "kv"))
+        self.D = logical_param(jnp.ones((inner,), jnp.float32), ("mlp",))
+        self.out_proj = Dense(inner, d_model, ("mlp", "embed"), rngs=rngs)
+
+    def __call__(self, u: jax.Array) -> jax.Array:
+        x = self.x_proj(u)
+        dt = jax.nn.softplus(self.dt_up(self.dt_down(x)).astype(jnp.float32) + self.dt_bias[...])
+        y, _ = selective_scan(x, dt, -jnp.exp(self.A_log[...]), self.b_proj(x), self.c_proj(x), D=self.D[...],
+                              impl=self.impl, chunk_size=self.chunk_size)
+        return self.out_proj(y * jax.nn.silu(self.z_proj(u)))
+
+
+class GroupGatedRMSNorm(nnx.Module):
+    """Mamba-2's output norm, gate first: RMSNorm(y * SiLU(z)) over each of G groups of heads.
+
+    y, z `[B, T, H, P]`; the statistics span the (H / G) * P channels of a group; weight `[H, P]`.
+    """
+
+    def __init__(self, heads: int, head_dim: int, groups: int, *, eps: float):
+        self.groups, self.eps = groups, eps
+        self.scale = logical_param(jnp.ones((heads, head_dim), jnp.float32), ("heads", "kv"))
+
+    def __call__(self, y: jax.Array, z: jax.Array) -> jax.Array:
+        gated = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+        b, t, h, p = gated.shape
+        normed = rms_normalize(gated.reshape(b, t, self.groups, (h // self.groups) * p), self.eps)
+        return (normed.reshape(b, t, h, p) * self.scale[...]).astype(y.dtype)
+
+
+@register_mixer("mamba2")
+class Mamba2(LinearMixer):
+    """Mamba-2's SSD block (see the module docstring)."""
+
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        return ml_collections.ConfigDict(
+            {
+                "expand": 2,
+                "head_dim": 64,
+                "state_dim": 128,
+                "num_groups": 1,
+                "conv_size": 4,
+                "dt_min": DT_MIN,
+                "dt_max": DT_MAX,
+                "norm_eps": 1e-5,
+                "impl": "chunk",
+                "chunk_size": 64,
+            }
+        )
+
+    @classmethod
+    def check_config(cls, cfg: ml_collections.ConfigDict, d_model: int) -> None:
+        check_ssm_common(cfg, gated.SUPPORTED)  # ssd runs on the gated family's machinery
+        check_positive(cfg, "head_dim", "num_groups")
+        check_positive_float(cfg, "norm_eps")
+        inner = cfg.expand * d_model
+        if inner % cfg.head_dim:
+            raise ValueError(
+                f"head_dim={cfg.head_dim} must divide the inner width expand * d_model = {inner}"
+            )
+        if (inner // cfg.head_dim) % cfg.num_groups:
+            raise ValueError(
+                f"num_groups={cfg.num_groups} must divide the number of heads {inner // cfg.head_dim} "
+                f"(expand * d_model / head_dim)"
+            )
+
+    @classmethod
+    def dims(cls, cfg, d_model: int) -> tuple[int, int, int, int]:
+        """(heads H, head dim P, groups G, state size N)."""
+        return cfg.expand * d_model // cfg.head_dim, cfg.head_dim, cfg.num_groups, cfg.state_dim
+
+    @classmethod
+    def value_heads(cls, cfg, d_model: int) -> int:
+        return cls.dims(cfg, d_model)[0]
+
+    @classmethod
+    def conv_channels(cls, cfg, d_model: int) -> int:
+        heads, head_dim, groups, state = cls.dims(cfg, d_model)
+        return heads * head_dim + 2 * groups * state
+
+    @classmethod
+    def state_elements(cls, cfg, d_model: int, context: int) -> int:
+        heads, head_dim, _, state = cls.dims(cfg, d_model)
+        return heads * state * head_dim
+
+    @classmethod
+    def mixing_flops(cls, cfg, d_model: int, context: int) -> float:
+        return (2 + 1 + 2) * cls.state_elements(cfg, d_model, context)  # write, decay, read
+
+    def __init__(self, cfg: ml_collections.ConfigDict, d_model: int, *, rngs: nnx.Rngs):
+        heads, head_dim, groups, state = self.dims(cfg, d_model)
+        self.impl, self.chunk_size = cfg.impl, cfg.chunk_size
+        conv = dict(conv_size=cfg.conv_size, use_bias=True, rngs=rngs)
+        self.z_proj = Dense(d_model, (heads, head_dim), ("embed", "heads", "kv"), rngs=rngs)
+        self.x_proj = ConvProjection(d_model, (heads, head_dim), ("heads", "kv"), **conv)
+        # B and C are shared by the heads of a group (like grouped keys); groups stay replicated.
+        self.b_proj = ConvProjection(d_model, (groups, state), (None, "kv"), **conv)
+        self.c_proj = ConvProjection(d_model, (groups, state), (None, "kv"), **conv)
+        self.dt_proj = Dense(d_model, heads, ("embed", "heads"), rngs=rngs)
+        self.dt_bias = logical_param(dt_bias_init(rngs.params(), (heads,), cfg.dt_min, cfg.dt_max), ("heads",))
+        self.A_log = logical_param(a_log_init(rngs.params(), (heads,)), ("heads",))
+        self.D = logical_param(jnp.ones((heads,), jnp.float32), ("heads",))
+        self.norm = GroupGatedRMSNorm(heads, head_dim, groups, eps=cfg.norm_eps)
+        self.out_proj = Dense((heads, head_dim), d_model, ("heads", "kv", "embed"), rngs=rngs)
+
+    def mix(self, u, x, dt, A, B, C) -> jax.Array:
+        """The sequence mixing of projected inputs (log-linear Mamba-2 overrides it); y `[B, T, H, P]`."""
+        y, _ = ssd(x, dt, A, B, C, D=self.D[...], impl=self.impl, chunk_size=self.chunk_size)
+        return y
+
+    def __call__(self, u: jax.Array) -> jax.Array:
+        dt = jax.nn.softplus(self.dt_proj(u).astype(jnp.float32) + self.dt_bias[...])
+        y = self.mix(u, self.x_proj(u), dt, -jnp.exp(self.A_log[...]), self.b_proj(u), self.c_proj(u))
+        return self.out_proj(self.norm(y, self.z_proj(u)))

@@ -20,6 +20,7 @@ class Impl(str, enum.Enum):
     CHUNK = "chunk"  # chunked matmul form (the fast path on every backend)
     PALLAS = "pallas"  # Pallas kernel (GPU / TPU)
     XLA = "xla"  # jax.nn.dot_product_attention (softmax attention only)
+    AUTO = "auto"  # the Pallas kernel where it supports the platform and shapes, else CHUNK
 
 
 def resolve_impl(impl: str | Impl, op: str, supported: Sequence[Impl]) -> Impl:

@@ -30,6 +30,7 @@ float32. Algorithms (MATH.md gives the derivations):
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -237,7 +238,24 @@ def recurrence_chunk(q, k, v, g, beta, state, *, chunk_size):
 
 # ----------------------------------------------------------------------------- the shared front end
 
-SUPPORTED = (Impl.REFERENCE, Impl.SCAN, Impl.CHUNK)
+SUPPORTED = (Impl.REFERENCE, Impl.SCAN, Impl.CHUNK, Impl.PALLAS, Impl.AUTO)
+
+
+def _pallas_or_chunk(op, args, chunk_size):
+    """impl="auto": the kernel on a GPU/TPU that supports these shapes, else the chunked form.
+
+    On CPU the kernels would only run in interpret mode (a correctness tool, far slower than XLA),
+    so "auto" means "chunk" there without a warning; on an accelerator a refused shape warns once.
+    """
+    if jax.default_backend() not in ("gpu", "tpu"):
+        return Impl.CHUNK
+    import pallas_kernels
+
+    ok, reason = pallas_kernels.supports(*args, chunk_size=chunk_size)
+    if not ok:
+        warnings.warn(f"{op}: impl='auto' falls back to 'chunk': {reason}", stacklevel=3)
+        return Impl.CHUNK
+    return Impl.PALLAS
 
 
 def check_gate(op, g, b, t, hv, k_dim, *, per_channel: bool | None):
@@ -270,12 +288,18 @@ def gated_op(op, q, k, v, *, g, beta, scale, initial_state, output_final_state, 
     state = (jnp.zeros((b, hv, k_dim, v_dim), jnp.float32) if initial_state is None
              else f32(initial_state))
     args = (q, k, f32(v), f32(g), f32(beta), state)
+    if choice is Impl.AUTO:
+        choice = _pallas_or_chunk(op, args, chunk_size)
     if choice is Impl.REFERENCE:
         o, final = recurrence_reference(*args)
     elif choice is Impl.SCAN:
         o, final = recurrence_scan(*args)
-    else:
+    elif choice is Impl.CHUNK:
         o, final = recurrence_chunk(*args, chunk_size=chunk_size)
+    else:
+        import pallas_kernels  # ops -> kernels, never the other way round
+
+        o, final = pallas_kernels.gated_recurrence(*args, chunk_size=chunk_size)
     return o.astype(v.dtype), (final if output_final_state else None)
 
 

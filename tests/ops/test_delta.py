@@ -25,6 +25,21 @@ def test_matches_reference(name, impl, shape, with_state):
     check_against_reference(name, impl, shape, with_state=with_state)
 
 
+@pytest.mark.parametrize("name", ["kda", "gla"])
+def test_pallas_kernel_through_the_op(name):
+    """impl="pallas" dispatches to pallas_kernels (interpret mode on CPU) and equals the reference."""
+    check_against_reference(name, "pallas", Shape(batch=1, time=40, heads=1, value_heads=2, key_dim=16,
+                                                  value_dim=16), chunk_size=16)
+
+
+def test_auto_is_chunk_on_cpu_and_pallas_limits_are_named():
+    q, k, v, g, beta, state = _kda_inputs(Shape(time=20))
+    auto = ops.kda(q, k, v, g=g, beta=beta, impl="auto")[0]
+    assert_close(auto, ops.kda(q, k, v, g=g, beta=beta, impl="chunk")[0], rtol=0, what="auto on CPU")
+    with pytest.raises(ValueError, match=r"K=8 must be a multiple of 16"):
+        ops.kda(q, k, v, g=g, beta=beta, impl="pallas", chunk_size=16)
+
+
 @pytest.mark.parametrize("chunk", [16, 32, 64, 128])
 def test_kda_every_chunk_size(chunk):
     check_against_reference("kda", "chunk", Shape(batch=1, time=150, heads=1, value_heads=2),

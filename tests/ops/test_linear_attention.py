@@ -87,7 +87,7 @@ def test_bf16_inputs_keep_float32_state():
 
 def test_errors_name_the_problem():
     (q, k, v), kw = mixers.make_gla(jax.random.PRNGKey(0), Shape(time=4), jnp.float32)
-    with pytest.raises(ValueError, match=r"unknown impl='fast'; valid choices are \['reference', 'scan', 'chunk'\]"):
+    with pytest.raises(ValueError, match=r"unknown impl='fast'; valid choices are \['reference', 'scan', 'chunk', 'pallas', 'auto'\]"):
         ops.gla(q, k, v, **kw, impl="fast")
     with pytest.raises(ValueError, match=r"gla: g must have shape \[B, T, HV\]"):
         ops.gla(q, k, v, g=kw["g"][..., :3])

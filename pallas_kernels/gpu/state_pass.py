@@ -1,0 +1,170 @@
+r"""Pallas Triton kernels (GPU, written for H100 / H200) for the sequential pass over chunks.
+
+Inputs are the per-chunk terms of `pallas_kernels._chunk` in the kernel layout (`kernel_operands`):
+Qg = Q * Gam, A = Tril(Aqk), Kt = K * exp(G_C - G), Ubar and W (delta only) as `[BH, N*C, .]`, and
+Gam_C as a `[K, 1]` column per chunk. One program per (head, V tile of BV columns); the state tile
+S `[K, BV]` float32 stays in registers for the whole sequence, which the program walks chunk by chunk
+(a fori_loop over its head's whole-sequence blocks; Triton pipelines the next chunk's loads).
+
+`forward` (outputs) and `entering_states` (for the backward: the state entering every chunk, no O):
+    S = S_init
+    for c in 0 .. N-1:
+        [entering[c] = S]
+        U   = Ubar_c - W_c S                                (non-delta: U = Ubar_c)
+        [O_c = Qg_c S + A_c U]
+        S   = Diag(Gam_C,c) S + Kt_c^T U
+    final = S
+`backward`, given dO and the final-state cotangent:
+    dS = d_final
+    for c in N-1 .. 0:
+        leaving_grad[c] = dS                                (cotangent of the state leaving chunk c)
+        dU  = A_c^T dO_c + Kt_c dS                          (delta only)
+        dS  = Qg_c^T dO_c + Diag(Gam_C,c) dS - W_c^T dU
+    d_initial = dS
+S only mixes its rows (the K side), never its columns, so V tiles are independent programs:
+grid (BH, V / BV).
+
+Limits (Triton lowering): every tensor a kernel loads or multiplies has a power-of-two size and
+tl.dot needs each dim >= 16, so C, K, V and BV are powers of two >= 16 (`pallas_kernels.api` pads K
+and V that are multiples of 16 up to the next power of two). The state tile and one chunk of terms sit
+in registers: K <= 256. Matmuls follow `jax.default_matmul_precision` (float32 "highest" is IEEE fp32;
+the default lets Triton use TF32). jax 0.12 deprecates the Pallas Triton backend in favour of Mosaic
+GPU; it still lowers and runs there (and on 0.11).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels._chunk import ChunkTerms, kernel_operands
+
+
+def _dot(a, b):
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def _dot_t(a, b):
+    """a^T b, contracting the leading dims (Triton transposes the tile in registers)."""
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _rows(c, size):
+    """Rows of chunk c in a `[N*size, .]` block."""
+    return pl.ds(pl.multiple_of(c * size, size), size)
+
+
+def _forward_kernel(*refs, names, n_chunks, chunk, emit_states):
+    r = dict(zip(names, refs))
+    k_dim = r["s0"].shape[0]
+
+    def step(c, s):
+        rows = _rows(c, chunk)
+        if emit_states:
+            r["out"][_rows(c, k_dim), :] = s
+        u = r["ubar"][rows, :]
+        if "w" in r:
+            u = u - _dot(r["w"][rows, :], s)
+        if not emit_states:
+            r["out"][rows, :] = _dot(r["qg"][rows, :], s) + _dot(r["attn"][rows, :], u)
+        return r["gam"][_rows(c, k_dim), :] * s + _dot_t(r["kt"][rows, :], u)
+
+    r["final"][...] = jax.lax.fori_loop(0, n_chunks, step, r["s0"][...])
+
+
+def _backward_kernel(*refs, names, n_chunks, chunk):
+    r = dict(zip(names, refs))
+    k_dim = r["d_final"].shape[0]
+
+    def step(i, ds):
+        c = n_chunks - 1 - i
+        rows = _rows(c, chunk)
+        r["leaving_grad"][_rows(c, k_dim), :] = ds
+        do = r["do"][rows, :]
+        ds_new = r["gam"][_rows(c, k_dim), :] * ds + _dot_t(r["qg"][rows, :], do)
+        if "w" in r:
+            du = _dot_t(r["attn"][rows, :], do) + _dot(r["kt"][rows, :], ds)
+            ds_new = ds_new - _dot_t(r["w"][rows, :], du)
+        return ds_new
+
+    r["d_initial"][...] = jax.lax.fori_loop(0, n_chunks, step, r["d_final"][...])
+
+
+# Triton's software pipeliner keeps `num_stages` copies of every tile a loop iteration loads in shared
+# memory (228 KB per SM on H100 / H200); with K = 128, C = 64 one chunk's float32 tiles already take
+# ~120 KB, so deeper pipelining is only asked for when two copies fit with room to spare.
+PIPELINE_BYTES = 96 * 1024
+
+
+def _call(kernel, operands, outputs, *, chunk, grid, block_v, interpret, name):
+    """pallas_call over grid (BH, V / BV). `operands` / `outputs` map names (the kernel's ref names) to
+    (array or output shape, v_tiled); every block spans its head's whole time axis, V-tiled or whole."""
+
+    def spec(shape, v_tiled):
+        if v_tiled:
+            return pl.BlockSpec((None, shape[1], block_v), lambda b, j: (b, 0, j))
+        return pl.BlockSpec((None,) + tuple(shape[1:]), lambda b, j: (b, 0, 0))
+
+    chunk_bytes = 4 * chunk * sum(block_v if v_tiled else x.shape[-1] for x, v_tiled in operands.values())
+    params = plgpu.CompilerParams(num_warps=4, num_stages=2 if 2 * chunk_bytes <= PIPELINE_BYTES else 1)
+    f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    return pl.pallas_call(
+        functools.partial(kernel, names=tuple(operands) + tuple(outputs)),
+        out_shape=[f32(shape) for shape, _ in outputs.values()],
+        grid=grid,
+        in_specs=[spec(x.shape, v_tiled) for x, v_tiled in operands.values()],
+        out_specs=[spec(shape, v_tiled) for shape, v_tiled in outputs.values()],
+        compiler_params=params,
+        interpret=interpret,
+        name=name,
+    )(*(x for x, _ in operands.values()))
+
+
+def _forward_call(terms: ChunkTerms, s0, *, emit_states, block_v, interpret):
+    qg, attn, kt, gam, ubar, w = kernel_operands(terms)
+    bh, t_pad, k_dim = kt.shape
+    chunk, v_dim = attn.shape[-1], ubar.shape[-1]
+    operands = {"kt": (kt, False), "gam": (gam, False), "ubar": (ubar, True), "s0": (s0, True)}
+    if w is not None:
+        operands["w"] = (w, False)
+    if not emit_states:
+        operands.update(qg=(qg, False), attn=(attn, False))
+    out_rows = t_pad // chunk * k_dim if emit_states else t_pad
+    outputs = {"out": ((bh, out_rows, v_dim), True), "final": ((bh, k_dim, v_dim), True)}
+    kernel = functools.partial(_forward_kernel, n_chunks=t_pad // chunk, chunk=chunk,
+                               emit_states=emit_states)
+    return _call(kernel, operands, outputs, chunk=chunk, grid=(bh, v_dim // block_v), block_v=block_v,
+                 interpret=interpret,
+                 name="gated_entering_states_gpu" if emit_states else "gated_state_pass_fwd_gpu")
+
+
+def forward(terms: ChunkTerms, s0, *, block_v: int, interpret: bool):
+    """(o `[BH, N*C, V]`, final state `[BH, K, V]`) from the chunk terms and the initial state."""
+    o, final = _forward_call(terms, s0, emit_states=False, block_v=block_v, interpret=interpret)
+    return o, final
+
+
+def entering_states(terms: ChunkTerms, s0, *, block_v: int, interpret: bool):
+    """The state entering each chunk, `[BH, N, K, V]` (the outputs O are not formed)."""
+    states, _ = _forward_call(terms, s0, emit_states=True, block_v=block_v, interpret=interpret)
+    bh, n, _, k_dim = terms.qg.shape
+    return states.reshape(bh, n, k_dim, states.shape[-1])
+
+
+def backward(terms: ChunkTerms, d_o, d_final, *, block_v: int, interpret: bool):
+    """(cotangent of the state leaving each chunk `[BH, N, K, V]`, d initial state `[BH, K, V]`)."""
+    qg, attn, kt, gam, _, w = kernel_operands(terms)
+    bh, t_pad, k_dim = qg.shape
+    chunk, v_dim = attn.shape[-1], d_o.shape[-1]
+    n = t_pad // chunk
+    operands = {"qg": (qg, False), "gam": (gam, False), "do": (d_o, True), "d_final": (d_final, True)}
+    if w is not None:
+        operands.update(attn=(attn, False), kt=(kt, False), w=(w, False))
+    outputs = {"leaving_grad": ((bh, n * k_dim, v_dim), True), "d_initial": ((bh, k_dim, v_dim), True)}
+    kernel = functools.partial(_backward_kernel, n_chunks=n, chunk=chunk)
+    leaving_grad, d_initial = _call(kernel, operands, outputs, chunk=chunk, grid=(bh, v_dim // block_v),
+                                    block_v=block_v, interpret=interpret, name="gated_state_pass_bwd_gpu")
+    return leaving_grad.reshape(bh, n, k_dim, v_dim), d_initial

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._chunk import KernelConfig
+from pallas_kernels.chunk_math import KernelConfig
 from pallas_kernels.delta import delta_recurrence
 from pallas_kernels.gla import gla_recurrence
 # Both backends load with the package, not on first use: Pallas interpret mode imports the Mosaic TPU

@@ -15,7 +15,7 @@ in-chunk cumulative log decay and Gam = exp(G):
 
 `delta_terms` forms everything but the last line for all chunks at once (XLA); the state-pass
 kernels (`pallas_kernels.gpu.state_pass`, `pallas_kernels.tpu.state_pass`) run the last line with S
-on chip; `delta_recurrence` is the `jax.custom_vjp` around both (`pallas_kernels._chunk`).
+on chip; `delta_recurrence` is the `jax.custom_vjp` around both (`pallas_kernels.chunk_math`).
 `delta_reference` is the token recurrence the kernels are tested against.
 """
 from __future__ import annotations
@@ -23,12 +23,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._chunk import (
+from pallas_kernels.chunk_math import (
     ChunkTerms,
     KernelConfig,
     chunked_recurrence,
     decay_terms,
-    decayed_products,
+    delta_transform,
     to_chunks,
 )
 
@@ -54,12 +54,8 @@ def delta_terms(q, k, v, g, beta, *, chunk) -> ChunkTerms:
     """Per-chunk terms from padded `[BH, N*C, .]` inputs (beta `[BH, N*C]`)."""
     q, k, v, g, beta = (to_chunks(x, chunk) for x in (q, k, v, g, beta))
     qg, attn, kt, gam_c, k_gam, G = decay_terms(q, k, g)
-    strict = jnp.tril(jnp.ones((chunk, chunk), bool), -1)
-    a_kk = jnp.where(strict, decayed_products(k, k, G), 0.0)
-    eye = jnp.eye(chunk, dtype=k.dtype)
-    tm = jax.scipy.linalg.solve_triangular(
-        eye + beta[..., :, None] * a_kk, beta[..., :, None] * eye, lower=True, unit_diagonal=True)
-    return ChunkTerms(qg, attn, tm @ k_gam, tm @ v, kt, gam_c)
+    w, ubar = delta_transform(k, v, beta, G, k_gam)
+    return ChunkTerms(qg, attn, w, ubar, kt, gam_c)
 
 
 _delta_chunked = chunked_recurrence(delta_terms)

@@ -12,7 +12,7 @@ Chunked, per chunk of C positions with G the in-chunk cumulative log decay and G
 
 `gla_terms` forms the chunk terms for all chunks at once (XLA); the state-pass kernels
 (`pallas_kernels.gpu.state_pass`, `pallas_kernels.tpu.state_pass`, with W = 0) carry S across chunks
-on chip and emit O; `gla_recurrence` is the `jax.custom_vjp` around both (`pallas_kernels._chunk`).
+on chip and emit O; `gla_recurrence` is the `jax.custom_vjp` around both (`pallas_kernels.chunk_math`).
 `gla_reference` is the token recurrence the kernels are tested against.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._chunk import ChunkTerms, KernelConfig, chunked_recurrence, decay_terms, to_chunks
+from pallas_kernels.chunk_math import ChunkTerms, KernelConfig, chunked_recurrence, decay_terms, to_chunks
 
 
 def gla_reference(q, k, v, g, state):

@@ -29,7 +29,6 @@ float32. Algorithms (MATH.md gives the derivations):
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import NamedTuple
 
@@ -37,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_jax.ops import scan as first_order
+from pallas_kernels import chunk_math
 from hybrid_jax.ops._common import (
     Impl,
     check_chunk_size,
@@ -47,8 +47,6 @@ from hybrid_jax.ops._common import (
     repeat_heads,
     resolve_impl,
 )
-
-SUB_CHUNK = 16  # sub-chunk length for per-channel decays (MATH.md: s = 16 is typical)
 
 
 def _decay(g_t: jax.Array | None, k_dim: int) -> jax.Array | None:
@@ -111,38 +109,8 @@ def recurrence_scan(q, k, v, g, beta, state):
 
 
 # ----------------------------------------------------------------------------- chunked form
-
-
-def decayed_products(x, y, G):
-    """P[..., i, m] = sum_c x_i[c] y_m[c] exp(G_i[c] - G_m[c]) for m <= i, else 0.
-
-    x, y `[..., C, K]`; G `[..., C, K]` (per channel) or `[..., C, 1]` (scalar), non-increasing in C.
-    """
-    c = x.shape[-2]
-    causal = jnp.tril(jnp.ones((c, c), bool))
-    if G.shape[-1] == 1:  # scalar decay: one matmul, then the masked relative decay
-        diff = G[..., :, None, 0] - G[..., None, :, 0]
-        return (x @ jnp.swapaxes(y, -1, -2)) * jnp.exp(jnp.where(causal, diff, -jnp.inf))
-    s = math.gcd(c, SUB_CHUNK)
-    n_sub = c // s
-    lead = x.shape[:-2]
-    xs = x.reshape(lead + (n_sub, s, -1))
-    Gs = G.reshape(lead + (n_sub, s, -1))
-    G_ref = Gs[..., :, :1, :]  # [..., n_sub, 1, K]: the first position of each query sub-chunk
-    # Off-diagonal blocks: keys strictly before the query sub-chunk's reference position.
-    q_side = xs * jnp.exp(Gs - G_ref)
-    before_ref = jnp.arange(c)[None, :] < (jnp.arange(n_sub) * s)[:, None]  # [n_sub, C]
-    k_exponent = jnp.where(before_ref[..., None], G_ref - G[..., None, :, :], -jnp.inf)
-    k_side = y[..., None, :, :] * jnp.exp(k_exponent)  # [..., n_sub, C, K]
-    off = jnp.einsum("...aik,...amk->...aim", q_side, k_side)  # [..., n_sub, s, C]
-    # Diagonal blocks: explicit s x s x K products with the masked relative decay.
-    ys = y.reshape(lead + (n_sub, s, -1))
-    in_block = jnp.tril(jnp.ones((s, s), bool))[..., None]
-    d_exponent = jnp.where(in_block, Gs[..., :, None, :] - Gs[..., None, :, :], -jnp.inf)
-    diag = jnp.einsum("...aik,...amk,...aimk->...aim", xs, ys, jnp.exp(d_exponent))
-    block_eye = jnp.eye(n_sub, dtype=x.dtype)[:, None, :, None]
-    full = off.reshape(lead + (n_sub, s, n_sub, s)) + diag[..., :, :, None, :] * block_eye
-    return full.reshape(lead + (c, c))
+# The per-chunk algebra (decayed products through sub-chunk reference positions, the WY transform)
+# lives in pallas_kernels.chunk_math, shared with the kernels, which may not import this package.
 
 
 class ChunkTerms(NamedTuple):
@@ -166,24 +134,12 @@ def chunk_terms(q, k, v, g, beta, chunk_size) -> ChunkTerms:
 
     q, k, v = chunked(q), chunked(k), chunked(v)
     g = jnp.zeros(k.shape[:-1] + (1,), k.dtype) if g is None else chunked(g)
-    G = jnp.cumsum(g, axis=-2)
-    gam = jnp.exp(G)
-    attn = decayed_products(q, k, G)
-    k_to_end = k * jnp.exp(G[..., -1:, :] - G)
+    q_decayed, attn, k_to_end, chunk_decay, k_gam, G = chunk_math.decay_terms(q, k, g)
     if beta is None:
         w, u_bar = None, v
     else:
-        beta = chunked(beta)
-        c = chunk_size
-        strict = jnp.tril(jnp.ones((c, c), bool), -1)
-        a_kk = jnp.where(strict, decayed_products(k, k, G), 0.0)
-        system = jnp.eye(c, dtype=k.dtype) + beta[..., :, None] * a_kk
-        # Tm = system^{-1} Diag(beta): forward substitution (unit lower-triangular system).
-        tm = jax.scipy.linalg.solve_triangular(
-            system, beta[..., :, None] * jnp.eye(c, dtype=k.dtype), lower=True, unit_diagonal=True
-        )
-        w, u_bar = tm @ (k * gam), tm @ v
-    return ChunkTerms(q * gam, attn, w, u_bar, k_to_end, gam[..., -1, :])
+        w, u_bar = chunk_math.delta_transform(k, v, chunked(beta), G, k_gam)
+    return ChunkTerms(q_decayed, attn, w, u_bar, k_to_end, chunk_decay)
 
 
 def propagate(terms: ChunkTerms, state, *, u_bar=None):

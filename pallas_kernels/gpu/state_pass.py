@@ -1,6 +1,6 @@
 r"""Pallas Triton kernels (GPU, written for H100 / H200) for the sequential pass over chunks.
 
-Inputs are the per-chunk terms of `pallas_kernels._chunk` in the kernel layout (`kernel_operands`):
+Inputs are the per-chunk terms of `pallas_kernels.chunk_math` in the kernel layout (`kernel_operands`):
 Qg = Q * Gam, A = Tril(Aqk), Kt = K * exp(G_C - G), Ubar and W (delta only) as `[BH, N*C, .]`, and
 Gam_C as a `[K, 1]` column per chunk. One program per (head, V tile of BV columns); the state tile
 S `[K, BV]` float32 stays in registers for the whole sequence, which the program walks chunk by chunk
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._chunk import ChunkTerms, kernel_operands
+from pallas_kernels.chunk_math import ChunkTerms, kernel_operands
 
 
 def _dot(a, b):

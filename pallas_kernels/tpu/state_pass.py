@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._chunk import ChunkTerms, kernel_operands
+from pallas_kernels.chunk_math import ChunkTerms, kernel_operands
 
 
 def _dot(a, b):

@@ -9,7 +9,7 @@ import pytest
 
 import pallas_kernels
 from pallas_kernels import api
-from pallas_kernels._chunk import KernelConfig
+from pallas_kernels.chunk_math import KernelConfig
 from pallas_kernels.delta import delta_recurrence
 from pallas_kernels.gla import gla_recurrence
 

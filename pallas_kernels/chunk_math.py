@@ -102,6 +102,19 @@ def decay_terms(q, k, g):
     return q * gam, decayed_products(q, k, G), kt, gam[..., -1, :], k * gam, G
 
 
+def delta_transform(k, v, beta, G, k_gam):
+    """The WY / UT transform of the delta rule for chunked k `[.., C, K]`, v `[.., C, V]`, beta `[.., C]`:
+    Tm = (I + Diag(beta) StrictLower(Akk))^{-1} Diag(beta) by forward substitution (float32),
+    returns (W = Tm (K * Gam), Ubar = Tm V)."""
+    chunk = k.shape[-2]
+    strict = jnp.tril(jnp.ones((chunk, chunk), bool), -1)
+    a_kk = jnp.where(strict, decayed_products(k, k, G), 0.0)
+    eye = jnp.eye(chunk, dtype=k.dtype)
+    tm = jax.scipy.linalg.solve_triangular(
+        eye + beta[..., :, None] * a_kk, beta[..., :, None] * eye, lower=True, unit_diagonal=True)
+    return tm @ k_gam, tm @ v
+
+
 def kernel_operands(terms: ChunkTerms):
     """The terms in the kernels' layout: `[BH, N*C, .]` slabs (qg, attn, kt, ubar, w) and Gam_C as one
     `[K, 1]` column per chunk, `[BH, N*K, 1]`, so a kernel scales the rows of S without a transpose."""

@@ -1,0 +1,397 @@
+r"""What the mixer benchmark runs: realistic inputs, the call, an analytic FLOP count and a memory guess.
+
+Sizes: batch B, time T, heads H, head dim D (K = V = D for the attention-like mixers; SSD uses N = P = D;
+Mamba's selective scan uses D_inner = H * D channels with N = 16 states each). FLOPs count a
+multiply-add as 2 and one exp / elementwise op as 1, per batch row and head, for the *forward* pass of
+the algorithm the impl really runs (the masked upper triangles of the C x C in-chunk blocks are counted:
+the chunked code computes them). With N = ceil(T / C) chunks of C positions and sub-chunks of s = 16:
+
+* softmax attention (causal): T^2 (K + V) -- QK^T and PV, 2 T^2 D each, halved by the causal mask
+  (the useful work, the FlashAttention convention; the impls execute the masked half too).
+* gated family, impl "reference" (per token): readout 2KV, write 2KV, decay KV when gated, and for the
+  delta rule the recall k^T S (2KV) and the scaled correction (V).
+* gated family, impl "scan": ~2T combines (work-efficient scan). Non-delta: elementwise (a, b) pairs on
+  K x V states, 3KV a combine, plus the writes KV and readout 2KV per token. Delta: matrix pairs,
+  2K^3 + 2K^2 V + KV a combine, plus building M (3K^2), X (2KV) and the readout 2KV per token.
+* gated family, impl "chunk" (per chunk, mirroring `hybrid_jax.ops.gated`):
+      Aqk = 2C^2 K (+ 3CsK for the per-channel diagonal sub-blocks), outputs (Q Gam) S_0 = 2CKV and
+      Tril(Aqk) U = 2C^2 V, state write (K e^{G_C - G})^T U = 2CKV, carry 2KV;
+      delta adds Akk (as Aqk), the triangular solve C^3, W = 2C^2 K, Ubar = 2C^2 V, and W S_0 twice
+      (once in the carry scan, once for the outputs) = 4CKV.
+* ssd: the non-delta chunk/scan/reference count with a scalar decay, K = N, V = P, plus D x (TP).
+* selective_scan: per (t, channel, state) element, reference 8 (log decay, write, exp, update,
+  readout), chunk 12 (adds the in-chunk cumulative decay, its exp and the carry fix-up), scan 14.
+
+Forward + backward is counted as 3x the forward (the backward of a matmul is two matmuls).
+`estimate_bytes` is a coarse upper guess of the live float32 intermediates, used only to skip
+configurations that obviously do not fit before compiling them; the compiled executable's
+`memory_analysis()` is the binding check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from hybrid_jax import ops
+from hybrid_jax.ops import attention, gated, ssm
+from hybrid_jax.ops import scan as first_order
+from pallas_kernels.chunk_math import SUB_CHUNK  # the per-channel chunk form's sub-chunk length
+
+SSM_STATE = 16  # Mamba-1 state size per channel
+SOFTMAX_BLOCK = 128
+BACKWARD_FLOP_FACTOR = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    batch: int
+    time: int
+    heads: int
+    head_dim: int
+    chunk_size: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerSpec:
+    name: str
+    impls: tuple[str, ...]
+    make_inputs: Callable[[jax.Array, Dims, jnp.dtype], tuple[jax.Array, ...]]
+    apply: Callable[..., jax.Array]  # (impl, chunk_size, *inputs) -> output
+    flops: Callable[[Dims, str], float | None]  # forward FLOPs
+    estimate_bytes: Callable[[Dims, str, bool], float]  # (dims, impl, backward) -> bytes
+    quadratic: bool = False
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _normal(key, shape, dtype):
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+def _l2_normalised(key, shape, dtype):
+    x = jax.random.normal(key, shape, jnp.float32)
+    return (x / jnp.linalg.norm(x, axis=-1, keepdims=True)).astype(dtype)
+
+
+def _log_decay(key, shape, dtype):
+    # -softplus(z - 4): mostly small decays (mean ~ -0.03, retention ~ 0.97 a step), as trained gates are.
+    return (-jax.nn.softplus(jax.random.normal(key, shape, jnp.float32) - 4.0)).astype(dtype)
+
+
+def _qkv(key, d: Dims, dtype, *, normalise=False):
+    kq, kk, kv = jax.random.split(key, 3)
+    shape = (d.batch, d.time, d.heads, d.head_dim)
+    make = _l2_normalised if normalise else _normal
+    return make(kq, shape, dtype), make(kk, shape, dtype), _normal(kv, shape, dtype)
+
+
+def _beta(key, d: Dims, dtype):
+    return jax.nn.sigmoid(jax.random.normal(key, (d.batch, d.time, d.heads))).astype(dtype)
+
+
+def _inputs_qkv(key, d, dtype):
+    return _qkv(key, d, dtype, normalise=True)
+
+
+def _inputs_gla(key, d, dtype):
+    k1, k2 = jax.random.split(key)
+    return _qkv(k1, d, dtype, normalise=True) + (
+        _log_decay(k2, (d.batch, d.time, d.heads, d.head_dim), dtype),
+    )
+
+
+def _inputs_delta(key, d, dtype):
+    k1, k2 = jax.random.split(key)
+    return _qkv(k1, d, dtype, normalise=True) + (_beta(k2, d, dtype),)
+
+
+def _inputs_gated_delta(key, d, dtype, *, per_channel):
+    k1, k2, k3 = jax.random.split(key, 3)
+    gate_shape = (d.batch, d.time, d.heads) + ((d.head_dim,) if per_channel else ())
+    return _qkv(k1, d, dtype, normalise=True) + (_log_decay(k2, gate_shape, dtype), _beta(k3, d, dtype))
+
+
+def _inputs_ssd(key, d, dtype):
+    kx, kdt, ka, kb, kc = jax.random.split(key, 5)
+    x = _normal(kx, (d.batch, d.time, d.heads, d.head_dim), dtype)
+    dt = jax.nn.softplus(jax.random.normal(kdt, (d.batch, d.time, d.heads)) - 3.0).astype(dtype)  # > 0
+    a = -jnp.exp(jax.random.uniform(ka, (d.heads,), minval=0.0, maxval=1.5))  # A < 0, float32 parameter
+    b = _normal(kb, (d.batch, d.time, 1, d.head_dim), dtype)  # one B/C group, as Mamba-2 defaults
+    c = _normal(kc, (d.batch, d.time, 1, d.head_dim), dtype)
+    return x, dt, a, b, c
+
+
+def _inputs_selective(key, d, dtype):
+    ku, kdt, ka, kb, kc = jax.random.split(key, 5)
+    channels = d.heads * d.head_dim
+    u = _normal(ku, (d.batch, d.time, channels), dtype)
+    dt = jax.nn.softplus(jax.random.normal(kdt, (d.batch, d.time, channels)) - 3.0).astype(dtype)
+    # Mamba's S4D-real init: A[:, n] = -(n + 1).
+    a = -jnp.broadcast_to(jnp.arange(1, SSM_STATE + 1, dtype=jnp.float32), (channels, SSM_STATE))
+    b = _normal(kb, (d.batch, d.time, SSM_STATE), dtype)
+    c = _normal(kc, (d.batch, d.time, SSM_STATE), dtype)
+    return u, dt, a, b, c
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def _chunks(d: Dims) -> tuple[int, int]:
+    c = min(d.chunk_size, d.time)
+    return c, math.ceil(d.time / c)
+
+
+def gated_flops(
+    d: Dims,
+    impl: str,
+    *,
+    delta: bool,
+    decayed: bool,
+    per_channel: bool,
+) -> float:
+    """Forward FLOPs of the gated family (module docstring) for all batch rows and heads."""
+    k = v = d.head_dim
+    t = d.time
+    if impl == "reference":
+        per_token = 4 * k * v + (k * v if decayed else 0) + (2 * k * v + v if delta else 0)
+        total = t * per_token
+    elif impl == "scan":
+        if delta:
+            total = t * (2 * (2 * k**3 + 2 * k * k * v + k * v) + 3 * k * k + 4 * k * v)
+        else:
+            total = t * (2 * 3 * k * v + 3 * k * v)
+    elif impl == "chunk":
+        c, n = _chunks(d)
+        s = math.gcd(c, SUB_CHUNK)
+        products = 2 * c * c * k + (3 * c * s * k if per_channel else 0)
+        per_chunk = products + 2 * c * k * v + 2 * c * c * v + 2 * c * k * v + 2 * k * v
+        if delta:
+            per_chunk += products + c**3 + 2 * c * c * k + 2 * c * c * v + 4 * c * k * v
+        total = n * per_chunk
+    else:
+        raise ValueError(f"gated_flops: no FLOP formula for impl={impl!r}")
+    return float(total * d.batch * d.heads)
+
+
+def _softmax_flops(d: Dims, impl: str) -> float:
+    # T^2 (K + V) with K = V = D: the causal half of QK^T and PV.
+    return float(d.time**2 * 2 * d.head_dim * d.batch * d.heads)
+
+
+def _ssd_flops(d: Dims, impl: str) -> float:
+    core = gated_flops(d, impl, delta=False, decayed=True, per_channel=False)
+    return core + float(d.batch * d.time * d.heads * d.head_dim)
+
+
+def _selective_flops(d: Dims, impl: str) -> float:
+    per_element = {"reference": 8, "chunk": 12, "scan": 14}[impl]
+    return float(per_element * d.batch * d.time * d.heads * d.head_dim * SSM_STATE)
+
+
+# ----------------------------------------------------------------------------- memory guesses
+
+F32 = 4
+
+
+def _input_bytes(d: Dims) -> float:
+    return 4 * d.batch * d.time * d.heads * d.head_dim * F32
+
+
+def _gated_bytes(d: Dims, impl: str, backward: bool, *, delta: bool) -> float:
+    bh, t, k = d.batch * d.heads, d.time, d.head_dim
+    factor = 3 if backward else 1
+    if impl == "reference":
+        # The backward of lax.scan keeps the carry (the K x V state, twice for the delta recall) per step.
+        live = bh * t * k * k * F32 * ((2 if delta else 1) if backward else 0)
+    elif impl == "scan":
+        per_token = (k * k + k * k) if delta else k * k  # transitions M and writes X (K x K, K x V)
+        live = bh * t * per_token * F32 * (8 if backward else 3)
+    else:
+        c, n = _chunks(d)
+        s = math.gcd(c, SUB_CHUNK)
+        per_token = c + k * (s + c // s) * (2 if delta else 1) + 4 * k
+        live = (bh * t * per_token + bh * n * k * k) * F32 * (6 if backward else 2)
+    return factor * _input_bytes(d) + live
+
+
+def _softmax_bytes(d: Dims, impl: str, backward: bool) -> float:
+    bh, t = d.batch * d.heads, d.time
+    if impl == "chunk":
+        live = bh * t * (min(SOFTMAX_BLOCK, t) + 4 * d.head_dim) * F32 * (3 if backward else 1)
+    else:  # reference and xla materialise the T x T logits (and the weights)
+        live = bh * t * t * F32 * (4 if backward else 2)
+    return (3 if backward else 1) * _input_bytes(d) + live
+
+
+def _selective_bytes(d: Dims, impl: str, backward: bool) -> float:
+    elements = d.batch * d.time * d.heads * d.head_dim * SSM_STATE
+    return elements * F32 * {"reference": 3, "chunk": 5, "scan": 6}[impl] * (3 if backward else 1)
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+def _impl_names(supported) -> tuple[str, ...]:
+    return tuple(impl.value for impl in supported)
+
+
+# The impls each op accepts today (a kernel impl added to an op shows up here without edits).
+_GATED_IMPLS = _impl_names(gated.SUPPORTED)
+_KERNEL_IMPLS = {"pallas": "chunk", "auto": "chunk"}  # kernels run the chunked algorithm
+
+
+def algorithm(impl: str) -> str:
+    """The algorithm an impl runs, for the FLOP count and the memory guess."""
+    return _KERNEL_IMPLS.get(impl, impl)
+
+
+def _gated_spec(name, make_inputs, apply, *, delta, decayed, per_channel):
+    return MixerSpec(
+        name=name,
+        impls=_GATED_IMPLS,
+        make_inputs=make_inputs,
+        apply=apply,
+        flops=lambda d, impl: gated_flops(d, impl, delta=delta, decayed=decayed, per_channel=per_channel),
+        estimate_bytes=lambda d, impl, backward: _gated_bytes(d, impl, backward, delta=delta),
+    )
+
+
+def _build_registry() -> dict[str, MixerSpec]:
+    specs = [
+        _gated_spec(
+            "linear_attention",
+            _inputs_qkv,
+            lambda impl, c, q, k, v: ops.linear_attention(q, k, v, impl=impl, chunk_size=c)[0],
+            delta=False,
+            decayed=False,
+            per_channel=False,
+        ),
+        _gated_spec(
+            "gla",
+            _inputs_gla,
+            lambda impl, c, q, k, v, g: ops.gla(q, k, v, g=g, impl=impl, chunk_size=c)[0],
+            delta=False,
+            decayed=True,
+            per_channel=True,
+        ),
+        _gated_spec(
+            "delta_rule",
+            _inputs_delta,
+            lambda impl, c, q, k, v, b: ops.delta_rule(q, k, v, beta=b, impl=impl, chunk_size=c)[0],
+            delta=True,
+            decayed=False,
+            per_channel=False,
+        ),
+        _gated_spec(
+            "gated_delta_rule",
+            lambda key, d, dt: _inputs_gated_delta(key, d, dt, per_channel=False),
+            lambda impl, c, q, k, v, g, b: ops.gated_delta_rule(
+                q, k, v, g=g, beta=b, impl=impl, chunk_size=c
+            )[0],
+            delta=True,
+            decayed=True,
+            per_channel=False,
+        ),
+        _gated_spec(
+            "kda",
+            lambda key, d, dt: _inputs_gated_delta(key, d, dt, per_channel=True),
+            lambda impl, c, q, k, v, g, b: ops.kda(q, k, v, g=g, beta=b, impl=impl, chunk_size=c)[0],
+            delta=True,
+            decayed=True,
+            per_channel=True,
+        ),
+        MixerSpec(
+            name="ssd",
+            impls=_GATED_IMPLS,
+            make_inputs=_inputs_ssd,
+            apply=lambda impl, c, x, dt, a, b, cc: ssm.ssd(x, dt, a, b, cc, impl=impl, chunk_size=c)[0],
+            flops=_ssd_flops,
+            estimate_bytes=lambda d, impl, backward: _gated_bytes(d, impl, backward, delta=False),
+        ),
+        MixerSpec(
+            name="selective_scan",
+            impls=_impl_names(first_order.SUPPORTED),
+            make_inputs=_inputs_selective,
+            apply=lambda impl, c, u, dt, a, b, cc: ssm.selective_scan(
+                u, dt, a, b, cc, impl=impl, chunk_size=c
+            )[0],
+            flops=_selective_flops,
+            estimate_bytes=_selective_bytes,
+        ),
+        MixerSpec(
+            name="softmax",
+            impls=_impl_names(attention.SUPPORTED),
+            make_inputs=_inputs_qkv,
+            apply=lambda impl, c, q, k, v: attention.softmax_attention(
+                q, k, v, causal=True, impl=impl, block_size=SOFTMAX_BLOCK
+            ),
+            flops=_softmax_flops,
+            estimate_bytes=_softmax_bytes,
+            quadratic=True,
+        ),
+    ]
+    return {spec.name: spec for spec in specs}
+
+
+REGISTRY = _build_registry()
+OPTIONAL = {"log_linear": "hybrid_jax.ops.log_linear"}
+
+
+def log_linear_flops(d: Dims, impl: str, levels: int) -> float:
+    """Log-linear attention over the Mamba-2 transition (scalar decay, no delta), L Fenwick levels."""
+    k = v = d.head_dim
+    if impl == "reference":  # every level decays (KV) and is read (2KV); one write (2KV)
+        per_head = d.time * (3 * k * v * levels + 2 * k * v)
+    elif impl == "scan":  # per level >= 1, an associative scan over K x K transitions
+        per_head = d.time * (levels - 1) * (2 * (2 * k**3 + 2 * k * k * v)) + d.time * 2 * k * v * levels
+    else:  # the gated chunk form, the lambda weighting of Tril(Aqk), the read of S = I and of the stack
+        c, n = _chunks(d)
+        inter = max(levels - int(math.log2(c)) - 1, 0)
+        per_head = n * (c * c + 2 * c * k * k + 2 * c * k * v * inter + 3 * k * v * inter)
+        return gated_flops(d, impl, delta=False, decayed=True, per_channel=False) + per_head * d.batch * d.heads
+    return float(per_head * d.batch * d.heads)
+
+
+def log_linear_bytes(d: Dims, impl: str, backward: bool, levels: int) -> float:
+    bh, t, k = d.batch * d.heads, d.time, d.head_dim
+    if impl == "reference":
+        return _input_bytes(d) * 3 + (bh * t * levels * k * k * F32 if backward else 0)
+    if impl == "scan":
+        return bh * t * levels * 2 * k * k * F32 * (8 if backward else 3)
+    c, n = _chunks(d)
+    stack = bh * n * levels * k * k * F32 * (3 if backward else 1)
+    return _gated_bytes(d, impl, backward, delta=False) + stack
+
+
+def log_linear_spec() -> tuple[MixerSpec | None, str]:
+    """Log-linear attention over the Mamba-2 transition (scalar decay g, no beta; level scales
+    lambda = softplus(z) > 0) if `hybrid_jax.ops.log_linear` is importable, else (None, why not)."""
+    try:
+        module = importlib.import_module(OPTIONAL["log_linear"])
+        op, num_levels, supported = module.log_linear_attention, module.num_levels, module.SUPPORTED
+    except (ImportError, AttributeError) as err:
+        return None, f"log_linear skipped: {OPTIONAL['log_linear']} not importable ({err})"
+
+    def make_inputs(key, d: Dims, dtype):
+        k1, k2, k3 = jax.random.split(key, 3)
+        q, k, v = _qkv(k1, d, dtype, normalise=True)
+        g = _log_decay(k2, (d.batch, d.time, d.heads), dtype)
+        lam_shape = (d.batch, d.time, d.heads, num_levels(d.time))
+        lam = jax.nn.softplus(jax.random.normal(k3, lam_shape)).astype(dtype)
+        return q, k, v, g, lam
+
+    def apply(impl, c, q, k, v, g, lam):
+        return op(q, k, v, g=g, level_scales=lam, impl=impl, chunk_size=c)[0]
+
+    spec = MixerSpec(
+        "log_linear", _impl_names(supported), make_inputs, apply,
+        flops=lambda d, impl: log_linear_flops(d, impl, num_levels(d.time)),
+        estimate_bytes=lambda d, impl, backward: log_linear_bytes(d, impl, backward, num_levels(d.time)))
+    return spec, ""

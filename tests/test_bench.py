@@ -1,0 +1,66 @@
+"""The mixer benchmark runs end to end at tiny sizes, and its analysis gets known answers right."""
+import json
+import math
+
+import pytest
+
+from experiments.bench import mixers, report
+
+
+def test_main_writes_table_json_and_plot(tmp_path):
+    result = mixers.main(["--mixers", "gated_delta_rule,ssd", "--lengths", "32,64", "--repeats", "1",
+                          "--matmul-size", "128", "--out", str(tmp_path)])
+    for suffix in ("md", "json", "png"):
+        assert (tmp_path / f"mixers.{suffix}").stat().st_size > 0
+    data = json.loads((tmp_path / "mixers.json").read_text())
+    assert set(data) >= {"config", "matmul_peak", "rows", "summary", "notes"}
+    assert data["matmul_peak"]["flops_per_second"] > 0
+    lines = {(r["mixer"], r["impl"], r["T"]) for r in data["rows"]}
+    assert lines == {(m, "chunk", t) for m in ("gated_delta_rule", "ssd", "softmax") for t in (32, 64)}
+    for row in data["rows"]:
+        for mode in ("fwd", "fwd_bwd"):
+            m = row[mode]
+            assert m["status"] == "ok", m
+            assert m["seconds"] > 0 and m["compile_seconds"] > 0 and m["memory_bytes"] > 0
+            assert m["flops"] > 0 and 0 < m["peak_fraction"]
+    summary = {(e["mixer"], e["impl"]): e for e in data["summary"]}
+    assert set(summary) == {("gated_delta_rule", "chunk"), ("ssd", "chunk"), ("softmax", "chunk")}
+    for entry in summary.values():
+        assert math.isfinite(entry["exponent_fwd"]) and math.isfinite(entry["exponent_fwd_bwd"])
+        assert entry["max_T_fwd"] == 64
+    assert summary[("softmax", "chunk")]["crossover_fwd_text"] == "baseline"
+    text = (tmp_path / "mixers.md").read_text()
+    assert "| gated_delta_rule | chunk | 64 |" in text and "## Summary" in text
+    assert result["rows"] == data["rows"]
+
+
+def test_budget_skips_and_bad_flags(tmp_path):
+    # A 1 kB budget is below every estimate: all rows are skipped with a note, nothing is compiled.
+    data = mixers.main(["--mixers", "kda", "--impls", "scan", "--lengths", "16", "--repeats", "1",
+                        "--matmul-size", "64", "--max-gb", "1e-6", "--out", str(tmp_path)])
+    for row in data["rows"]:
+        for mode in ("fwd", "fwd_bwd"):
+            assert row[mode]["status"] == "skipped" and "budget" in row[mode]["note"]
+    for argv in (["--mixers", "kdaa"], ["--impls", "bogus"], ["--softmax-impls", "scan"], ["--lengths", "12,x"]):
+        with pytest.raises(SystemExit):
+            mixers.parse_args(argv)
+
+
+def _rows(times):
+    """Rows shaped like the benchmark's from {(mixer, T): seconds}."""
+    return [{"mixer": m, "impl": "chunk", "T": t, "fwd": {"status": "ok", "seconds": s, "peak_fraction": 0.5},
+             "fwd_bwd": {"status": "skipped"}} for (m, t), s in times.items()]
+
+
+def test_exponent_and_crossover_on_known_curves():
+    lengths = (256, 1024, 4096, 16384)
+    # softmax ~ T^2 / 1e6, linear ~ T / 1e3: equal at T = 1000, between the measured 256 and 1024.
+    rows = _rows({**{("softmax", t): t * t * 1e-6 for t in lengths}, **{("lin", t): t * 1e-3 for t in lengths}})
+    summary = {e["mixer"]: e for e in report.summarise(rows)}
+    assert summary["softmax"]["exponent_fwd"] == pytest.approx(2.0, rel=1e-9)
+    assert summary["lin"]["exponent_fwd"] == pytest.approx(1.0, rel=1e-9)
+    assert summary["lin"]["crossover_fwd"] == pytest.approx(1000.0, rel=1e-9)
+    assert summary["lin"]["exponent_fwd_bwd"] is None and summary["lin"]["crossover_fwd_bwd_text"] == "no common lengths"
+    baseline = {t: t * t * 1e-6 for t in lengths}
+    assert report.crossover([(t, 1e6) for t in lengths], baseline)[1] == "never in range"
+    assert report.crossover([(t, 1e-9) for t in lengths], baseline)[1] == "below range"

@@ -64,52 +64,64 @@ def to_chunks(x: jax.Array, chunk: int) -> jax.Array:
     return x.reshape((x.shape[0], x.shape[1] // chunk, chunk) + x.shape[2:])
 
 
-def decayed_products(x: jax.Array, y: jax.Array, G: jax.Array) -> jax.Array:
-    """P[..., i, m] = sum_c x_i[c] y_m[c] exp(G_i[c] - G_m[c]) for m <= i, else 0.
+def decayed_products(xs: tuple[jax.Array, ...], y: jax.Array, G: jax.Array) -> tuple[jax.Array, ...]:
+    """For each x in `xs`: P[..., i, m] = sum_c x_i[c] y_m[c] exp(G_i[c] - G_m[c]) for m <= i, else 0.
 
     x, y `[..., C, K]`; G `[..., C, K]` (per channel) or `[..., C, 1]` (scalar), non-increasing along C.
+    The decay factors depend only on G, so Aqk and Akk share them (the exps dominate the cost).
     """
-    c = x.shape[-2]
+    c = y.shape[-2]
     if G.shape[-1] == 1:  # scalar decay: one matmul times the masked relative decay
         causal = jnp.tril(jnp.ones((c, c), bool))
-        rel = G[..., :, None, 0] - G[..., None, :, 0]
-        return (x @ jnp.swapaxes(y, -1, -2)) * jnp.exp(jnp.where(causal, rel, -jnp.inf))
+        decay = jnp.exp(jnp.where(causal, G[..., :, None, 0] - G[..., None, :, 0], -jnp.inf))
+        return tuple((x @ jnp.swapaxes(y, -1, -2)) * decay for x in xs)
     s = math.gcd(c, SUB_CHUNK)
     n_sub = c // s
-    lead = x.shape[:-2]
+    lead = y.shape[:-2]
     split = lambda a: a.reshape(lead + (n_sub, s, a.shape[-1]))  # noqa: E731
-    xs, ys, Gs = split(x), split(y), split(G)
+    ys, Gs = split(y), split(G)
     G_ref = Gs[..., :, :1, :]  # [.., n_sub, 1, K]: first position r of each query sub-chunk
     # Off-diagonal: keys m < r, through the reference position (mask before the exp).
     key_before_ref = jnp.arange(c)[None, :] < (jnp.arange(n_sub) * s)[:, None]  # [n_sub, C]
-    to_ref = jnp.exp(jnp.where(key_before_ref[..., None], G_ref - G[..., None, :, :], -jnp.inf))
-    off = jnp.einsum("...aik,...amk->...aim", xs * jnp.exp(Gs - G_ref), y[..., None, :, :] * to_ref)
+    y_to_ref = y[..., None, :, :] * jnp.exp(
+        jnp.where(key_before_ref[..., None], G_ref - G[..., None, :, :], -jnp.inf))
+    from_ref = jnp.exp(Gs - G_ref)
     # Diagonal blocks: explicit s x s x K products.
     in_block = jnp.tril(jnp.ones((s, s), bool))[..., None]
-    rel = jnp.exp(jnp.where(in_block, Gs[..., :, None, :] - Gs[..., None, :, :], -jnp.inf))
-    diag = jnp.einsum("...aik,...amk,...aimk->...aim", xs, ys, rel)
-    block_eye = jnp.eye(n_sub, dtype=x.dtype)[:, None, :, None]
-    full = off.reshape(lead + (n_sub, s, n_sub, s)) + diag[..., :, :, None, :] * block_eye
-    return full.reshape(lead + (c, c))
+    y_rel = ys[..., None, :, :] * jnp.exp(
+        jnp.where(in_block, Gs[..., :, None, :] - Gs[..., None, :, :], -jnp.inf))
+    block_eye = jnp.eye(n_sub, dtype=y.dtype)[:, None, :, None]
+    products = []
+    for x in xs:
+        x_sub = split(x)
+        off = jnp.einsum("...aik,...amk->...aim", x_sub * from_ref, y_to_ref)
+        diag = jnp.einsum("...aik,...aimk->...aim", x_sub, y_rel)
+        full = off.reshape(lead + (n_sub, s, n_sub, s)) + diag[..., :, :, None, :] * block_eye
+        products.append(full.reshape(lead + (c, c)))
+    return tuple(products)
 
 
-def decay_terms(q, k, g):
+def decay_terms(q, k, g, *, delta: bool):
     """Terms both families share, from chunked q, k `[BH, N, C, K]` and g `[BH, N, C, K or 1]`:
-    (Q * Gam, Tril(Aqk), K * exp(G_C - G), Gam_C, K * Gam, G)."""
+    (Q * Gam, Tril(Aqk), K * exp(G_C - G), Gam_C, K * Gam, StrictLower(Akk) if `delta` else None)."""
     G = jnp.cumsum(g, axis=-2)
     gam = jnp.exp(G)
     kt = k * jnp.exp(G[..., -1:, :] - G)
-    return q * gam, decayed_products(q, k, G), kt, gam[..., -1, :], k * gam, G
+    if delta:
+        a_qk, a_kk = decayed_products((q, k), k, G)
+        c = k.shape[-2]
+        a_kk = jnp.where(jnp.tril(jnp.ones((c, c), bool), -1), a_kk, 0.0)
+    else:
+        (a_qk,), a_kk = decayed_products((q,), k, G), None
+    return q * gam, a_qk, kt, gam[..., -1, :], k * gam, a_kk
 
 
-def delta_transform(k, v, beta, G, k_gam):
-    """The WY / UT transform of the delta rule for chunked k `[.., C, K]`, v `[.., C, V]`, beta `[.., C]`:
+def delta_transform(a_kk, v, beta, k_gam):
+    """The WY / UT transform of the delta rule for one chunk's StrictLower(Akk) `[.., C, C]`,
+    v `[.., C, V]`, beta `[.., C]`, K * Gam `[.., C, K]`:
     Tm = (I + Diag(beta) StrictLower(Akk))^{-1} Diag(beta) by forward substitution (float32),
     returns (W = Tm (K * Gam), Ubar = Tm V)."""
-    chunk = k.shape[-2]
-    strict = jnp.tril(jnp.ones((chunk, chunk), bool), -1)
-    a_kk = jnp.where(strict, decayed_products(k, k, G), 0.0)
-    eye = jnp.eye(chunk, dtype=k.dtype)
+    eye = jnp.eye(a_kk.shape[-1], dtype=a_kk.dtype)
     tm = jax.scipy.linalg.solve_triangular(
         eye + beta[..., :, None] * a_kk, beta[..., :, None] * eye, lower=True, unit_diagonal=True)
     return tm @ k_gam, tm @ v

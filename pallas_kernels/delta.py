@@ -53,8 +53,8 @@ def delta_reference(q, k, v, g, beta, state):
 def delta_terms(q, k, v, g, beta, *, chunk) -> ChunkTerms:
     """Per-chunk terms from padded `[BH, N*C, .]` inputs (beta `[BH, N*C]`)."""
     q, k, v, g, beta = (to_chunks(x, chunk) for x in (q, k, v, g, beta))
-    qg, attn, kt, gam_c, k_gam, G = decay_terms(q, k, g)
-    w, ubar = delta_transform(k, v, beta, G, k_gam)
+    qg, attn, kt, gam_c, k_gam, a_kk = decay_terms(q, k, g, delta=True)
+    w, ubar = delta_transform(a_kk, v, beta, k_gam)
     return ChunkTerms(qg, attn, w, ubar, kt, gam_c)
 
 

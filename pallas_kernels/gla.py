@@ -41,7 +41,7 @@ def gla_reference(q, k, v, g, state):
 def gla_terms(q, k, v, g, *, chunk) -> ChunkTerms:
     """Per-chunk terms from padded `[BH, N*C, .]` inputs."""
     q, k, v, g = (to_chunks(x, chunk) for x in (q, k, v, g))
-    qg, attn, kt, gam_c, _, _ = decay_terms(q, k, g)
+    qg, attn, kt, gam_c, _, _ = decay_terms(q, k, g, delta=False)
     return ChunkTerms(qg, attn, None, v, kt, gam_c)
 
 

@@ -134,11 +134,12 @@ def chunk_terms(q, k, v, g, beta, chunk_size) -> ChunkTerms:
 
     q, k, v = chunked(q), chunked(k), chunked(v)
     g = jnp.zeros(k.shape[:-1] + (1,), k.dtype) if g is None else chunked(g)
-    q_decayed, attn, k_to_end, chunk_decay, k_gam, G = chunk_math.decay_terms(q, k, g)
-    if beta is None:
-        w, u_bar = None, v
+    delta = beta is not None
+    q_decayed, attn, k_to_end, chunk_decay, k_gam, a_kk = chunk_math.decay_terms(q, k, g, delta=delta)
+    if delta:
+        w, u_bar = chunk_math.delta_transform(a_kk, v, chunked(beta), k_gam)
     else:
-        w, u_bar = chunk_math.delta_transform(k, v, chunked(beta), G, k_gam)
+        w, u_bar = None, v
     return ChunkTerms(q_decayed, attn, w, u_bar, k_to_end, chunk_decay)
 
 

@@ -10,3 +10,4 @@ from hybrid_jax.ops.delta import (
 )
 from hybrid_jax.ops.linear_attention import gla, gla_step, linear_attention, linear_attention_step
 from hybrid_jax.ops.scan import linear_recurrence
+from hybrid_jax.ops.log_linear import FenwickState, fenwick_level, log_linear_attention, log_linear_attention_step

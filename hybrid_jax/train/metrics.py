@@ -1,0 +1,181 @@
+"""Run metrics: a progress line, `metrics.jsonl`, TensorBoard events and the loss-curve plot.
+
+    <workdir>/metrics.jsonl     one JSON object per line, in step order:
+                                  train: {"step", "loss", "grad_norm", "learning_rate",
+                                          "tokens_per_sec", "elapsed_sec"}   (every train.log_every)
+                                  eval:  {"step", "val_loss", "val_perplexity", "val_bits_per_byte",
+                                          "val_batches", "final"}
+    <workdir>/tensorboard/      the same scalars as TensorBoard events (tensorboardX)
+    <workdir>/loss_curve.png    train and validation bits per byte against step, with the unigram
+                                baseline (drawn from metrics.jsonl, so it covers resumed runs)
+
+`loss` of a train record is the mean of the per-step losses since the previous record. A resumed
+run first drops the records of steps after its checkpoint (they were computed by the run that
+died) and any final evaluation, so the file reads as one uninterrupted run; TensorBoard gets the
+same via `purge_step`.
+Only process 0 writes; the other processes' loggers do nothing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl file (empty if it does not exist).
+
+    A last line without its newline is the write a killed run did not finish; it is skipped.
+    """
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = f.read().split("\n")
+    return [json.loads(line) for line in lines[:-1] if line.strip()]
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class ProgressLine:
+    """`step 120/300 [####----] loss 2.345 | 12.3k tok/s | ETA 1:23`, redrawn in place on a terminal."""
+
+    def __init__(self, total_steps: int, stream=None, width: int = 20):
+        self.total_steps, self.width = total_steps, width
+        self.stream = stream or sys.stdout
+        self.interactive = self.stream.isatty()
+        self._open = False
+
+    def update(self, step: int, loss: float, tokens_per_sec: float | None, eta_sec: float) -> None:
+        done = int(self.width * step / self.total_steps)
+        bar = "#" * done + "-" * (self.width - done)
+        if tokens_per_sec is None:
+            rate = "?"
+        else:
+            rate = f"{tokens_per_sec / 1e3:.1f}k" if tokens_per_sec >= 1e3 else f"{tokens_per_sec:.0f}"
+        text = f"step {step}/{self.total_steps} [{bar}] loss {loss:.4f} | {rate} tok/s | ETA {_duration(eta_sec)}"
+        if self.interactive:
+            self.stream.write("\r" + text + "\033[K")
+            self._open = True
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        """A line of its own (eval results, checkpoints) that does not disturb the bar."""
+        self.end_line()
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def end_line(self) -> None:
+        if self._open:
+            self.stream.write("\n")
+            self._open = False
+
+
+class MetricsLogger:
+    """Writes train/eval records to metrics.jsonl, TensorBoard and the progress line."""
+
+    def __init__(self, workdir: str, *, total_steps: int, start_step: int, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.progress = ProgressLine(total_steps)
+        self._tb = None
+        if not enabled:
+            return
+        # Keep the history up to the step we resume from: later records belong to a run that died,
+        # and a final evaluation is redone when this run ends.
+        kept = [r for r in read_metrics(self.path) if r["step"] <= start_step and not r.get("final")]
+        os.makedirs(workdir, exist_ok=True)
+        with open(self.path + ".tmp", "w") as f:  # replaced in one step: a kill keeps either file
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(self.path + ".tmp", self.path)
+        self._file = open(self.path, "a")
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
+
+    def _write(self, record: dict, prefix: str) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+    def train(self, step: int, *, loss: float, grad_norm: float, learning_rate: float,
+              tokens_per_sec: float | None, eta_sec: float, elapsed_sec: float) -> None:
+        """A train record; `tokens_per_sec` is None while nothing has been timed (compilation)."""
+        if not self.enabled:
+            return
+        record = {
+            "step": step, "loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate,
+            "tokens_per_sec": tokens_per_sec, "elapsed_sec": elapsed_sec,
+        }
+        self._write(record, "train")
+        self.progress.update(step, loss, tokens_per_sec, eta_sec)
+
+    def eval(self, step: int, *, loss: float, bits_per_byte: float, batches: int, final: bool) -> dict:
+        record = {
+            "step": step, "val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)),
+            "val_bits_per_byte": bits_per_byte, "val_batches": batches, "final": final,
+        }
+        if self.enabled:
+            self._write(record, "eval")
+            self.progress.message(
+                f"eval @ step {step}: val loss {loss:.4f} | perplexity {record['val_perplexity']:.3f} "
+                f"| {bits_per_byte:.4f} bits/byte ({batches} batches)"
+            )
+        return record
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.progress.message(text)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.progress.end_line()
+        self._file.close()
+        self._tb.close()
+        self.enabled = False
+
+
+def plot_loss_curve(metrics_path: str, out_path: str, *, train_bytes_per_token: float,
+                    val_bytes_per_token: float, unigram_bits_per_byte: float, title: str | None = None) -> str:
+    """Train and validation bits per byte against step, from metrics.jsonl; returns `out_path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    to_bpb = lambda nats, per_token: nats / math.log(2) / per_token  # noqa: E731
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    if train:
+        ax.plot([s for s, _ in train], [to_bpb(x, train_bytes_per_token) for _, x in train],
+                label="train", linewidth=1.2)
+    if val:
+        ax.plot([s for s, _ in val], [to_bpb(x, val_bytes_per_token) for _, x in val],
+                "o-", label="validation", markersize=4)
+    ax.axhline(unigram_bits_per_byte, color="gray", linestyle="--",
+               label=f"unigram baseline ({unigram_bits_per_byte:.2f})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per byte")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
+
+
+__all__ = ["MetricsLogger", "ProgressLine", "plot_loss_curve", "read_metrics"]

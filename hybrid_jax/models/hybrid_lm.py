@@ -12,11 +12,26 @@ with `nnx.scan`, so the compiled program holds one period whatever the depth. `m
 rematerialises each period in the backward pass ("full": save only the period input; "save_dots":
 also keep matmul outputs without batch dims).
 
-Decoding will thread one cache per block through the same scan (a later addition); the blocks keep
-`mixer` and `ffn` separate so a cache can be attached to the mixer alone.
+Decoding threads one cache per block through the same scan:
+
+    logits, cache = model.prefill(tokens, max_len=S)        tokens [B, T]; logits [B, T, vocab]
+    logits, cache = model.decode_step(next_tokens, cache)   next_tokens [B] or [B, 1]; logits [B, vocab]
+
+`DecodeCache.layers` holds one mixer cache per block of the period (KVCache, LatentCache or
+RecurrentCache; see each layer), every array stacked over the periods on a leading axis like the
+parameters, and `DecodeCache.position` `[B]` the number of tokens each row has consumed. The
+prefill runs each mixer's training path (the chunked forms) over the prompt and keeps what decoding
+needs; `max_len` (default T) bounds prompt plus generated tokens (the size of global KV caches:
+a global attention layer decoding past it would overwrite its oldest tokens, so `generate` refuses).
+Ragged prompts: right-pad them to T and pass `lengths` `[B]`; each row's cache then holds exactly
+its first `lengths[b]` tokens (attention caches write only those positions, recurrent mixers turn
+padded steps into identity steps, log-linear ones shift the row, see `hybrid_jax.nn.log_linear`),
+and decoding continues every row at its own position. Logits at padded positions are meaningless.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +51,13 @@ CHECKPOINT_POLICIES = {
 _STACK = {nnx.PARTITION_NAME: "layers"}
 
 
+class DecodeCache(NamedTuple):
+    """What decoding carries between tokens (see the module docstring)."""
+
+    layers: tuple  # one mixer cache per block of the period, stacked over periods on axis 0
+    position: jax.Array  # [B] int32: tokens consumed per row = position of the next token
+
+
 class Block(nnx.Module):
     """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x))."""
 
@@ -51,11 +73,19 @@ class Block(nnx.Module):
         else:
             self.ffn_norm, self.ffn = None, None
 
+    def _feed_forward(self, x: jax.Array) -> jax.Array:
+        return x if self.ffn is None else x + self.ffn(self.ffn_norm(x))
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.mixer(self.mixer_norm(x))
-        if self.ffn is not None:
-            x = x + self.ffn(self.ffn_norm(x))
-        return x
+        return self._feed_forward(x + self.mixer(self.mixer_norm(x)))
+
+    def prefill(self, x: jax.Array, *, max_len: int, lengths: jax.Array | None):
+        y, cache = self.mixer.prefill(self.mixer_norm(x), max_len=max_len, lengths=lengths)
+        return self._feed_forward(x + y), cache
+
+    def decode(self, x: jax.Array, cache, position: jax.Array):
+        y, cache = self.mixer.decode(self.mixer_norm(x), cache, position)
+        return self._feed_forward(x + y), cache
 
 
 class Period(nnx.Module):
@@ -70,6 +100,20 @@ class Period(nnx.Module):
         for block in self.blocks:
             x = block(x)
         return x
+
+    def prefill(self, x: jax.Array, *, max_len: int, lengths: jax.Array | None) -> tuple[jax.Array, tuple]:
+        caches = []
+        for block in self.blocks:
+            x, cache = block.prefill(x, max_len=max_len, lengths=lengths)
+            caches.append(cache)
+        return x, tuple(caches)
+
+    def decode(self, x: jax.Array, caches: tuple, position: jax.Array) -> tuple[jax.Array, tuple]:
+        new_caches = []
+        for block, cache in zip(self.blocks, caches):
+            x, cache = block.decode(x, cache, position)
+            new_caches.append(cache)
+        return x, tuple(new_caches)
 
 
 class HybridLM(nnx.Module):
@@ -110,16 +154,83 @@ class HybridLM(nnx.Module):
 
         return scan_periods(x, self.periods)
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    @staticmethod
+    def _check_tokens(tokens: jax.Array, op: str) -> None:
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(
-                f"HybridLM: tokens must be an integer array [B, T], got {tokens.dtype}{list(tokens.shape)}"
+                f"HybridLM{op}: tokens must be an integer array [B, T], got {tokens.dtype}{list(tokens.shape)}"
             )
-        x = self.embed(tokens, jnp.dtype(self.dtype_name))
-        x = self.final_norm(self._apply_periods(x))
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        return self.embed(tokens, jnp.dtype(self.dtype_name))
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        x = self.final_norm(x)
         if self.lm_head is None:
             return self.embed.attend(x)
         return self.lm_head(x).astype(jnp.float32)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        self._check_tokens(tokens, "")
+        return self._logits(self._apply_periods(self._embed(tokens)))
+
+    def prefill(
+        self, tokens: jax.Array, *, max_len: int | None = None, lengths: jax.Array | None = None
+    ) -> tuple[jax.Array, DecodeCache]:
+        """Logits `[B, T, vocab]` for every prompt position and the cache to decode from.
+
+        `max_len` (default T): the most tokens (prompt + generated) any row will hold.
+        `lengths` `[B]`: prompt lengths of right-padded rows (default: all T).
+        """
+        self._check_tokens(tokens, ".prefill")
+        batch, t = tokens.shape
+        max_len = t if max_len is None else max_len
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < t:
+            raise ValueError(f"HybridLM.prefill: max_len must be an int >= the prompt length T={t}, got {max_len!r}")
+        if lengths is not None:
+            lengths = jnp.asarray(lengths)
+            if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+                raise ValueError(
+                    f"HybridLM.prefill: lengths must be an integer array [B] = [{batch}], "
+                    f"got {lengths.dtype}{list(lengths.shape)}"
+                )
+            lengths = lengths.astype(jnp.int32)
+        for block in self.periods.blocks:
+            if not hasattr(block.mixer, "prefill"):
+                raise ValueError(f"HybridLM.prefill: mixer {type(block.mixer).__name__} has no decoding path")
+
+        @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=(nnx.Carry, 0), transform_metadata=_STACK)
+        def scan_periods(h: jax.Array, period: Period, lengths: jax.Array | None):
+            return period.prefill(h, max_len=max_len, lengths=lengths)
+
+        x, caches = scan_periods(self._embed(tokens), self.periods, lengths)
+        position = jnp.full((batch,), t, jnp.int32) if lengths is None else lengths
+        return self._logits(x), DecodeCache(caches, position)
+
+    def decode_step(self, next_tokens: jax.Array, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
+        """Feeds one token per row (`[B]` or `[B, 1]`) at `cache.position`; logits `[B, vocab]`."""
+        tokens = next_tokens[:, None] if next_tokens.ndim == 1 else next_tokens
+        if tokens.ndim != 2 or tokens.shape[1] != 1 or tokens.shape[0] != cache.position.shape[0]:
+            raise ValueError(
+                f"HybridLM.decode_step: next_tokens must be [B] or [B, 1] with B={cache.position.shape[0]} "
+                f"(the cache's batch), got shape {tuple(next_tokens.shape)}"
+            )
+        self._check_tokens(tokens, ".decode_step")
+        x = self._embed(tokens)
+        position = cache.position
+
+        # The stacked caches ride in the carry and each period updates its slice: XLA then updates
+        # them in place, where scanning them as xs -> ys would copy every cache once per token.
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=_STACK)
+        def scan_periods(carry, period: Period):
+            h, stacked, index = carry
+            mine = jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, index, keepdims=False), stacked)
+            h, mine = period.decode(h, mine, position)
+            stacked = jax.tree.map(lambda c, m: jax.lax.dynamic_update_index_in_dim(c, m, index, 0), stacked, mine)
+            return h, stacked, index + 1
+
+        x, caches, _ = scan_periods((x, cache.layers, jnp.zeros((), jnp.int32)), self.periods)
+        return self._logits(x)[:, 0], DecodeCache(caches, position + 1)
 
 
 def build_model(model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> HybridLM:

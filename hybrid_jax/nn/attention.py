@@ -13,10 +13,17 @@ rotary). `window=W` restricts each token to the last W tokens (sliding-window at
 it also bounds the decode cache to W tokens. `qk_norm` applies a per-head RMSNorm to q and k before
 RoPE (OLMo-2 / Qwen-3 style), which keeps logits bounded at scale.
 
-Decode cache per sequence: 2 * HKV * Dh * min(context, W) elements.
+Decoding. The cache is `KVCache(k, v)`, each `[B, S, HKV, Dh]` in the compute dtype, a ring buffer of
+S = min(max_len, W) slots (S = max_len without a window): position p lives in slot p mod S, so a
+sliding-window layer keeps exactly its last W tokens and a global one its whole context. Keys are
+cached after RoPE. `prefill` runs the training path over the prompt and writes its k, v into the
+cache; `decode` writes one token's k, v and attends to the min(p + 1, S) filled slots (softmax does
+not care about slot order). Per sequence: 2 * HKV * Dh * min(context, W) elements.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +36,7 @@ from hybrid_jax.nn.norms import RMSNorm
 from hybrid_jax.nn.registry import Mixer, check_positive, register_mixer
 from hybrid_jax.nn.rope import apply_rope, rotary_dim_for
 from hybrid_jax.ops.attention import SUPPORTED as ATTENTION_IMPLS
-from hybrid_jax.ops.attention import softmax_attention
+from hybrid_jax.ops.attention import kv_cache_update, softmax_attention, softmax_attention_step
 
 
 def attention_impls() -> list[str]:
@@ -41,6 +48,32 @@ def check_attention_impl(impl: str) -> None:
         raise ValueError(
             f"impl={impl!r} is not a softmax_attention impl; valid choices are {attention_impls()}"
         )
+
+
+class KVCache(NamedTuple):
+    """Decode cache of an attention layer: ring buffers of keys (after RoPE) and values."""
+
+    k: jax.Array  # [B, S, HKV, Dh]
+    v: jax.Array  # [B, S, HKV, Dh]
+
+
+def prompt_ring_buffer(values: jax.Array, capacity: int, lengths: jax.Array | None) -> jax.Array:
+    """`[B, capacity, ...]` holding row b's positions max(0, L_b - capacity) .. L_b - 1 of `values`
+    `[B, T, ...]` (L_b = lengths[b], default T), position p in slot p mod capacity; other slots 0."""
+    b, t = values.shape[:2]
+    positions = jnp.arange(t)[None, :]
+    lengths = jnp.full((b, 1), t) if lengths is None else jnp.asarray(lengths)[:, None]
+    keep = (positions < lengths) & (positions >= lengths - capacity)
+    slots = jnp.where(keep, positions % capacity, capacity)  # slot `capacity` is out of range: dropped
+    buffer = jnp.zeros((b, capacity) + values.shape[2:], values.dtype)
+    return buffer.at[jnp.arange(b)[:, None], slots].set(values, mode="drop")
+
+
+def written_in_place(caches):
+    """`caches`, fenced off from the reads that follow. Left free, XLA (seen on CPU) fuses a one-token
+    cache write into the attention's operand layout change and copies the whole cache every token;
+    behind the barrier the write stays an in-place update of the donated buffer."""
+    return jax.lax.optimization_barrier(caches)
 
 
 def mean_attended_keys(context: int, window: int | None) -> float:
@@ -139,7 +172,29 @@ class Attention(Mixer):
             k = apply_rope(k, positions, theta=self.rope_theta, rotary_dim=self.rotary_dim)
         return q, k, v
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def attend(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The layer output `[B, T, d_model]` over a whole sequence, and its k, v (what a cache holds)."""
         q, k, v = self.project_qkv(x, jnp.arange(x.shape[1]))
         o = softmax_attention(q, k, v, causal=True, window=self.window, impl=self.impl)
-        return self.o_proj(o)
+        return self.o_proj(o), k, v
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.attend(x)[0]
+
+    def cache_capacity(self, max_len: int) -> int:
+        return max_len if self.window is None else min(self.window, max_len)
+
+    def prefill(self, x: jax.Array, *, max_len: int, lengths: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """Output over the prompt x `[B, T, d_model]` and the cache for decoding up to `max_len` tokens."""
+        y, k, v = self.attend(x)
+        capacity = self.cache_capacity(max_len)
+        return y, KVCache(prompt_ring_buffer(k, capacity, lengths), prompt_ring_buffer(v, capacity, lengths))
+
+    def decode(self, x: jax.Array, cache: KVCache, position: jax.Array) -> tuple[jax.Array, KVCache]:
+        """One token per row: x `[B, 1, d_model]` at positions `position` `[B]`."""
+        q, k, v = self.project_qkv(x, position[:, None])
+        capacity = cache.k.shape[1]
+        k_cache, v_cache = kv_cache_update(cache.k, cache.v, k[:, 0], v[:, 0], position % capacity)
+        k_cache, v_cache = written_in_place((k_cache, v_cache))
+        o = softmax_attention_step(q[:, 0], k_cache, v_cache, length=jnp.minimum(position + 1, capacity))
+        return self.o_proj(o[:, None]), KVCache(k_cache, v_cache)

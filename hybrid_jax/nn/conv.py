@@ -6,7 +6,9 @@ For channel c and kernel size W (weights w[0..W-1], w[W-1] multiplying the curre
 
 The decode state is the last W-1 inputs `[B, W-1, C]` (oldest first). Running `__call__` over a
 sequence with a state, or `step` token by token, gives the same outputs and the same final state, so
-a prefill can hand its state to decoding. The convolution is W shifted multiply-adds (W is ~4), which
+a prefill can hand its state to decoding. For a batch of right-padded sequences, `lengths` `[B]`
+makes the returned state each row's last W-1 *valid* inputs (outputs at valid positions never see
+the padding, which comes after them). The convolution is W shifted multiply-adds (W is ~4), which
 XLA fuses; no im2col or FFT is worth it at this width. Products accumulate in float32; y and the
 state come back in the input dtype.
 """
@@ -65,15 +67,24 @@ class ShortConv(nnx.Module):
             y = y + self.bias[...]
         return activation(self.activation_name)(y)
 
-    def __call__(self, x: jax.Array, conv_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """x `[B, T, C]`, optional state `[B, W-1, C]` -> (y `[B, T, C]`, new state `[B, W-1, C]`)."""
+    def __call__(
+        self, x: jax.Array, conv_state: jax.Array | None = None, *, lengths: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """x `[B, T, C]`, optional state `[B, W-1, C]` -> (y `[B, T, C]`, new state `[B, W-1, C]`).
+
+        `lengths` `[B]` (ints in [0, T]): the new state ends at each row's `lengths[b]`-th input.
+        """
         self._check(x, conv_state, 3, "[B, T, C]")
         width, t = self.kernel_size, x.shape[1]
         history = self.init_state(x.shape[0], x.dtype) if conv_state is None else conv_state.astype(x.dtype)
         padded = jnp.concatenate([history, x], axis=1)  # [B, W-1+T, C]
         taps = padded.astype(jnp.float32)  # accumulate the W products in float32
         y = sum(taps[:, i : i + t] * self.weight[i] for i in range(width))
-        new_state = padded[:, padded.shape[1] - (width - 1) :]
+        if lengths is None:
+            new_state = padded[:, padded.shape[1] - (width - 1) :]
+        else:  # inputs lengths-W+1 .. lengths-1 sit at padded rows lengths .. lengths+W-2
+            rows = jnp.asarray(lengths)[:, None] + jnp.arange(width - 1)
+            new_state = jnp.take_along_axis(padded, rows[:, :, None], axis=1)
         return self._finish(y).astype(x.dtype), new_state
 
     def step(self, x_t: jax.Array, conv_state: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -23,8 +23,9 @@ A_log = log U(1, 16) per head; dt_bias starts at softplus^{-1} of a log-uniform 
 the heads. o_t = S_t^T q_t / sqrt(K) (hybrid_jax.ops.delta).
 
 Subclasses change only the hooks `init_gates` (decay / output-gate parameters and the output norm),
-`gates` (g, beta), `mix` (the op) and `output`, so the log-linear variants (`log_linear.py`) reuse
-everything but `mix`.
+`gates` (g, beta), the op (`OP` / `STEP`) and `finish`, so the log-linear variants (`log_linear.py`)
+reuse everything but `mix` / `mix_step`. Decoding (`LinearMixer`): padded prompt steps get
+beta = 0 and g = 0, i.e. the identity transition and no write.
 """
 from __future__ import annotations
 
@@ -36,11 +37,26 @@ from ml_collections import config_dict
 
 from hybrid_jax.nn.attention import check_positive
 from hybrid_jax.nn.common import Dense, logical_param
-from hybrid_jax.nn.linear_attention import LinearMixer, check_heads, check_impl, check_positive_float, heads_and_dim
-from hybrid_jax.nn.mamba import ConvProjection, a_log_init, dt_bias_init
+from hybrid_jax.nn.linear_attention import (
+    LinearMixer,
+    at_step,
+    check_heads,
+    check_impl,
+    check_positive_float,
+    heads_and_dim,
+    zero_where_invalid,
+)
+from hybrid_jax.nn.mamba import ConvProjection, a_log_init, conv_projections, dt_bias_init
 from hybrid_jax.nn.norms import GatedRMSNorm, RMSNorm, l2_normalize
 from hybrid_jax.nn.registry import register_mixer
-from hybrid_jax.ops.delta import delta_rule, gated_delta_rule, kda
+from hybrid_jax.ops.delta import (
+    delta_rule,
+    delta_rule_step,
+    gated_delta_rule,
+    gated_delta_rule_step,
+    kda,
+    kda_step,
+)
 
 
 @register_mixer("deltanet")
@@ -48,6 +64,7 @@ class DeltaNet(LinearMixer):
     """DeltaNet: the delta rule with short convolutions and L2-normalised q, k (see the module docstring)."""
 
     DECAY_FLOPS = 0  # per state element and token
+    OP, STEP = staticmethod(delta_rule), staticmethod(delta_rule_step)  # called with g only if it has one
 
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:
@@ -125,25 +142,33 @@ class DeltaNet(LinearMixer):
         """Decay and output-gate parameters, and the output norm."""
         self.o_norm = RMSNorm(self.dims(cfg, d_model)[3], eps=cfg.norm_eps)
 
-    def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """q, k `[B, T, H, K]` (unit norm), v `[B, T, HV, V]`."""
-        return l2_normalize(self.q_proj(x)), l2_normalize(self.k_proj(x)), self.v_proj(x)
-
     def gates(self, x: jax.Array) -> tuple[jax.Array | None, jax.Array]:
         """(g, beta) in float32: the log decay (None: no decay) and beta `[B, T, HV]` in (0, 1)."""
         return None, jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
 
-    def mix(self, x, q, k, v, g, beta) -> jax.Array:
-        o, _ = delta_rule(q, k, v, beta=beta, impl=self.impl, chunk_size=self.chunk_size)
-        return o
+    def project(self, x, conv_states=None, *, lengths=None):
+        """(q, k `[B, T, H, K]` (unit norm), v `[B, T, HV, V]`, g, beta) and the conv histories of q, k, v."""
+        (q, k, v), conv = conv_projections((self.q_proj, self.k_proj, self.v_proj), x, conv_states, lengths)
+        return (l2_normalize(q), l2_normalize(k), v, *self.gates(x)), conv
 
-    def output(self, o: jax.Array, x: jax.Array) -> jax.Array:
+    def pad_as_identity(self, inputs, valid):
+        q, k, v, g, beta = inputs
+        return q, k, v, zero_where_invalid(g, valid), zero_where_invalid(beta, valid)
+
+    def mix(self, x, inputs, *, final=False, max_len=None, lengths=None):
+        q, k, v, g, beta = inputs
+        gate = {} if g is None else {"g": g}
+        return self.OP(q, k, v, beta=beta, **gate, output_final_state=final, impl=self.impl,
+                       chunk_size=self.chunk_size)
+
+    def mix_step(self, x, inputs, state):
+        q, k, v, g, beta = at_step(inputs)
+        gate = {} if g is None else {"g_t": g}
+        o, state = self.STEP(q, k, v, state, beta_t=beta, **gate)
+        return o[:, None], state
+
+    def finish(self, o: jax.Array, x: jax.Array) -> jax.Array:
         return self.o_proj(self.o_norm(o))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        q, k, v = self.qkv(x)
-        g, beta = self.gates(x)
-        return self.output(self.mix(x, q, k, v, g, beta), x)
 
 
 @register_mixer("gated_deltanet")
@@ -151,6 +176,7 @@ class GatedDeltaNet(DeltaNet):
     """Gated DeltaNet: a Mamba-2-style scalar decay per head and a SiLU output gate."""
 
     DECAY_FLOPS = 1
+    OP, STEP = staticmethod(gated_delta_rule), staticmethod(gated_delta_rule_step)
 
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:
@@ -172,11 +198,7 @@ class GatedDeltaNet(DeltaNet):
         rate = jax.nn.softplus(self.a_proj(x).astype(jnp.float32) + self.dt_bias[...])
         return -jnp.exp(self.A_log[...]) * rate, beta
 
-    def mix(self, x, q, k, v, g, beta) -> jax.Array:
-        o, _ = gated_delta_rule(q, k, v, g=g, beta=beta, impl=self.impl, chunk_size=self.chunk_size)
-        return o
-
-    def output(self, o: jax.Array, x: jax.Array) -> jax.Array:
+    def finish(self, o: jax.Array, x: jax.Array) -> jax.Array:
         return self.o_proj(self.o_norm(o, self.g_proj(x)))
 
 
@@ -185,6 +207,7 @@ class KDA(DeltaNet):
     """Kimi Delta Attention: a low-rank per-channel decay and a low-rank sigmoid output gate."""
 
     DECAY_FLOPS = 1
+    OP, STEP = staticmethod(kda), staticmethod(kda_step)
 
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:
@@ -219,9 +242,5 @@ class KDA(DeltaNet):
         rate = jax.nn.softplus(self.f_up(self.f_down(x)).astype(jnp.float32) + self.dt_bias[...])
         return -jnp.exp(self.A_log[...])[:, None] * rate, beta
 
-    def mix(self, x, q, k, v, g, beta) -> jax.Array:
-        o, _ = kda(q, k, v, g=g, beta=beta, impl=self.impl, chunk_size=self.chunk_size)
-        return o
-
-    def output(self, o: jax.Array, x: jax.Array) -> jax.Array:
+    def finish(self, o: jax.Array, x: jax.Array) -> jax.Array:
         return self.o_proj(self.o_norm(o, self.g_up(self.g_down(x))))

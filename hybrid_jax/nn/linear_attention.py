@@ -27,8 +27,22 @@ Shared by the linear mixers of this package (`LinearMixer`): config checks, `cac
 the ops accumulate states in float32 whatever the input dtype). FLOPs per token are 2 per parameter
 (every weight multiplies once per token: projections, convolution taps, per-head maps) plus the
 mixer's own state work, `mixing_flops`, counted as 2 per multiply-add and 1 per elementwise decay.
+
+Decoding (`LinearMixer.prefill` / `decode`, shared by every linear mixer through four hooks):
+
+    project(x, conv_states)   -> the op's inputs over x `[B, T, d]` and the new short-conv histories
+    pad_as_identity(inputs)   -> ragged prompts: padded steps become identity steps (k = 0 / dt = 0 /
+                                 beta = 0, g = 0), so the state after T steps is the state after L_b
+    mix / mix_step            -> the chunked op over T tokens (final state returned) / the op's `*_step`
+    finish(o, x)              -> output norm, gate and projection
+
+The training path is `finish(mix(project(x)))`; `prefill` runs the same chunked op over the prompt
+and keeps its final state, `decode` feeds one token through `project` (with the conv histories) and
+the op's one-token step. The cache is `RecurrentCache(state, conv)`.
 """
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +55,7 @@ from hybrid_jax.nn.common import Dense, count_params, logical_param
 from hybrid_jax.nn.norms import GatedRMSNorm, RMSNorm
 from hybrid_jax.nn.registry import Mixer, register_mixer
 from hybrid_jax.ops.gated import SUPPORTED as GATED_IMPLS
-from hybrid_jax.ops.linear_attention import gla, linear_attention
+from hybrid_jax.ops.linear_attention import gla, gla_step, linear_attention, linear_attention_step
 
 STATE_BYTES = 4  # recurrent states are float32 (see the module docstring)
 FEATURE_MAPS = ("identity", "elu", "relu", "hedgehog")
@@ -95,11 +109,30 @@ def expanded_dim(cfg: ml_collections.ConfigDict, key: str, d_model: int, heads: 
     return int(total) // heads
 
 
-class LinearMixer(Mixer):
-    """Shared `cache_bytes` / `flops_per_token` of the linear mixers (see the module docstring).
+class RecurrentCache(NamedTuple):
+    """Decode cache of a linear mixer: its recurrent state and the histories of its short convs."""
 
-    Subclasses define `conv_channels` (0 without a short conv), `conv_size`, `state_elements` and
-    `mixing_flops`.
+    state: Any  # float32: [B, HV, K, V] (Mamba: [B, D, N]; log-linear layers: a FenwickState)
+    conv: tuple  # one [B, W-1, C] history per short conv (compute dtype); () without convs
+
+
+def zero_where_invalid(x: jax.Array | None, valid: jax.Array) -> jax.Array | None:
+    """x `[B, T, ...]` with the steps where valid `[B, T]` is False set to zero."""
+    if x is None:
+        return None
+    return jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - 2)), x, jnp.zeros((), x.dtype))
+
+
+def at_step(inputs: tuple) -> tuple:
+    """`[B, 1, ...]` inputs of a decoding step -> `[B, ...]` (None stays None)."""
+    return tuple(None if x is None else x[:, 0] for x in inputs)
+
+
+class LinearMixer(Mixer):
+    """Shared cache, FLOPs and decoding of the linear mixers (see the module docstring).
+
+    Subclasses define `conv_channels` (0 without a short conv), `conv_size`, `state_elements`,
+    `mixing_flops`, and the hooks `project`, `pad_as_identity`, `mix`, `mix_step`, `finish`.
     """
 
     @classmethod
@@ -123,6 +156,45 @@ class LinearMixer(Mixer):
     def flops_per_token(cls, cfg, d_model: int, context: int) -> int:
         abstract = nnx.eval_shape(lambda: cls(cfg, d_model, rngs=nnx.Rngs(0)))
         return int(round(2 * count_params(abstract) + cls.mixing_flops(cfg, d_model, context)))
+
+    def project(self, x: jax.Array, conv_states: tuple | None = None, *, lengths=None) -> tuple[tuple, tuple]:
+        """(op inputs `[B, T, ...]`, new conv histories) for x `[B, T, d_model]`."""
+        raise NotImplementedError(f"{type(self).__name__}.project")
+
+    def pad_as_identity(self, inputs: tuple, valid: jax.Array) -> tuple:
+        """`inputs` with the steps where valid `[B, T]` is False made identity steps."""
+        raise NotImplementedError(f"{type(self).__name__}.pad_as_identity")
+
+    def mix(self, x: jax.Array, inputs: tuple, *, final: bool = False, max_len=None, lengths=None):
+        """(o `[B, T, ...]`, final state if `final` else None): the chunked op over the inputs."""
+        raise NotImplementedError(f"{type(self).__name__}.mix")
+
+    def mix_step(self, x: jax.Array, inputs: tuple, state):
+        """(o `[B, 1, ...]`, new state): the op's one-token step on `[B, 1, ...]` inputs."""
+        raise NotImplementedError(f"{type(self).__name__}.mix_step")
+
+    def finish(self, o: jax.Array, x: jax.Array) -> jax.Array:
+        raise NotImplementedError(f"{type(self).__name__}.finish")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        inputs, _ = self.project(x)
+        o, _ = self.mix(x, inputs)
+        return self.finish(o, x)
+
+    def prefill(self, x: jax.Array, *, max_len: int, lengths: jax.Array | None = None):
+        """Output over the prompt x `[B, T, d_model]` and the `RecurrentCache` after each row's prompt."""
+        inputs, conv = self.project(x, lengths=lengths)
+        if lengths is not None:
+            inputs = self.pad_as_identity(inputs, jnp.arange(x.shape[1])[None, :] < lengths[:, None])
+        o, state = self.mix(x, inputs, final=True, max_len=max_len, lengths=lengths)
+        return self.finish(o, x), RecurrentCache(state, conv)
+
+    def decode(self, x: jax.Array, cache: RecurrentCache, position: jax.Array):
+        """One token per row, x `[B, 1, d_model]`; the state carries what position means."""
+        del position
+        inputs, conv = self.project(x, cache.conv)
+        o, state = self.mix_step(x, inputs, cache.state)
+        return self.finish(o, x), RecurrentCache(state, conv)
 
 
 class HedgehogFeatureMap(nnx.Module):
@@ -214,16 +286,34 @@ class LinearAttention(LinearMixer):
         phi = ELEMENTWISE_FEATURE_MAPS[self.feature_map]
         return phi(q), phi(k)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    @property
+    def scale(self) -> float | None:
+        # Denominator form: scale 1, it would cancel in the ratio anyway, and eps then compares with
+        # q . sum k itself.
+        return None if self.norm is not None else 1.0
+
+    def project(self, x, conv_states=None, *, lengths=None):
         q, k = self.features(x)
         v = self.v_proj(x)
-        if self.norm is not None:
-            o, _ = linear_attention(q, k, v, impl=self.impl, chunk_size=self.chunk_size)
-            return self.o_proj(self.norm(o))
-        # Scale 1: it would cancel in the ratio anyway, and eps then compares with q . sum k itself.
-        ones = jnp.ones(v.shape[:-1] + (1,), v.dtype)
-        o, _ = linear_attention(q, k, jnp.concatenate([v, ones], axis=-1), scale=1.0, impl=self.impl,
+        if self.norm is None:  # the all-ones value column accumulates the denominator q . sum k
+            v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+        return (q, k, v), ()
+
+    def pad_as_identity(self, inputs, valid):
+        q, k, v = inputs
+        return q, zero_where_invalid(k, valid), v
+
+    def mix(self, x, inputs, *, final=False, max_len=None, lengths=None):
+        return linear_attention(*inputs, scale=self.scale, output_final_state=final, impl=self.impl,
                                 chunk_size=self.chunk_size)
+
+    def mix_step(self, x, inputs, state):
+        o, state = linear_attention_step(*at_step(inputs), state, scale=self.scale)
+        return o[:, None], state
+
+    def finish(self, o, x):
+        if self.norm is not None:
+            return self.o_proj(self.norm(o))
         o32 = o.astype(jnp.float32)
         normalised = o32[..., :-1] / (o32[..., -1:] + self.eps)
         return self.o_proj(normalised.astype(x.dtype))
@@ -287,7 +377,21 @@ class GLA(LinearMixer):
         logits = self.gate_up(self.gate_down(x)).astype(jnp.float32)
         return jax.nn.log_sigmoid(logits) / self.normalizer
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        o, _ = gla(q, k, v, g=self.forget_gate(x), impl=self.impl, chunk_size=self.chunk_size)
+    def project(self, x, conv_states=None, *, lengths=None):
+        return (self.q_proj(x), self.k_proj(x), self.v_proj(x), self.forget_gate(x)), ()
+
+    def pad_as_identity(self, inputs, valid):
+        q, k, v, g = inputs
+        return q, zero_where_invalid(k, valid), v, zero_where_invalid(g, valid)
+
+    def mix(self, x, inputs, *, final=False, max_len=None, lengths=None):
+        q, k, v, g = inputs
+        return gla(q, k, v, g=g, output_final_state=final, impl=self.impl, chunk_size=self.chunk_size)
+
+    def mix_step(self, x, inputs, state):
+        q, k, v, g = at_step(inputs)
+        o, state = gla_step(q, k, v, state, g_t=g)
+        return o[:, None], state
+
+    def finish(self, o, x):
         return self.o_proj(self.norm(o, self.out_gate(x)))

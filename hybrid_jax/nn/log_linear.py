@@ -19,6 +19,17 @@ v = dt * x, g = A dt, scale 1, plus the D skip.
 sequence fails in the op with the number of levels it needs. The decode cache holds
 ceil(log2(context)) + 1 float32 states (plus the conv history); the FLOPs count the base layer's
 state work once per non-empty level, 1 + popcount(t) on average over the positions t < context.
+
+Decoding. The cache state is a `FenwickState(levels [B, HV, n, K, V], position [B])` with
+n = num_levels(max_len) (lambda's higher levels are never read before max_len, so they are dropped)
+and one position per row; `decode` runs `log_linear_attention_step` row by row (vmapped, each row at
+its own position). A ragged prefill cannot simply mask padded steps: Fenwick merges depend on the
+absolute position, so padding after a row's prompt would still merge its levels. Instead, row b's
+L_b tokens are moved to the end of the T steps and the whole row starts at position 2^m - (T - L_b),
+2^m >= T: the padding then runs from zero state (identity steps on zeros stay zero) and token j sits
+at 2^m + j, where l(2^m + j, 2^m + s) = l(j, s) for j, s < 2^m, so outputs and final levels equal
+those of the unpadded prompt (level m + 1 only ever pairs tokens with the empty padding). The same
+chunked op runs, vmapped over rows with a traced start position.
 """
 from __future__ import annotations
 
@@ -31,11 +42,11 @@ from ml_collections import config_dict
 from hybrid_jax.nn.attention import check_positive
 from hybrid_jax.nn.common import Dense, logical_param
 from hybrid_jax.nn.delta import KDA, GatedDeltaNet
-from hybrid_jax.nn.linear_attention import check_impl
+from hybrid_jax.nn.linear_attention import at_step, check_impl
 from hybrid_jax.nn.mamba import Mamba2
 from hybrid_jax.nn.registry import register_mixer
 from hybrid_jax.ops.log_linear import SUPPORTED as LOG_LINEAR_IMPLS
-from hybrid_jax.ops.log_linear import log_linear_attention, num_levels
+from hybrid_jax.ops.log_linear import FenwickState, log_linear_attention, log_linear_attention_step, num_levels
 
 
 def mean_active_levels(context: int) -> float:
@@ -59,11 +70,42 @@ class LevelScales(nnx.Module):
         return jax.nn.softplus(self.level_weight[...] * self.proj(x).astype(jnp.float32))
 
 
-class LogLinearMixin:
-    """Turns a single-state mixer layer into its log-linear version (config, cache, FLOPs, lambda).
+def fit_levels(x: jax.Array, n: int, axis: int = -1) -> jax.Array:
+    """x with `axis` cut or zero-padded to n levels."""
+    x = jax.lax.slice_in_dim(x, 0, min(n, x.shape[axis]), axis=axis)
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, n - x.shape[axis])
+    return jnp.pad(x, widths)
 
-    The base layer provides `value_heads` and a `mix` hook; the concrete class overrides `mix` to
-    call `log_linear_attention` with `self.level_scales(x)`.
+
+def ragged_fenwick_prefill(run, args: tuple, lam: jax.Array, lengths: jax.Array, n_cache: int):
+    """Prefill of right-padded rows (padded steps already identity steps): see the module docstring.
+
+    `run(args, lam, initial_state)` is the op over `[1, T, ...]` inputs. Returns (o `[B, T, ...]`,
+    `FenwickState` with `n_cache` levels and position `lengths`).
+    """
+    t = lam.shape[1]
+    span_bits = (t - 1).bit_length()  # 2^m >= T
+    n_shifted = span_bits + 2  # positions up to 2^m + T - 1 < 2^(m+1)
+    k, v = args[1], args[2]
+    empty = jnp.zeros((1, v.shape[2], n_shifted, k.shape[-1], v.shape[-1]), jnp.float32)
+
+    def row(args, lam, padding):  # one row [T, ...]: its prompt moved to the last L_b steps
+        rolled = [None if a is None else jnp.roll(a, padding, axis=0)[None] for a in (*args, lam)]
+        o, final = run(tuple(rolled[:-1]), rolled[-1], FenwickState(empty, (1 << span_bits) - padding))
+        return jnp.roll(o[0], -padding, axis=0), final.levels[0]
+
+    o, final = jax.vmap(row)(args, fit_levels(lam, n_shifted), t - lengths)
+    return o, FenwickState(fit_levels(final, n_cache, axis=2), jnp.asarray(lengths, jnp.int32))
+
+
+class LogLinearMixin:
+    """Turns a single-state mixer layer into its log-linear version (config, cache, FLOPs, lambda,
+    and `mix` / `mix_step` over Fenwick states).
+
+    The base layer provides `value_heads` and its `LinearMixer` hooks; the concrete class defines
+    `fenwick_args(inputs) -> ((q, k, v, g, beta), scale)` (the op's view of the base inputs) and
+    `fenwick_output(o, inputs)`.
     """
 
     @classmethod
@@ -97,27 +139,74 @@ class LogLinearMixin:
 
     def __init__(self, cfg: ml_collections.ConfigDict, d_model: int, *, rngs: nnx.Rngs):
         super().__init__(cfg, d_model, rngs=rngs)
-        self.level_scales = LevelScales(d_model, self.value_heads(cfg, d_model), self.levels(cfg), rngs=rngs)
+        self.lambda_levels = self.levels(cfg)
+        self.level_scales = LevelScales(d_model, self.value_heads(cfg, d_model), self.lambda_levels, rngs=rngs)
+
+    def fenwick_output(self, o: jax.Array, inputs: tuple) -> jax.Array:
+        return o
+
+    def cache_levels(self, max_len: int) -> int:
+        """Levels of the decode state for positions < max_len; ValueError if lambda has fewer."""
+        needed = num_levels(max_len)
+        if needed > self.lambda_levels:
+            raise ValueError(
+                f"{self.kind}: max_len={max_len} needs {needed} Fenwick levels but the layer has "
+                f"num_levels={self.lambda_levels}; raise max_seq_len (or num_levels) in its config"
+            )
+        return needed
+
+    def mix(self, x, inputs, *, final=False, max_len=None, lengths=None):
+        args, scale = self.fenwick_args(inputs)
+
+        def run(args, lam, initial_state):
+            q, k, v, g, beta = args
+            return log_linear_attention(q, k, v, g=g, beta=beta, level_scales=lam, scale=scale,
+                                        initial_state=initial_state, output_final_state=final, impl=self.impl,
+                                        chunk_size=self.chunk_size)
+
+        lam = self.level_scales(x)
+        if not final:
+            o, state = run(args, lam, None)
+        elif lengths is None:
+            o, state = run(args, lam[..., : self.cache_levels(max_len)], None)
+            state = FenwickState(state.levels, jnp.full((x.shape[0],), state.position, jnp.int32))
+        else:
+            o, state = ragged_fenwick_prefill(run, args, lam, lengths, self.cache_levels(max_len))
+        return self.fenwick_output(o, inputs), state
+
+    def mix_step(self, x, inputs, state: FenwickState):
+        (q, k, v, g, beta), scale = self.fenwick_args(inputs)
+        lam = self.level_scales(x)[..., : state.levels.shape[2]]
+
+        def row(q, k, v, g, beta, lam, levels, position):  # the op's state has one position per batch
+            one = lambda a: None if a is None else a[None]  # noqa: E731
+            o, new = log_linear_attention_step(one(q), one(k), one(v), FenwickState(levels[None], position),
+                                               g_t=one(g), beta_t=one(beta), level_scales_t=one(lam), scale=scale)
+            return o[0], new.levels[0], new.position
+
+        o, levels, position = jax.vmap(row)(*at_step((q, k, v, g, beta, lam)), state.levels, state.position)
+        return self.fenwick_output(o[:, None], inputs), FenwickState(levels, position)
 
 
 @register_mixer("loglinear_mamba2")
 class LogLinearMamba2(LogLinearMixin, Mamba2):
     """Mamba-2 with Fenwick-tree states."""
 
-    def mix(self, u, x, dt, A, B, C) -> jax.Array:
-        v = dt[..., None] * x.astype(jnp.float32)
-        y, _ = log_linear_attention(C, B, v, g=A * dt, level_scales=self.level_scales(u), scale=1.0,
-                                    impl=self.impl, chunk_size=self.chunk_size)
-        return (y + self.D[...][:, None] * x.astype(jnp.float32)).astype(x.dtype)
+    def fenwick_args(self, inputs: tuple) -> tuple[tuple, float]:
+        """q = C, k = B, v = dt x, g = A dt, scale 1."""
+        x, dt, B, C = inputs
+        return (C, B, dt[..., None] * x.astype(jnp.float32), self.decay_rate() * dt, None), 1.0
+
+    def fenwick_output(self, o: jax.Array, inputs: tuple) -> jax.Array:
+        x = inputs[0]
+        return (o + self.D[...][:, None] * x.astype(jnp.float32)).astype(x.dtype)
 
 
 class LogLinearDeltaMixin(LogLinearMixin):
-    """The log-linear `mix` of the gated delta-rule layers (scalar or per-channel g)."""
+    """The op's view of the gated delta-rule layers' inputs (scalar or per-channel g)."""
 
-    def mix(self, x, q, k, v, g, beta) -> jax.Array:
-        o, _ = log_linear_attention(q, k, v, g=g, beta=beta, level_scales=self.level_scales(x),
-                                    impl=self.impl, chunk_size=self.chunk_size)
-        return o
+    def fenwick_args(self, inputs: tuple) -> tuple[tuple, None]:
+        return inputs, None
 
 
 @register_mixer("loglinear_gated_deltanet")

@@ -36,12 +36,18 @@ from ml_collections import config_dict
 from hybrid_jax.nn.attention import check_positive
 from hybrid_jax.nn.common import Dense, logical_param
 from hybrid_jax.nn.conv import ShortConv
-from hybrid_jax.nn.linear_attention import LinearMixer, check_impl, check_positive_float
+from hybrid_jax.nn.linear_attention import (
+    LinearMixer,
+    at_step,
+    check_impl,
+    check_positive_float,
+    zero_where_invalid,
+)
 from hybrid_jax.nn.norms import rms_normalize
 from hybrid_jax.nn.registry import register_mixer
 from hybrid_jax.ops import gated
 from hybrid_jax.ops import scan as first_order
-from hybrid_jax.ops.ssm import selective_scan, ssd
+from hybrid_jax.ops.ssm import selective_scan, selective_scan_step, ssd, ssd_step
 
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
 A_INIT_RANGE = (1.0, 16.0)
@@ -83,10 +89,22 @@ class ConvProjection(nnx.Module):
         self.conv = ShortConv(math.prod(out_shape), kernel_size=conv_size, activation_name=activation_name,
                               use_bias=use_bias, axis_name=out_axes[0], rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def with_state(self, x: jax.Array, conv_state: jax.Array | None = None, *, lengths=None):
+        """(y, new conv history `[B, W-1, C]`) continuing from `conv_state` (see `ShortConv`)."""
         h = self.proj(x)
-        y, _ = self.conv(h.reshape(h.shape[:2] + (-1,)))
-        return y.reshape(h.shape)
+        y, state = self.conv(h.reshape(h.shape[:2] + (-1,)), conv_state, lengths=lengths)
+        return y.reshape(h.shape), state
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.with_state(x)[0]
+
+
+def conv_projections(projections, x: jax.Array, conv_states: tuple | None, lengths) -> tuple[tuple, tuple]:
+    """Runs each `ConvProjection` on x from its history in `conv_states` (None: empty histories);
+    returns (outputs, new histories)."""
+    states = (None,) * len(projections) if conv_states is None else conv_states
+    pairs = [proj.with_state(x, state, lengths=lengths) for proj, state in zip(projections, states)]
+    return tuple(y for y, _ in pairs), tuple(state for _, state in pairs)
 
 
 def check_ssm_common(cfg: ml_collections.ConfigDict, supported) -> None:
@@ -155,11 +173,31 @@ class Mamba(LinearMixer):
         self.D = logical_param(jnp.ones((inner,), jnp.float32), ("mlp",))
         self.out_proj = Dense(inner, d_model, ("mlp", "embed"), rngs=rngs)
 
-    def __call__(self, u: jax.Array) -> jax.Array:
-        x = self.x_proj(u)
+    def project(self, u, conv_states=None, *, lengths=None):
+        """(x, dt, B, C) of the selective scan and the conv history of x."""
+        (x,), conv = conv_projections((self.x_proj,), u, conv_states, lengths)
         dt = jax.nn.softplus(self.dt_up(self.dt_down(x)).astype(jnp.float32) + self.dt_bias[...])
-        y, _ = selective_scan(x, dt, -jnp.exp(self.A_log[...]), self.b_proj(x), self.c_proj(x), D=self.D[...],
+        return (x, dt, self.b_proj(x), self.c_proj(x)), conv
+
+    def pad_as_identity(self, inputs, valid):
+        x, dt, B, C = inputs  # dt = 0: no decay (exp(A dt) = 1) and no write (dt B x = 0)
+        return x, zero_where_invalid(dt, valid), B, C
+
+    def decay_rate(self) -> jax.Array:
+        """A = -exp(A_log)."""
+        return -jnp.exp(self.A_log[...])
+
+    def mix(self, u, inputs, *, final=False, max_len=None, lengths=None):
+        x, dt, B, C = inputs
+        return selective_scan(x, dt, self.decay_rate(), B, C, D=self.D[...], output_final_state=final,
                               impl=self.impl, chunk_size=self.chunk_size)
+
+    def mix_step(self, u, inputs, state):
+        x, dt, B, C = at_step(inputs)
+        y, state = selective_scan_step(x, dt, self.decay_rate(), B, C, state, D=self.D[...])
+        return y[:, None], state
+
+    def finish(self, y, u):
         return self.out_proj(y * jax.nn.silu(self.z_proj(u)))
 
 
@@ -256,12 +294,25 @@ class Mamba2(LinearMixer):
         self.norm = GroupGatedRMSNorm(heads, head_dim, groups, eps=cfg.norm_eps)
         self.out_proj = Dense((heads, head_dim), d_model, ("heads", "kv", "embed"), rngs=rngs)
 
-    def mix(self, u, x, dt, A, B, C) -> jax.Array:
-        """The sequence mixing of projected inputs (log-linear Mamba-2 overrides it); y `[B, T, H, P]`."""
-        y, _ = ssd(x, dt, A, B, C, D=self.D[...], impl=self.impl, chunk_size=self.chunk_size)
-        return y
-
-    def __call__(self, u: jax.Array) -> jax.Array:
+    def project(self, u, conv_states=None, *, lengths=None):
+        """(x `[B,T,H,P]`, dt `[B,T,H]`, B, C `[B,T,G,N]`) and the conv histories of x, B, C."""
+        (x, B, C), conv = conv_projections((self.x_proj, self.b_proj, self.c_proj), u, conv_states, lengths)
         dt = jax.nn.softplus(self.dt_proj(u).astype(jnp.float32) + self.dt_bias[...])
-        y = self.mix(u, self.x_proj(u), dt, -jnp.exp(self.A_log[...]), self.b_proj(u), self.c_proj(u))
+        return (x, dt, B, C), conv
+
+    # Same inputs (x, dt, B, C) and the same A = -exp(A_log) parameterisation as Mamba's.
+    pad_as_identity, decay_rate = Mamba.pad_as_identity, Mamba.decay_rate
+
+    def mix(self, u, inputs, *, final=False, max_len=None, lengths=None):
+        """y `[B, T, H, P]` (log-linear Mamba-2 overrides the mixing) and the final state."""
+        x, dt, B, C = inputs
+        return ssd(x, dt, self.decay_rate(), B, C, D=self.D[...], output_final_state=final, impl=self.impl,
+                   chunk_size=self.chunk_size)
+
+    def mix_step(self, u, inputs, state):
+        x, dt, B, C = at_step(inputs)
+        y, state = ssd_step(x, dt, self.decay_rate(), B, C, state, D=self.D[...])
+        return y[:, None], state
+
+    def finish(self, y, u):
         return self.out_proj(self.norm(y, self.z_proj(u)))

@@ -15,21 +15,40 @@ which is why the cache per token is r_kv + d_rope elements, independent of H.
 
 NoPE (`qk_rope_head_dim = 0`): no decoupled rope key at all; positions come only from causality and,
 in Kimi Linear, from the KDA layers around it. The cache is then r_kv elements per token.
+
+Decoding caches `LatentCache(latent)`, `[B, S, 1, r_kv + d_rope]` = [c_KV ; k^R] per token (S =
+max_len, compute dtype). `prefill` runs the training path over the prompt and keeps its latents;
+`decode` absorbs the up-projections and never forms a per-head key or value:
+
+    q^L_h = W_UK[:, h, :] q^C_h                                  [B, H, r_kv]
+    s_h,j = (q^L_h . c_j + rope(q^R_h) . k^R_j) (d_nope + d_rope)^-1/2
+    o^L_h = sum_j softmax_j(s_h,j) [c_j ; k^R_j],   o_h = W_UV[:, h, :]^T o^L_h[:r_kv]
+
+i.e. multi-query attention of the H latent queries over the one cached latent "head", the cache
+serving as both keys and values (the k^R columns of o^L are dropped; FlashMLA's layout).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from hybrid_jax.nn.attention import check_attention_impl, mean_attended_keys
+from hybrid_jax.nn.attention import check_attention_impl, mean_attended_keys, prompt_ring_buffer, written_in_place
 from hybrid_jax.nn.common import Dense
 from hybrid_jax.nn.norms import RMSNorm
 from hybrid_jax.nn.registry import Mixer, check_positive, register_mixer
 from hybrid_jax.nn.rope import apply_rope
-from hybrid_jax.ops.attention import softmax_attention
+from hybrid_jax.ops.attention import softmax_attention, softmax_attention_step
+
+
+class LatentCache(NamedTuple):
+    """Decode cache of an MLA layer: [c_KV ; k^R] per token, one shared latent "head"."""
+
+    latent: jax.Array  # [B, S, 1, kv_lora_rank + qk_rope_head_dim]
 
 
 @register_mixer("mla")
@@ -118,14 +137,47 @@ class MLA(Mixer):
         k_pe = apply_rope(self.k_rope(x)[:, :, None, :], positions, theta=self.rope_theta)
         return c_kv, k_pe
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def rotate_query(self, q: jax.Array, positions: jax.Array) -> jax.Array:
+        """[q^C ; rope(q^R)] for q `[B, T, H, d_nope + d_rope]` at `positions` (`[T]` or `[B, T]`)."""
+        if not self.rope_dim:
+            return q
+        q_pe = apply_rope(q[..., self.nope_dim :], positions, theta=self.rope_theta)
+        return jnp.concatenate([q[..., : self.nope_dim], q_pe], axis=-1)
+
+    def cache_entries(self, c_kv: jax.Array, k_pe: jax.Array | None) -> jax.Array:
+        """[c_KV ; k^R] `[B, T, 1, r_kv + d_rope]`: what the cache holds per token."""
+        entries = c_kv[:, :, None, :]
+        return entries if k_pe is None else jnp.concatenate([entries, k_pe], axis=-1)
+
+    def attend(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The layer output over a whole sequence (per-head k, v materialised) and its cache entries."""
         positions = jnp.arange(x.shape[1])
-        q = self.query(x)
+        q = self.rotate_query(self.query(x), positions)
         c_kv, k_pe = self.latent(x, positions)
         k, v = self.k_up(c_kv), self.v_up(c_kv)
         if k_pe is not None:
-            q_pe = apply_rope(q[..., self.nope_dim :], positions, theta=self.rope_theta)
-            q = jnp.concatenate([q[..., : self.nope_dim], q_pe], axis=-1)
             k = jnp.concatenate([k, jnp.broadcast_to(k_pe, k.shape[:3] + (self.rope_dim,))], axis=-1)
         o = softmax_attention(q, k, v, causal=True, impl=self.impl)
-        return self.o_proj(o)
+        return self.o_proj(o), self.cache_entries(c_kv, k_pe)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.attend(x)[0]
+
+    def prefill(self, x: jax.Array, *, max_len: int, lengths: jax.Array | None = None) -> tuple[jax.Array, LatentCache]:
+        """Output over the prompt x `[B, T, d_model]` and the latent cache for up to `max_len` tokens."""
+        y, entries = self.attend(x)
+        return y, LatentCache(prompt_ring_buffer(entries, max_len, lengths))
+
+    def decode(self, x: jax.Array, cache: LatentCache, position: jax.Array) -> tuple[jax.Array, LatentCache]:
+        """One token per row, x `[B, 1, d_model]` at `position` `[B]`, in the absorbed form (module doc)."""
+        q = self.rotate_query(self.query(x), position[:, None])[:, 0]  # [B, H, d_nope + d_rope]
+        entry = self.cache_entries(*self.latent(x, position[:, None]))[:, 0]
+        latent = written_in_place(cache.latent.at[jnp.arange(x.shape[0]), position].set(entry, mode="drop"))
+        w_uk, w_uv = self.k_up.kernel[...].astype(x.dtype), self.v_up.kernel[...].astype(x.dtype)
+        q_latent = jnp.einsum("bhn,rhn->bhr", q[..., : self.nope_dim], w_uk)
+        q_latent = jnp.concatenate([q_latent, q[..., self.nope_dim :]], axis=-1)
+        o_latent = softmax_attention_step(
+            q_latent, latent, latent, length=position + 1, scale=(self.nope_dim + self.rope_dim) ** -0.5
+        )
+        o = jnp.einsum("bhr,rhv->bhv", o_latent[..., : self.kv_lora_rank], w_uv)
+        return self.o_proj(o[:, None]), LatentCache(latent)

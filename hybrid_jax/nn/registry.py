@@ -16,6 +16,8 @@ A mixer is the sequence-mixing half of a block (attention, MLA, KDA, Mamba-2, ..
            def flops_per_token(cls, cfg, d_model, context) -> int: ...
            def __init__(self, cfg, d_model, *, rngs): ...
            def __call__(self, x): ...                       # [B, T, d_model] -> [B, T, d_model]
+           def prefill(self, x, *, max_len, lengths=None): ...  # -> (y, cache): same math as __call__
+           def decode(self, x, cache, position): ...        # x [B, 1, d_model], position [B] -> (y, cache)
 
 2. Add `"<name>"` to `MIXER_MODULES` in `hybrid_jax/nn/__init__.py` (importing the module registers it).
 

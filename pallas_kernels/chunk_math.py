@@ -157,8 +157,8 @@ def chunked_recurrence(terms_fn: Callable[..., ChunkTerms]):
 
     def forward(config: KernelConfig, inputs, s0):
         terms = terms_fn(*inputs, chunk=config.chunk)
-        return _kernels(config.backend).forward(terms, s0, block_v=config.block_v,
-                                                interpret=config.interpret)
+        return _kernels(config.backend).forward_pass(terms, s0, emit_states=False, block_v=config.block_v,
+                                                     interpret=config.interpret)
 
     # `config` is static (hashable): a nondiff argument, not traced.
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -173,7 +173,10 @@ def chunked_recurrence(terms_fn: Callable[..., ChunkTerms]):
         d_o, d_final = cotangents
         kernels = _kernels(config.backend)
         terms, terms_vjp = jax.vjp(lambda *xs: terms_fn(*xs, chunk=config.chunk), *inputs)
-        entering = kernels.entering_states(terms, s0, block_v=config.block_v, interpret=config.interpret)
+        # The same kernel, emitting the state entering each chunk instead of the outputs.
+        entering, _ = kernels.forward_pass(terms, s0, emit_states=True, block_v=config.block_v,
+                                           interpret=config.interpret)
+        entering = entering.reshape(terms.qg.shape[:2] + terms.qg.shape[-1:] + entering.shape[-1:])
         leaving_grad, d_s0 = kernels.backward(terms, d_o, d_final, block_v=config.block_v,
                                               interpret=config.interpret)
         per_chunk = jax.vmap(jax.vmap(chunk_step))  # over BH, then N

@@ -6,7 +6,7 @@ Gam_C as a `[K, 1]` column per chunk. One program per (head, V tile of BV column
 S `[K, BV]` float32 stays in registers for the whole sequence, which the program walks chunk by chunk
 (a fori_loop over its head's whole-sequence blocks; Triton pipelines the next chunk's loads).
 
-`forward` (outputs) and `entering_states` (for the backward: the state entering every chunk, no O):
+`forward_pass` (outputs, or with emit_states=True the state entering every chunk and no O, for the backward):
     S = S_init
     for c in 0 .. N-1:
         [entering[c] = S]
@@ -123,7 +123,8 @@ def _call(kernel, operands, outputs, *, chunk, grid, block_v, interpret, name):
     )(*(x for x, _ in operands.values()))
 
 
-def _forward_call(terms: ChunkTerms, s0, *, emit_states, block_v, interpret):
+def forward_pass(terms: ChunkTerms, s0, *, emit_states, block_v, interpret):
+    """(O `[BH, N*C, V]` or, with emit_states, the entering states `[BH, N*K, V]`; final state `[BH, K, V]`)."""
     qg, attn, kt, gam, ubar, w = kernel_operands(terms)
     bh, t_pad, k_dim = kt.shape
     chunk, v_dim = attn.shape[-1], ubar.shape[-1]
@@ -139,19 +140,6 @@ def _forward_call(terms: ChunkTerms, s0, *, emit_states, block_v, interpret):
     return _call(kernel, operands, outputs, chunk=chunk, grid=(bh, v_dim // block_v), block_v=block_v,
                  interpret=interpret,
                  name="gated_entering_states_gpu" if emit_states else "gated_state_pass_fwd_gpu")
-
-
-def forward(terms: ChunkTerms, s0, *, block_v: int, interpret: bool):
-    """(o `[BH, N*C, V]`, final state `[BH, K, V]`) from the chunk terms and the initial state."""
-    o, final = _forward_call(terms, s0, emit_states=False, block_v=block_v, interpret=interpret)
-    return o, final
-
-
-def entering_states(terms: ChunkTerms, s0, *, block_v: int, interpret: bool):
-    """The state entering each chunk, `[BH, N, K, V]` (the outputs O are not formed)."""
-    states, _ = _forward_call(terms, s0, emit_states=True, block_v=block_v, interpret=interpret)
-    bh, n, _, k_dim = terms.qg.shape
-    return states.reshape(bh, n, k_dim, states.shape[-1])
 
 
 def backward(terms: ChunkTerms, d_o, d_final, *, block_v: int, interpret: bool):

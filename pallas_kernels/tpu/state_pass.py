@@ -1,7 +1,7 @@
 r"""Pallas Mosaic TPU kernels for the sequential pass over chunks.
 
 Same math and interface as `pallas_kernels.gpu.state_pass` (read its docstring): per (head, V tile),
-`forward` / `entering_states`
+`forward_pass` (outputs or, with emit_states=True, the entering states)
     U = Ubar_c - W_c S  (non-delta: Ubar_c),  [O_c = Qg_c S + A_c U],  S <- Diag(Gam_C,c) S + Kt_c^T U
 and `backward`, from the last chunk to the first,
     dU = A_c^T dO_c + Kt_c dS,   dS <- Qg_c^T dO_c + Diag(Gam_C,c) dS - W_c^T dU.
@@ -118,7 +118,8 @@ def _call(kernel, operands, outputs, *, state, grid, block_v, reverse, interpret
     )(*(x for x, _ in operands.values()))
 
 
-def _forward_call(terms: ChunkTerms, s0, *, emit_states, block_v, interpret):
+def forward_pass(terms: ChunkTerms, s0, *, emit_states, block_v, interpret):
+    """(O `[BH, N*C, V]` or, with emit_states, the entering states `[BH, N*K, V]`; final state `[BH, K, V]`)."""
     qg, attn, kt, gam, ubar, w = kernel_operands(terms)
     bh, t_pad, k_dim = kt.shape
     chunk, v_dim = attn.shape[-1], ubar.shape[-1]
@@ -134,19 +135,6 @@ def _forward_call(terms: ChunkTerms, s0, *, emit_states, block_v, interpret):
     return _call(kernel, operands, outputs, grid=(bh, v_dim // block_v, n), block_v=block_v,
                  state="s", reverse=False, interpret=interpret,
                  name="gated_entering_states_tpu" if emit_states else "gated_state_pass_fwd_tpu")
-
-
-def forward(terms: ChunkTerms, s0, *, block_v: int, interpret: bool):
-    """(o `[BH, N*C, V]`, final state `[BH, K, V]`) from the chunk terms and the initial state."""
-    o, final = _forward_call(terms, s0, emit_states=False, block_v=block_v, interpret=interpret)
-    return o, final
-
-
-def entering_states(terms: ChunkTerms, s0, *, block_v: int, interpret: bool):
-    """The state entering each chunk, `[BH, N, K, V]` (the outputs O are not formed)."""
-    states, _ = _forward_call(terms, s0, emit_states=True, block_v=block_v, interpret=interpret)
-    bh, n, _, k_dim = terms.qg.shape
-    return states.reshape(bh, n, k_dim, states.shape[-1])
 
 
 def backward(terms: ChunkTerms, d_o, d_final, *, block_v: int, interpret: bool):

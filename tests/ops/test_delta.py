@@ -54,18 +54,7 @@ def test_chunk_any_length(time, group, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_step_equals_reference(name):
-    shape = Shape(time=9)
-    spec = mixers.SPECS[name]
-    (q, k, v), kw = spec.make(jax.random.PRNGKey(1), shape, jnp.float32)
-    state = jax.random.normal(jax.random.PRNGKey(2), spec.state_shape(shape))
-    o_ref, final_ref = spec.fn(q, k, v, **kw, initial_state=state, output_final_state=True,
-                               impl="reference")
-    outs = []
-    for t in range(shape.time):
-        o_t, state = STEPS[name](q[:, t], k[:, t], v[:, t], state, **{f"{n}_t": x[:, t] for n, x in kw.items()})
-        outs.append(o_t)
-    assert_close(jnp.stack(outs, 1), o_ref, what="steps")
-    assert_close(state, final_ref, what="final state")
+    mixers.check_steps_against_reference(name, STEPS[name])
 
 
 def _kda_inputs(shape, seed=0):

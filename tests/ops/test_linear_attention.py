@@ -30,20 +30,8 @@ def test_gla_chunk_any_length(time, group, chunk):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_step_equals_reference(name):
-    shape = Shape(time=9)
-    spec = mixers.SPECS[name]
-    (q, k, v), kw = spec.make(jax.random.PRNGKey(1), shape, jnp.float32)
-    state = jax.random.normal(jax.random.PRNGKey(2), spec.state_shape(shape))
-    o_ref, final_ref = spec.fn(q, k, v, **kw, initial_state=state, output_final_state=True,
-                               impl="reference")
-    step = ops.gla_step if "g" in kw else ops.linear_attention_step
-    outs = []
-    for t in range(shape.time):
-        kw_t = {"g_t": kw["g"][:, t]} if "g" in kw else {}
-        o_t, state = step(q[:, t], k[:, t], v[:, t], state, **kw_t)
-        outs.append(o_t)
-    assert_close(jnp.stack(outs, 1), o_ref, what="steps")
-    assert_close(state, final_ref, what="final state")
+    mixers.check_steps_against_reference(name, ops.linear_attention_step if name == "linear_attention"
+                                         else ops.gla_step)
 
 
 def test_identities():

@@ -10,4 +10,15 @@ from hybrid_jax.ops.delta import (
 )
 from hybrid_jax.ops.linear_attention import gla, gla_step, linear_attention, linear_attention_step
 from hybrid_jax.ops.scan import linear_recurrence
-from hybrid_jax.ops.log_linear import FenwickState, fenwick_level, log_linear_attention, log_linear_attention_step
+from hybrid_jax.ops.log_linear import (
+    FenwickState,
+    fenwick_level,
+    log_linear_attention,
+    log_linear_attention_step,
+)
+
+__all__ = [
+    "FenwickState", "Impl", "delta_rule", "delta_rule_step", "fenwick_level", "gated_delta_rule",
+    "gated_delta_rule_step", "gla", "gla_step", "kda", "kda_step", "linear_attention",
+    "linear_attention_step", "linear_recurrence", "log_linear_attention", "log_linear_attention_step",
+]

@@ -18,7 +18,6 @@ impl: "reference" | "scan" | "chunk" (default). States in float32; y in the inpu
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from hybrid_jax.ops import gated

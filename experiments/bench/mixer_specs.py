@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from hybrid_jax import ops
 from hybrid_jax.ops import attention, gated, ssm
-from hybrid_jax.ops import scan as first_order
+from hybrid_jax.ops import first_order
 from pallas_kernels.chunk_math import SUB_CHUNK  # the per-channel chunk form's sub-chunk length
 
 SSM_STATE = 16  # Mamba-1 state size per channel

@@ -46,7 +46,7 @@ from hybrid_jax.nn.linear_attention import (
 from hybrid_jax.nn.norms import rms_normalize
 from hybrid_jax.nn.registry import register_mixer
 from hybrid_jax.ops import gated
-from hybrid_jax.ops import scan as first_order
+from hybrid_jax.ops import first_order
 from hybrid_jax.ops.ssm import selective_scan, selective_scan_step, ssd, ssd_step
 
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4

@@ -9,7 +9,7 @@ from hybrid_jax.ops.delta import (
     kda_step,
 )
 from hybrid_jax.ops.linear_attention import gla, gla_step, linear_attention, linear_attention_step
-from hybrid_jax.ops.scan import linear_recurrence
+from hybrid_jax.ops.first_order import linear_recurrence
 from hybrid_jax.ops.log_linear import (
     FenwickState,
     fenwick_level,

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from hybrid_jax.ops import scan as first_order
+from hybrid_jax.ops import first_order
 from pallas_kernels import chunk_math
 from hybrid_jax.ops._common import (
     Impl,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from hybrid_jax.ops import gated
-from hybrid_jax.ops import scan as first_order
+from hybrid_jax.ops import first_order
 from hybrid_jax.ops._common import check_floating, check_rank, check_shape, resolve_impl
 
 

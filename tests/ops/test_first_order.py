@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import pytest
 from hypothesis import given, strategies as st
 
-from hybrid_jax.ops.scan import linear_recurrence
+from hybrid_jax.ops.first_order import linear_recurrence
 from tests.ops.mixers import assert_close
 
 

@@ -1,0 +1,86 @@
+"""Config value checks, one set for the config schema, the mixer layers and the trainer.
+
+Every check raises one `ValueError` whose message starts with the full key of the bad value and
+says what is valid, e.g. ``train.warmup_steps: 700 must be smaller than train.steps (600)`` or
+``model.mixers.K (kind 'kda'): num_heads: must be an int >= 1, got 0``. Sections are ConfigDicts
+(or dicts); `prefix` is the dotted path of the section, "" for a mixer config (whose caller adds
+the letter and the kind).
+
+This module imports nothing of the project, so `ops`, `nn`, `config` and `train` can all use it.
+"""
+from __future__ import annotations
+
+from typing import Any, NoReturn, Sequence
+
+
+def key_path(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def fail(key: str, message: str) -> NoReturn:
+    """Raises the one error format: ``<key>: <message>``."""
+    raise ValueError(f"{key}: {message}")
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_int(section, key: str, *, minimum: int = 1, prefix: str = "") -> int:
+    """`section[key]` is an int >= minimum; returns it."""
+    value = section[key]
+    if not is_int(value) or value < minimum:
+        fail(key_path(prefix, key), f"must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_optional_int(section, key: str, *, minimum: int = 1, prefix: str = "") -> int | None:
+    """`section[key]` is None or an int >= minimum."""
+    return None if section[key] is None else check_int(section, key, minimum=minimum, prefix=prefix)
+
+
+def check_number(section, key: str, *, low: float | None = None, high: float | None = None,
+                 low_inclusive: bool = True, high_inclusive: bool = True, prefix: str = "") -> float:
+    """`section[key]` is a number inside the interval given by low / high (either may be open)."""
+    value = section[key]
+    ok = is_number(value)
+    if ok and low is not None:
+        ok = value >= low if low_inclusive else value > low
+    if ok and high is not None:
+        ok = value <= high if high_inclusive else value < high
+    if not ok:
+        fail(key_path(prefix, key), f"must be a number {_interval(low, high, low_inclusive, high_inclusive)}, "
+                                    f"got {value!r}")
+    return value
+
+
+def check_positive_number(section, key: str, *, prefix: str = "") -> float:
+    return check_number(section, key, low=0, low_inclusive=False, prefix=prefix)
+
+
+def check_choice(section, key: str, choices: Sequence, *, prefix: str = "") -> Any:
+    """`section[key]` is one of `choices`."""
+    value = section[key]
+    if value not in choices:
+        fail(key_path(prefix, key), f"{value!r} is not valid; valid values are {list(choices)}")
+    return value
+
+
+def check_divides(divisor_key: str, divisor: int, total_key: str, total: int) -> None:
+    """`divisor` divides `total` (both already checked to be positive ints)."""
+    if total % divisor:
+        fail(divisor_key, f"{divisor} must divide {total_key} ({total})")
+
+
+def _interval(low, high, low_inclusive, high_inclusive) -> str:
+    if low is not None and high is not None:
+        return f"in {'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
+    if low is not None:
+        return f"{'>=' if low_inclusive else '>'} {low}"
+    if high is not None:
+        return f"{'<=' if high_inclusive else '<'} {high}"
+    return "(any)"

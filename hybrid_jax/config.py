@@ -81,7 +81,8 @@ def get_default_config() -> ConfigDict:
             "learning_rate": 3e-4,
             "min_learning_rate_ratio": 0.1,  # cosine decay floor, as a fraction of the peak
             "warmup_steps": 100,
-            "weight_decay": 0.1,
+            "weight_decay": 0.1,  # on weight matrices only (each parameter declares its role)
+            "decay_embeddings": True,  # whether the token embedding (and a tied output) decays too
             "b1": 0.9,
             "b2": 0.95,
             "adam_eps": 1e-8,

@@ -3,6 +3,18 @@
 Importing this package imports every module in `MIXER_MODULES`, whose `@register_mixer` decorators
 fill `MIXERS`. A new mixer module is added by appending its name to `MIXER_MODULES` (see
 `hybrid_jax.nn.registry` for the interface).
+
+The modules form a star: a mixer layer module (attention, mla, linear_attention, mamba, delta)
+imports only shared modules, never another mixer layer module (tests/nn/test_layout.py checks it):
+
+    common        logical_param (axes + weight-decay role), Dense, Embed, activations
+    registry      the Mixer interface and the kind -> class registry
+    layer_config  config checks and derived sizes of the mixer layers
+    linear_mixer  LinearMixer base class, RecurrentCache, decoding helpers
+    kv_cache      KVCache, ring buffers and attended-key counts of the attention layers
+    log_linear    LogLinearMixin: Fenwick-tree states for a linear mixer (no layer of its own)
+    initializers  dt_bias / A_log initialisers
+    conv, norms, rope, mlp   ShortConv and ConvProjection, RMSNorm variants, RoPE, SwiGLU
 """
 
 import importlib
@@ -15,6 +27,7 @@ from hybrid_jax.nn.common import (
     count_params,
     logical_axes,
     logical_param,
+    param_roles,
 )
 from hybrid_jax.nn.conv import ShortConv
 from hybrid_jax.nn.mlp import SwiGLU
@@ -37,7 +50,6 @@ MIXER_MODULES: tuple[str, ...] = (
     "linear_attention",
     "mamba",
     "delta",
-    "log_linear",
 )
 
 for _name in MIXER_MODULES:
@@ -64,6 +76,7 @@ __all__ = [
     "logical_axes",
     "logical_param",
     "mixer_config",
+    "param_roles",
     "register_mixer",
     "resolve_mixer_config",
     "rms_normalize",

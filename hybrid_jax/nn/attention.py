@@ -23,68 +23,26 @@ not care about slot order). Per sequence: 2 * HKV * Dh * min(context, W) element
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 from ml_collections import config_dict
 
+from hybrid_jax.checks import check_number, fail
 from hybrid_jax.nn.common import Dense
+from hybrid_jax.nn.kv_cache import (
+    KVCache,
+    check_attention_impl,
+    mean_attended_keys,
+    prompt_ring_buffer,
+    written_in_place,
+)
+from hybrid_jax.nn.layer_config import check_heads, check_optional_ints, heads_and_dim
 from hybrid_jax.nn.norms import RMSNorm
-from hybrid_jax.nn.registry import Mixer, check_positive, register_mixer
+from hybrid_jax.nn.registry import Mixer, register_mixer
 from hybrid_jax.nn.rope import apply_rope, rotary_dim_for
-from hybrid_jax.ops.attention import SUPPORTED as ATTENTION_IMPLS
 from hybrid_jax.ops.attention import kv_cache_update, softmax_attention, softmax_attention_step
-
-
-def attention_impls() -> list[str]:
-    return [impl.value for impl in ATTENTION_IMPLS]
-
-
-def check_attention_impl(impl: str) -> None:
-    if impl not in attention_impls():
-        raise ValueError(
-            f"impl={impl!r} is not a softmax_attention impl; valid choices are {attention_impls()}"
-        )
-
-
-class KVCache(NamedTuple):
-    """Decode cache of an attention layer: ring buffers of keys (after RoPE) and values."""
-
-    k: jax.Array  # [B, S, HKV, Dh]
-    v: jax.Array  # [B, S, HKV, Dh]
-
-
-def prompt_ring_buffer(values: jax.Array, capacity: int, lengths: jax.Array | None) -> jax.Array:
-    """`[B, capacity, ...]` holding row b's positions max(0, L_b - capacity) .. L_b - 1 of `values`
-    `[B, T, ...]` (L_b = lengths[b], default T), position p in slot p mod capacity; other slots 0."""
-    b, t = values.shape[:2]
-    positions = jnp.arange(t)[None, :]
-    lengths = jnp.full((b, 1), t) if lengths is None else jnp.asarray(lengths)[:, None]
-    keep = (positions < lengths) & (positions >= lengths - capacity)
-    slots = jnp.where(keep, positions % capacity, capacity)  # slot `capacity` is out of range: dropped
-    buffer = jnp.zeros((b, capacity) + values.shape[2:], values.dtype)
-    return buffer.at[jnp.arange(b)[:, None], slots].set(values, mode="drop")
-
-
-def written_in_place(caches):
-    """`caches`, fenced off from the reads that follow. Left free, XLA (seen on CPU) fuses a one-token
-    cache write into the attention's operand layout change and copies the whole cache every token;
-    behind the barrier the write stays an in-place update of the donated buffer."""
-    return jax.lax.optimization_barrier(caches)
-
-
-def mean_attended_keys(context: int, window: int | None) -> float:
-    """Mean over positions t = 1..N of the keys a causal query attends to: mean_t min(t, W)."""
-    n = int(context)
-    w = n if window is None else min(int(window), n)
-    return (w * (w + 1) / 2 + (n - w) * w) / n
-
-
-def attention_head_dim(cfg: ml_collections.ConfigDict, d_model: int) -> int:
-    return cfg.head_dim if cfg.head_dim is not None else d_model // cfg.num_heads
 
 
 def attention_kv_heads(cfg: ml_collections.ConfigDict) -> int:
@@ -113,37 +71,25 @@ class Attention(Mixer):
 
     @classmethod
     def check_config(cls, cfg: ml_collections.ConfigDict, d_model: int) -> None:
-        check_positive(cfg, "num_heads")
-        if cfg.num_kv_heads is not None:
-            check_positive(cfg, "num_kv_heads")
+        check_heads(cfg, d_model)
+        check_optional_ints(cfg, "num_kv_heads", "window")
         if cfg.num_heads % attention_kv_heads(cfg):
-            raise ValueError(
-                f"num_kv_heads={cfg.num_kv_heads} must divide num_heads={cfg.num_heads} (grouped-query heads)"
-            )
-        if cfg.head_dim is None and d_model % cfg.num_heads:
-            raise ValueError(
-                f"num_heads={cfg.num_heads} does not divide d_model={d_model}; choose num_heads among the "
-                f"divisors of d_model or set head_dim"
-            )
-        if cfg.head_dim is not None:
-            check_positive(cfg, "head_dim")
-        if cfg.window is not None:
-            check_positive(cfg, "window")
-        if cfg.rope and rotary_dim_for(attention_head_dim(cfg, d_model), cfg.rope_fraction) == 0:
-            raise ValueError(
-                f"rope_fraction={cfg.rope_fraction} rotates no dims of head_dim={attention_head_dim(cfg, d_model)}; "
-                f"use rope=False for NoPE"
-            )
-        check_attention_impl(cfg.impl)
+            fail("num_kv_heads", f"{cfg.num_kv_heads} must divide num_heads={cfg.num_heads} (grouped-query heads)")
+        check_number(cfg, "rope_fraction", low=0, high=1)
+        head_dim = heads_and_dim(cfg, d_model)[1]
+        if cfg.rope and rotary_dim_for(head_dim, cfg.rope_fraction) == 0:
+            fail("rope_fraction", f"{cfg.rope_fraction} rotates no dims of head_dim={head_dim}; "
+                                  f"use rope=False for NoPE")
+        check_attention_impl(cfg)
 
     @classmethod
     def cache_bytes(cls, cfg, d_model: int, context: int, dtype_bytes: int = 2) -> int:
         tokens = context if cfg.window is None else min(context, cfg.window)
-        return 2 * attention_kv_heads(cfg) * attention_head_dim(cfg, d_model) * tokens * dtype_bytes
+        return 2 * attention_kv_heads(cfg) * heads_and_dim(cfg, d_model)[1] * tokens * dtype_bytes
 
     @classmethod
     def flops_per_token(cls, cfg, d_model: int, context: int) -> int:
-        head_dim = attention_head_dim(cfg, d_model)
+        head_dim = heads_and_dim(cfg, d_model)[1]
         q_and_o = 2 * d_model * cfg.num_heads * head_dim
         k_and_v = 2 * d_model * attention_kv_heads(cfg) * head_dim
         scores_and_values = 2 * cfg.num_heads * head_dim * mean_attended_keys(context, cfg.window)
@@ -151,7 +97,7 @@ class Attention(Mixer):
 
     def __init__(self, cfg: ml_collections.ConfigDict, d_model: int, *, rngs: nnx.Rngs):
         self.num_heads, self.num_kv_heads = cfg.num_heads, attention_kv_heads(cfg)
-        self.head_dim = attention_head_dim(cfg, d_model)
+        self.head_dim = heads_and_dim(cfg, d_model)[1]
         self.rotary_dim = rotary_dim_for(self.head_dim, cfg.rope_fraction) if cfg.rope else 0
         self.rope_theta, self.window, self.impl = cfg.rope_theta, cfg.window, cfg.impl
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim

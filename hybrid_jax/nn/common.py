@@ -1,10 +1,21 @@
 """Building blocks every layer uses: parameters with logical axis names, Dense, Embed, activations.
 
-Logical axes. Every parameter is created by `logical_param(value, axes)`, which stores one name per
-array dimension (`"embed"`, `"vocab"`, `"heads"`, `"kv_heads"`, `"kv"`, `"mlp"`, `"latent"`,
+Logical axes. Every parameter is created by `logical_param(value, axes, role=...)`, which stores one
+name per array dimension (`"embed"`, `"vocab"`, `"heads"`, `"kv_heads"`, `"kv"`, `"mlp"`, `"latent"`,
 `"expert"`, `"norm"`, `"conv"`; the layer scan puts `"layers"` in front of every stacked parameter).
 The training loop maps these names to mesh axes with rules; `logical_axes(model)` returns them as a
 tree of `PartitionSpec`s with the structure of `nnx.state(model, nnx.Param)`.
+
+Roles. Every parameter also declares what it is, where it is created, so the optimiser never guesses
+from shapes (`param_roles(model)` collects them like `logical_axes`):
+
+    "weight"     projection, convolution and feature-map matrices: weight decay applies
+    "embedding"  the token embedding (and so a tied output): decays iff train.decay_embeddings
+    "no_decay"   norm scales, biases of any rank, A_log, dt_bias, D skips, level weights: never decays
+
+Published recipes (Mamba, flash-linear-attention) exclude the last group: decay would pull A_log
+towards zero (every rate A = -exp(A_log) towards -1, whatever the data asks for), dt_bias towards
+zero (every step size towards softplus(0)), and norm scales and D skips towards zero.
 
 The flax metadata key differs by version: recent flax reads `out_sharding` (and, by default, shards
 eagerly at creation, which needs a mesh), flax 0.11 and early 0.12 read `sharding_names`.
@@ -40,30 +51,46 @@ def _sharding_key() -> str:
     return "out_sharding" if tuple(spec) == ("probe",) else "sharding_names"
 
 
-def logical_param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
-    """An `nnx.Param` holding `value` annotated with one logical axis name per dimension."""
+WEIGHT, EMBEDDING, NO_DECAY = "weight", "embedding", "no_decay"
+ROLES = (WEIGHT, EMBEDDING, NO_DECAY)
+
+
+def logical_param(value: jax.Array, axes: Sequence[str | None], *, role: str) -> nnx.Param:
+    """An `nnx.Param` holding `value` annotated with one logical axis name per dimension and its
+    role (one of `ROLES`, see the module docstring; required, so no parameter's role is guessed)."""
+    if role not in ROLES:
+        raise ValueError(f"logical_param: role {role!r} is not valid; valid values are {list(ROLES)}")
     axes = tuple(axes)
     if len(axes) != value.ndim:
         raise ValueError(
             f"logical_param: axes {axes} must name each of the {value.ndim} dims of shape {value.shape}"
         )
     # eager_sharding=False: no mesh needed at creation (flax 0.12 would shard eagerly; 0.11 ignores it).
-    return nnx.Param(value, **{_sharding_key(): axes, "eager_sharding": False})
+    return nnx.Param(value, role=role, **{_sharding_key(): axes, "eager_sharding": False})
+
+
+def _param_state(module_or_state) -> nnx.State:
+    if isinstance(module_or_state, nnx.State):
+        return module_or_state
+    return nnx.state(module_or_state, nnx.Param)
 
 
 def logical_axes(module_or_state) -> nnx.State:
     """The logical `PartitionSpec` of every parameter, as a tree shaped like `nnx.state(model, nnx.Param)`."""
-    state = (
-        module_or_state if isinstance(module_or_state, nnx.State) else nnx.state(module_or_state, nnx.Param)
-    )
+    state = _param_state(module_or_state)
     return nnx.get_partition_spec(state)
+
+
+def param_roles(module_or_state) -> dict:
+    """The role of every parameter, as a nested dict shaped like `nnx.to_pure_dict` of the parameters."""
+    state = _param_state(module_or_state)
+    flat = {path: variable.get_metadata()["role"] for path, variable in nnx.to_flat_state(state)}
+    return nnx.traversals.unflatten_mapping(flat)
 
 
 def count_params(module_or_state) -> int:
     """Total number of parameter elements (works on abstract models from `nnx.eval_shape`)."""
-    state = (
-        module_or_state if isinstance(module_or_state, nnx.State) else nnx.state(module_or_state, nnx.Param)
-    )
+    state = _param_state(module_or_state)
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state))
 
 
@@ -92,7 +119,8 @@ class Dense(nnx.Module):
 
     `axes` names the kernel dims `(*in_axes, *out_axes)`. Multi-dimensional shapes keep per-head
     structure in the kernel (e.g. `[d_model, heads, head_dim]`) so that heads can be sharded.
-    The kernel is lecun-normal over the fan-in (std 1/sqrt(prod(in_shape))) times `init_scale`.
+    The kernel is lecun-normal over the fan-in (std 1/sqrt(prod(in_shape))) times `init_scale`;
+    its role is "weight" (decays), the bias's "no_decay".
     """
 
     def __init__(
@@ -112,9 +140,9 @@ class Dense(nnx.Module):
         fan_in = math.prod(self.in_shape)
         std = init_scale / math.sqrt(fan_in)
         kernel = std * jax.random.normal(rngs.params(), self.in_shape + self.out_shape, jnp.float32)
-        self.kernel = logical_param(kernel, axes)
+        self.kernel = logical_param(kernel, axes, role=WEIGHT)
         self.bias = (
-            logical_param(jnp.zeros(self.out_shape, jnp.float32), axes[len(self.in_shape) :])
+            logical_param(jnp.zeros(self.out_shape, jnp.float32), axes[len(self.in_shape) :], role=NO_DECAY)
             if use_bias
             else None
         )
@@ -141,7 +169,7 @@ class Embed(nnx.Module):
         self.vocab_size, self.d_model = vocab_size, d_model
         # std 1/sqrt(d): tied logits of a unit-RMS hidden state start with unit variance.
         table = jax.random.normal(rngs.params(), (vocab_size, d_model), jnp.float32) / math.sqrt(d_model)
-        self.embedding = logical_param(table, ("vocab", "embed"))
+        self.embedding = logical_param(table, ("vocab", "embed"), role=EMBEDDING)
 
     def __call__(self, tokens: jax.Array, dtype=jnp.float32) -> jax.Array:
         return jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)

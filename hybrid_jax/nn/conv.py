@@ -1,4 +1,5 @@
-r"""Causal depthwise short convolution (the ShortConv of Mamba, GDN, KDA), with a decode state.
+r"""Causal depthwise short convolution (the ShortConv of Mamba, GDN, KDA), with a decode state, and
+the convolved projections act(ShortConv(x W)) of the linear mixers.
 
 For channel c and kernel size W (weights w[0..W-1], w[W-1] multiplying the current token):
 
@@ -11,6 +12,11 @@ makes the returned state each row's last W-1 *valid* inputs (outputs at valid po
 the padding, which comes after them). The convolution is W shifted multiply-adds (W is ~4), which
 XLA fuses; no im2col or FFT is worth it at this width. Products accumulate in float32; y and the
 state come back in the input dtype.
+
+`ConvProjection` is a Dense followed by a ShortConv over the flattened output dims. The published
+layers convolve one concatenation of several projections (Mamba-2's (x, B, C), the q, k, v of the
+delta-rule layers); a depthwise conv of a concatenation is the concatenation of the convs, so each
+stream keeps its own Dense and ShortConv, with its own logical axes.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hybrid_jax.nn.common import activation, logical_param
+from hybrid_jax.nn.common import NO_DECAY, WEIGHT, Dense, activation, logical_param
 
 
 class ShortConv(nnx.Module):
@@ -44,8 +50,9 @@ class ShortConv(nnx.Module):
         # Uniform(-1/sqrt(W), 1/sqrt(W)): PyTorch's Conv1d default for a depthwise kernel (fan-in W).
         bound = 1.0 / math.sqrt(kernel_size)
         weight = jax.random.uniform(rngs.params(), (kernel_size, channels), jnp.float32, -bound, bound)
-        self.weight = logical_param(weight, ("conv", axis_name))
-        self.bias = logical_param(jnp.zeros((channels,), jnp.float32), (axis_name,)) if use_bias else None
+        self.weight = logical_param(weight, ("conv", axis_name), role=WEIGHT)
+        bias = jnp.zeros((channels,), jnp.float32)
+        self.bias = logical_param(bias, (axis_name,), role=NO_DECAY) if use_bias else None
 
     def init_state(self, batch: int, dtype=jnp.float32) -> jax.Array:
         """The all-zero state (no history) `[B, W-1, C]`."""
@@ -93,3 +100,35 @@ class ShortConv(nnx.Module):
         window = jnp.concatenate([conv_state.astype(x_t.dtype), x_t[:, None]], axis=1)  # [B, W, C]
         y_t = jnp.sum(window.astype(jnp.float32) * self.weight[...], axis=1)
         return self._finish(y_t).astype(x_t.dtype), window[:, 1:]
+
+
+class ConvProjection(nnx.Module):
+    """act(ShortConv(x W)): a projection followed by a causal depthwise conv over time.
+
+    `out_shape` / `out_axes` name the projection's output dims (e.g. `(H, K)`, `("heads", "kv")`);
+    the conv runs over their flattening, its channel axis named after the leading output axis.
+    """
+
+    def __init__(self, d_model: int, out_shape, out_axes, *, conv_size: int, use_bias: bool = False,
+                 activation_name: str = "silu", rngs: nnx.Rngs):
+        out_shape, out_axes = tuple(out_shape), tuple(out_axes)
+        self.proj = Dense(d_model, out_shape, ("embed",) + out_axes, rngs=rngs)
+        self.conv = ShortConv(math.prod(out_shape), kernel_size=conv_size, activation_name=activation_name,
+                              use_bias=use_bias, axis_name=out_axes[0], rngs=rngs)
+
+    def with_state(self, x: jax.Array, conv_state: jax.Array | None = None, *, lengths=None):
+        """(y, new conv history `[B, W-1, C]`) continuing from `conv_state` (see `ShortConv`)."""
+        h = self.proj(x)
+        y, state = self.conv(h.reshape(h.shape[:2] + (-1,)), conv_state, lengths=lengths)
+        return y.reshape(h.shape), state
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.with_state(x)[0]
+
+
+def conv_projections(projections, x: jax.Array, conv_states: tuple | None, lengths) -> tuple[tuple, tuple]:
+    """Runs each `ConvProjection` on x from its history in `conv_states` (None: empty histories);
+    returns (outputs, new histories)."""
+    states = (None,) * len(projections) if conv_states is None else conv_states
+    pairs = [proj.with_state(x, state, lengths=lengths) for proj, state in zip(projections, states)]
+    return tuple(y for y, _ in pairs), tuple(state for _, state in pairs)

@@ -1,4 +1,4 @@
-r"""The delta-rule layers: DeltaNet, Gated DeltaNet and Kimi Delta Attention (KDA).
+r"""The delta-rule layers: DeltaNet, Gated DeltaNet, Kimi Delta Attention (KDA), log-linear GDN and KDA.
 
 All three share the input side (flash-linear-attention's layers; Yang et al. 2024 / 2025, Kimi Linear
 report), with H query/key heads of dim K and HV value heads (HV % H == 0, grouped value heads) of
@@ -18,14 +18,16 @@ and differ in the decay and the output:
                     y = (RMSNorm(o) * sigmoid(x W_down' W_up' + b')) W_o
 
 A_log = log U(1, 16) per head; dt_bias starts at softplus^{-1} of a log-uniform dt in [1e-3, 0.1]
-(per head for Gated DeltaNet, per head and channel for KDA); the low-rank gates have rank
-`gate_low_rank_dim` (default V, as in Kimi Linear). The RMSNorm weights span V and are shared by
-the heads. o_t = S_t^T q_t / sqrt(K) (hybrid_jax.ops.delta).
+(per head for Gated DeltaNet, per head and channel for KDA; `hybrid_jax.nn.initializers`); the
+low-rank gates have rank `gate_low_rank_dim` (default V, as in Kimi Linear). The RMSNorm weights
+span V and are shared by the heads. o_t = S_t^T q_t / sqrt(K) (hybrid_jax.ops.delta).
 
 Subclasses change only the hooks `init_gates` (decay / output-gate parameters and the output norm),
-`gates` (g, beta), the op (`OP` / `STEP`) and `finish`, so the log-linear variants (`log_linear.py`)
-reuse everything but `mix` / `mix_step`. Decoding (`LinearMixer`): padded prompt steps get
-beta = 0 and g = 0, i.e. the identity transition and no write.
+`gates` (g, beta), the op (`OP` / `STEP`) and `finish`, so the log-linear variants
+(`LogLinearGatedDeltaNet`, `LogLinearKDA`: `LogLinearMixin` of `hybrid_jax.nn.log_linear` in front)
+reuse everything but `mix` / `mix_step`, handing the log-linear op the inputs (q, k, v, g, beta) as
+they are. Decoding (`LinearMixer`): padded prompt steps get beta = 0 and g = 0, i.e. the identity
+transition and no write.
 """
 from __future__ import annotations
 
@@ -35,18 +37,20 @@ import ml_collections
 from flax import nnx
 from ml_collections import config_dict
 
-from hybrid_jax.nn.attention import check_positive
-from hybrid_jax.nn.common import Dense, logical_param
-from hybrid_jax.nn.linear_attention import (
-    LinearMixer,
-    at_step,
+from hybrid_jax.checks import fail
+from hybrid_jax.nn.common import NO_DECAY, Dense, logical_param
+from hybrid_jax.nn.conv import ConvProjection, conv_projections
+from hybrid_jax.nn.initializers import a_log_init, dt_bias_init
+from hybrid_jax.nn.layer_config import (
     check_heads,
     check_impl,
-    check_positive_float,
+    check_ints,
+    check_optional_ints,
+    check_positive_numbers,
     heads_and_dim,
-    zero_where_invalid,
 )
-from hybrid_jax.nn.mamba import ConvProjection, a_log_init, conv_projections, dt_bias_init
+from hybrid_jax.nn.linear_mixer import LinearMixer, at_step, zero_where_invalid
+from hybrid_jax.nn.log_linear import LogLinearMixin
 from hybrid_jax.nn.norms import GatedRMSNorm, RMSNorm, l2_normalize
 from hybrid_jax.nn.registry import register_mixer
 from hybrid_jax.ops.delta import (
@@ -95,21 +99,16 @@ class DeltaNet(LinearMixer):
     @classmethod
     def check_config(cls, cfg: ml_collections.ConfigDict, d_model: int) -> None:
         check_heads(cfg, d_model)
-        check_positive(cfg, "conv_size")
-        if cfg.num_v_heads is not None:
-            check_positive(cfg, "num_v_heads")
-            if cfg.num_v_heads % cfg.num_heads:
-                raise ValueError(
-                    f"num_v_heads={cfg.num_v_heads} must be a multiple of num_heads={cfg.num_heads} "
-                    f"(each query/key head serves a group of value heads)"
-                )
+        check_ints(cfg, "conv_size")
+        check_optional_ints(cfg, "num_v_heads")
+        if cfg.num_v_heads is not None and cfg.num_v_heads % cfg.num_heads:
+            fail("num_v_heads", f"{cfg.num_v_heads} must be a multiple of num_heads={cfg.num_heads} "
+                                f"(each query/key head serves a group of value heads)")
         key_dim = heads_and_dim(cfg, d_model)[1]
         value_dim = cfg.expand_v * key_dim
         if not value_dim >= 1 or value_dim != int(value_dim):
-            raise ValueError(
-                f"expand_v={cfg.expand_v} times head_dim={key_dim} must be a positive int, got {value_dim}"
-            )
-        check_positive_float(cfg, "norm_eps")
+            fail("expand_v", f"{cfg.expand_v} times head_dim={key_dim} must be a positive int, got {value_dim}")
+        check_positive_numbers(cfg, "norm_eps")
         check_impl(cfg)
 
     @classmethod
@@ -187,8 +186,8 @@ class GatedDeltaNet(DeltaNet):
     def init_gates(self, cfg, d_model: int, rngs: nnx.Rngs) -> None:
         _, _, v_heads, value_dim = self.dims(cfg, d_model)
         self.a_proj = Dense(d_model, v_heads, ("embed", "heads"), rngs=rngs)
-        self.A_log = logical_param(a_log_init(rngs.params(), (v_heads,)), ("heads",))
-        self.dt_bias = logical_param(dt_bias_init(rngs.params(), (v_heads,)), ("heads",))
+        self.A_log = logical_param(a_log_init(rngs.params(), (v_heads,)), ("heads",), role=NO_DECAY)
+        self.dt_bias = logical_param(dt_bias_init(rngs.params(), (v_heads,)), ("heads",), role=NO_DECAY)
         self.g_proj = Dense(d_model, (v_heads, value_dim), ("embed", "heads", "kv"), rngs=rngs)
         self.o_norm = GatedRMSNorm(value_dim, activation_name="silu", eps=cfg.norm_eps)
 
@@ -218,8 +217,7 @@ class KDA(DeltaNet):
     @classmethod
     def check_config(cls, cfg: ml_collections.ConfigDict, d_model: int) -> None:
         super().check_config(cfg, d_model)
-        if cfg.gate_low_rank_dim is not None:
-            check_positive(cfg, "gate_low_rank_dim")
+        check_optional_ints(cfg, "gate_low_rank_dim")
 
     @classmethod
     def gate_rank(cls, cfg, d_model: int) -> int:
@@ -230,8 +228,9 @@ class KDA(DeltaNet):
         rank = self.gate_rank(cfg, d_model)
         self.f_down = Dense(d_model, rank, ("embed", "latent"), rngs=rngs)
         self.f_up = Dense(rank, (v_heads, key_dim), ("latent", "heads", "kv"), rngs=rngs)
-        self.A_log = logical_param(a_log_init(rngs.params(), (v_heads,)), ("heads",))
-        self.dt_bias = logical_param(dt_bias_init(rngs.params(), (v_heads, key_dim)), ("heads", "kv"))
+        self.A_log = logical_param(a_log_init(rngs.params(), (v_heads,)), ("heads",), role=NO_DECAY)
+        dt_bias = dt_bias_init(rngs.params(), (v_heads, key_dim))
+        self.dt_bias = logical_param(dt_bias, ("heads", "kv"), role=NO_DECAY)
         self.g_down = Dense(d_model, rank, ("embed", "latent"), rngs=rngs)
         self.g_up = Dense(rank, (v_heads, value_dim), ("latent", "heads", "kv"), use_bias=True, rngs=rngs)
         self.o_norm = GatedRMSNorm(value_dim, activation_name="sigmoid", eps=cfg.norm_eps)
@@ -244,3 +243,21 @@ class KDA(DeltaNet):
 
     def finish(self, o: jax.Array, x: jax.Array) -> jax.Array:
         return self.o_proj(self.o_norm(o, self.g_up(self.g_down(x))))
+
+
+class LogLinearDeltaMixin(LogLinearMixin):
+    """The log-linear op takes the gated delta-rule layers' inputs (q, k, v, g, beta) as they are
+    (g scalar per head or per channel), with the default scale K^-1/2."""
+
+    def fenwick_args(self, inputs: tuple) -> tuple[tuple, None]:
+        return inputs, None
+
+
+@register_mixer("loglinear_gated_deltanet")
+class LogLinearGatedDeltaNet(LogLinearDeltaMixin, GatedDeltaNet):
+    """Gated DeltaNet with Fenwick-tree states."""
+
+
+@register_mixer("loglinear_kda")
+class LogLinearKDA(LogLinearDeltaMixin, KDA):
+    """KDA with Fenwick-tree states."""

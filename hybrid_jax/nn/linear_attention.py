@@ -1,4 +1,4 @@
-r"""Linear attention layers (feature-map linear attention, GLA) and what every linear mixer shares.
+r"""Linear attention layers: feature-map linear attention and GLA.
 
 LinearAttention (Katharopoulos et al. 2020; feature maps as in flash-linear-attention), H heads of
 dim Dh, feature map phi applied per head to q and k:
@@ -21,28 +21,10 @@ GLA (Yang et al. 2024, "Gated Linear Attention Transformers with Hardware-Effici
     S_t = Diag(exp g_t) S_{t-1} + k_t v_t^T,   o_t = S_t^T q_t / sqrt(Dk)      (hybrid_jax.ops.gla)
     y = (RMSNorm(o) * SiLU(x W_gate)) W_o
 
-Shared by the linear mixers of this package (`LinearMixer`): config checks, `cache_bytes` and
-`flops_per_token`. The decode cache is the short-conv history in the activation dtype
-((W - 1) * channels * dtype_bytes) plus the recurrent state in float32 (4 bytes per element, because
-the ops accumulate states in float32 whatever the input dtype). FLOPs per token are 2 per parameter
-(every weight multiplies once per token: projections, convolution taps, per-head maps) plus the
-mixer's own state work, `mixing_flops`, counted as 2 per multiply-add and 1 per elementwise decay.
-
-Decoding (`LinearMixer.prefill` / `decode`, shared by every linear mixer through four hooks):
-
-    project(x, conv_states)   -> the op's inputs over x `[B, T, d]` and the new short-conv histories
-    pad_as_identity(inputs)   -> ragged prompts: padded steps become identity steps (k = 0 / dt = 0 /
-                                 beta = 0, g = 0), so the state after T steps is the state after L_b
-    mix / mix_step            -> the chunked op over T tokens (final state returned) / the op's `*_step`
-    finish(o, x)              -> output norm, gate and projection
-
-The training path is `finish(mix(project(x)))`; `prefill` runs the same chunked op over the prompt
-and keeps its final state, `decode` feeds one token through `project` (with the conv histories) and
-the op's one-token step. The cache is `RecurrentCache(state, conv)`.
+Both are `LinearMixer`s (hybrid_jax.nn.linear_mixer): cache, FLOPs, prefill and decode come from
+the base class through the hooks project / pad_as_identity / mix / mix_step / finish.
 """
 from __future__ import annotations
-
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,151 +32,23 @@ import ml_collections
 from flax import nnx
 from ml_collections import config_dict
 
-from hybrid_jax.nn.attention import check_positive
-from hybrid_jax.nn.common import Dense, count_params, logical_param
+from hybrid_jax.checks import check_choice, fail
+from hybrid_jax.nn.common import NO_DECAY, WEIGHT, Dense, logical_param
+from hybrid_jax.nn.layer_config import (
+    check_heads,
+    check_impl,
+    check_ints,
+    check_positive_numbers,
+    expanded_dim,
+    heads_and_dim,
+)
+from hybrid_jax.nn.linear_mixer import LinearMixer, at_step, zero_where_invalid
 from hybrid_jax.nn.norms import GatedRMSNorm, RMSNorm
-from hybrid_jax.nn.registry import Mixer, register_mixer
-from hybrid_jax.ops.gated import SUPPORTED as GATED_IMPLS
+from hybrid_jax.nn.registry import register_mixer
 from hybrid_jax.ops.linear_attention import gla, gla_step, linear_attention, linear_attention_step
 
-STATE_BYTES = 4  # recurrent states are float32 (see the module docstring)
 FEATURE_MAPS = ("identity", "elu", "relu", "hedgehog")
 OUTPUT_NORMS = ("rmsnorm", "denominator")
-
-
-def impl_names(supported) -> list[str]:
-    return [impl.value for impl in supported]
-
-
-def check_impl(cfg: ml_collections.ConfigDict, supported=GATED_IMPLS) -> None:
-    """ValueError naming `impl` (with the valid choices) or `chunk_size`."""
-    if cfg.impl not in impl_names(supported):
-        raise ValueError(f"impl={cfg.impl!r} is not supported; valid choices are {impl_names(supported)}")
-    check_positive(cfg, "chunk_size")
-
-
-def check_positive_float(cfg: ml_collections.ConfigDict, *keys: str) -> None:
-    for key in keys:
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{key} must be a number > 0, got {value!r}")
-
-
-def heads_and_dim(cfg: ml_collections.ConfigDict, d_model: int) -> tuple[int, int]:
-    """(num_heads, head_dim), head_dim defaulting to d_model // num_heads."""
-    return cfg.num_heads, cfg.head_dim if cfg.head_dim is not None else d_model // cfg.num_heads
-
-
-def check_heads(cfg: ml_collections.ConfigDict, d_model: int) -> None:
-    """num_heads >= 1, and it divides d_model unless head_dim is given."""
-    check_positive(cfg, "num_heads")
-    if cfg.head_dim is None:
-        if d_model % cfg.num_heads:
-            raise ValueError(
-                f"num_heads={cfg.num_heads} does not divide d_model={d_model}; choose num_heads among the "
-                f"divisors of d_model or set head_dim"
-            )
-    else:
-        check_positive(cfg, "head_dim")
-
-
-def expanded_dim(cfg: ml_collections.ConfigDict, key: str, d_model: int, heads: int) -> int:
-    """Per-head dim of an `expand_*` width, d_model * expand / heads, which must be a positive int."""
-    total = cfg[key] * d_model
-    if not total == int(total) or int(total) % heads or total < heads:
-        raise ValueError(
-            f"{key}={cfg[key]} gives a width of {total} for d_model={d_model}, which must be a positive "
-            f"multiple of num_heads={heads}"
-        )
-    return int(total) // heads
-
-
-class RecurrentCache(NamedTuple):
-    """Decode cache of a linear mixer: its recurrent state and the histories of its short convs."""
-
-    state: Any  # float32: [B, HV, K, V] (Mamba: [B, D, N]; log-linear layers: a FenwickState)
-    conv: tuple  # one [B, W-1, C] history per short conv (compute dtype); () without convs
-
-
-def zero_where_invalid(x: jax.Array | None, valid: jax.Array) -> jax.Array | None:
-    """x `[B, T, ...]` with the steps where valid `[B, T]` is False set to zero."""
-    if x is None:
-        return None
-    return jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - 2)), x, jnp.zeros((), x.dtype))
-
-
-def at_step(inputs: tuple) -> tuple:
-    """`[B, 1, ...]` inputs of a decoding step -> `[B, ...]` (None stays None)."""
-    return tuple(None if x is None else x[:, 0] for x in inputs)
-
-
-class LinearMixer(Mixer):
-    """Shared cache, FLOPs and decoding of the linear mixers (see the module docstring).
-
-    Subclasses define `conv_channels` (0 without a short conv), `conv_size`, `state_elements`,
-    `mixing_flops`, and the hooks `project`, `pad_as_identity`, `mix`, `mix_step`, `finish`.
-    """
-
-    @classmethod
-    def conv_channels(cls, cfg, d_model: int) -> int:
-        return 0
-
-    @classmethod
-    def state_elements(cls, cfg, d_model: int, context: int) -> int:
-        raise NotImplementedError(f"{cls.__name__}.state_elements")
-
-    @classmethod
-    def mixing_flops(cls, cfg, d_model: int, context: int) -> float:
-        raise NotImplementedError(f"{cls.__name__}.mixing_flops")
-
-    @classmethod
-    def cache_bytes(cls, cfg, d_model: int, context: int, dtype_bytes: int = 2) -> int:
-        history = (cfg.conv_size - 1) * cls.conv_channels(cfg, d_model) if "conv_size" in cfg else 0
-        return history * dtype_bytes + cls.state_elements(cfg, d_model, context) * STATE_BYTES
-
-    @classmethod
-    def flops_per_token(cls, cfg, d_model: int, context: int) -> int:
-        abstract = nnx.eval_shape(lambda: cls(cfg, d_model, rngs=nnx.Rngs(0)))
-        return int(round(2 * count_params(abstract) + cls.mixing_flops(cfg, d_model, context)))
-
-    def project(self, x: jax.Array, conv_states: tuple | None = None, *, lengths=None) -> tuple[tuple, tuple]:
-        """(op inputs `[B, T, ...]`, new conv histories) for x `[B, T, d_model]`."""
-        raise NotImplementedError(f"{type(self).__name__}.project")
-
-    def pad_as_identity(self, inputs: tuple, valid: jax.Array) -> tuple:
-        """`inputs` with the steps where valid `[B, T]` is False made identity steps."""
-        raise NotImplementedError(f"{type(self).__name__}.pad_as_identity")
-
-    def mix(self, x: jax.Array, inputs: tuple, *, final: bool = False, max_len=None, lengths=None):
-        """(o `[B, T, ...]`, final state if `final` else None): the chunked op over the inputs."""
-        raise NotImplementedError(f"{type(self).__name__}.mix")
-
-    def mix_step(self, x: jax.Array, inputs: tuple, state):
-        """(o `[B, 1, ...]`, new state): the op's one-token step on `[B, 1, ...]` inputs."""
-        raise NotImplementedError(f"{type(self).__name__}.mix_step")
-
-    def finish(self, o: jax.Array, x: jax.Array) -> jax.Array:
-        raise NotImplementedError(f"{type(self).__name__}.finish")
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        inputs, _ = self.project(x)
-        o, _ = self.mix(x, inputs)
-        return self.finish(o, x)
-
-    def prefill(self, x: jax.Array, *, max_len: int, lengths: jax.Array | None = None):
-        """Output over the prompt x `[B, T, d_model]` and the `RecurrentCache` after each row's prompt."""
-        inputs, conv = self.project(x, lengths=lengths)
-        if lengths is not None:
-            inputs = self.pad_as_identity(inputs, jnp.arange(x.shape[1])[None, :] < lengths[:, None])
-        o, state = self.mix(x, inputs, final=True, max_len=max_len, lengths=lengths)
-        return self.finish(o, x), RecurrentCache(state, conv)
-
-    def decode(self, x: jax.Array, cache: RecurrentCache, position: jax.Array):
-        """One token per row, x `[B, 1, d_model]`; the state carries what position means."""
-        del position
-        inputs, conv = self.project(x, cache.conv)
-        o, state = self.mix_step(x, inputs, cache.state)
-        return self.finish(o, x), RecurrentCache(state, conv)
 
 
 class HedgehogFeatureMap(nnx.Module):
@@ -203,8 +57,8 @@ class HedgehogFeatureMap(nnx.Module):
     def __init__(self, heads: int, dim: int, *, rngs: nnx.Rngs | None = None):
         del rngs  # identity init, as in Hedgehog: training starts from the parameter-free two-sided softmax
         identity = jnp.broadcast_to(jnp.eye(dim, dtype=jnp.float32), (heads, dim, dim))
-        self.weight = logical_param(identity, ("heads", "kv", None))
-        self.bias = logical_param(jnp.zeros((heads, dim), jnp.float32), ("heads", "kv"))
+        self.weight = logical_param(identity, ("heads", "kv", None), role=WEIGHT)
+        self.bias = logical_param(jnp.zeros((heads, dim), jnp.float32), ("heads", "kv"), role=NO_DECAY)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = jnp.einsum("bthd,hde->bthe", x.astype(jnp.float32), self.weight[...]) + self.bias[...]
@@ -239,16 +93,12 @@ class LinearAttention(LinearMixer):
     @classmethod
     def check_config(cls, cfg: ml_collections.ConfigDict, d_model: int) -> None:
         check_heads(cfg, d_model)
-        if cfg.feature_map not in FEATURE_MAPS:
-            raise ValueError(f"feature_map={cfg.feature_map!r} is not valid; valid choices are {list(FEATURE_MAPS)}")
-        if cfg.output_norm not in OUTPUT_NORMS:
-            raise ValueError(f"output_norm={cfg.output_norm!r} is not valid; valid choices are {list(OUTPUT_NORMS)}")
+        check_choice(cfg, "feature_map", FEATURE_MAPS)
+        check_choice(cfg, "output_norm", OUTPUT_NORMS)
         if cfg.output_norm == "denominator" and cfg.feature_map == "identity":
-            raise ValueError(
-                "output_norm='denominator' needs a non-negative feature map (q . sum k must stay positive); "
-                "feature_map='identity' is not, use 'elu', 'relu' or 'hedgehog'"
-            )
-        check_positive_float(cfg, "norm_eps")
+            fail("output_norm", "'denominator' needs a non-negative feature map (q . sum k must stay positive); "
+                                "feature_map='identity' is not, use 'elu', 'relu' or 'hedgehog'")
+        check_positive_numbers(cfg, "norm_eps")
         check_impl(cfg)
 
     @classmethod
@@ -345,9 +195,9 @@ class GLA(LinearMixer):
 
     @classmethod
     def check_config(cls, cfg: ml_collections.ConfigDict, d_model: int) -> None:
-        check_positive(cfg, "num_heads", "gate_low_rank_dim")
+        check_ints(cfg, "num_heads", "gate_low_rank_dim")
         cls.dims(cfg, d_model)
-        check_positive_float(cfg, "gate_logit_normalizer", "norm_eps")
+        check_positive_numbers(cfg, "gate_logit_normalizer", "norm_eps")
         check_impl(cfg)
 
     @classmethod

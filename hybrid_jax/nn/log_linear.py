@@ -1,8 +1,10 @@
-r"""Log-linear Mamba-2, Gated DeltaNet and KDA layers (Guo et al. 2025, "Log-Linear Attention").
+r"""The log-linear machinery (Guo et al. 2025, "Log-Linear Attention"): `LogLinearMixin` and its parts.
 
-Each layer is its base layer (`Mamba2`, `GatedDeltaNet`, `KDA`: same projections, convolutions, gates
-and output) whose single recurrent state is replaced by a Fenwick tree of states, one per level l of
-the distance between query t and source s (l = 0 for s = t, else bit_length(t XOR s)):
+Not a mixer layer itself: the log-linear layers are defined next to their base layers
+(`LogLinearMamba2` in `mamba.py`, `LogLinearGatedDeltaNet` and `LogLinearKDA` in `delta.py`), each
+its base layer (same projections, convolutions, gates and output) with this mixin in front, whose
+single recurrent state is replaced by a Fenwick tree of states, one per level l of the distance
+between query t and source s (l = 0 for s = t, else bit_length(t XOR s)):
 
     o_t = sum_{s <= t} lambda_t^{l(t, s)} (q_t . k_s) M_{t,s} v_s        (hybrid_jax.ops.log_linear)
 
@@ -12,8 +14,8 @@ per-channel decay). The level scales are data dependent, as in the paper's relea
     lambda = softplus(L * (x W_l))    [B, T, HV, num_levels],   W_l: [d, HV, num_levels],  L: [HV, num_levels]
 
 L starts at one (so lambda starts at softplus(x W_l), about 0.8 for a unit-RMS input); all-ones
-lambda gives back the base layer exactly. Log-linear Mamba-2 maps onto the op as q = C, k = B,
-v = dt * x, g = A dt, scale 1, plus the D skip.
+lambda gives back the base layer exactly. The level weights L are not decayed by the optimiser
+(role "no_decay"): decay would pull every level's scale towards softplus(0), whatever the data.
 
 `num_levels` defaults to what `max_seq_len` tokens need, ceil(log2(max_seq_len)) + 1; a longer
 sequence fails in the op with the number of levels it needs. The decode cache holds
@@ -39,12 +41,10 @@ import ml_collections
 from flax import nnx
 from ml_collections import config_dict
 
-from hybrid_jax.nn.attention import check_positive
-from hybrid_jax.nn.common import Dense, logical_param
-from hybrid_jax.nn.delta import KDA, GatedDeltaNet
-from hybrid_jax.nn.linear_attention import at_step, check_impl
-from hybrid_jax.nn.mamba import Mamba2
-from hybrid_jax.nn.registry import register_mixer
+from hybrid_jax.checks import fail
+from hybrid_jax.nn.common import NO_DECAY, Dense, logical_param
+from hybrid_jax.nn.layer_config import check_impl, check_ints, check_optional_ints
+from hybrid_jax.nn.linear_mixer import at_step
 from hybrid_jax.ops.log_linear import SUPPORTED as LOG_LINEAR_IMPLS
 from hybrid_jax.ops.log_linear import FenwickState, log_linear_attention, log_linear_attention_step, num_levels
 
@@ -64,7 +64,8 @@ class LevelScales(nnx.Module):
 
     def __init__(self, d_model: int, heads: int, levels: int, *, rngs: nnx.Rngs):
         self.proj = Dense(d_model, (heads, levels), ("embed", "heads", None), rngs=rngs)
-        self.level_weight = logical_param(jnp.ones((heads, levels), jnp.float32), ("heads", None))
+        ones = jnp.ones((heads, levels), jnp.float32)
+        self.level_weight = logical_param(ones, ("heads", None), role=NO_DECAY)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jax.nn.softplus(self.level_weight[...] * self.proj(x).astype(jnp.float32))
@@ -119,11 +120,10 @@ class LogLinearMixin:
     def check_config(cls, cfg: ml_collections.ConfigDict, d_model: int) -> None:
         super().check_config(cfg, d_model)
         check_impl(cfg, LOG_LINEAR_IMPLS)
-        check_positive(cfg, "max_seq_len")
-        if cfg.num_levels is not None:
-            check_positive(cfg, "num_levels")
+        check_ints(cfg, "max_seq_len")
+        check_optional_ints(cfg, "num_levels")
         if cfg.chunk_size & (cfg.chunk_size - 1):
-            raise ValueError(f"chunk_size={cfg.chunk_size} must be a power of two (chunks align with Fenwick blocks)")
+            fail("chunk_size", f"{cfg.chunk_size} must be a power of two (chunks align with Fenwick blocks)")
 
     @classmethod
     def levels(cls, cfg) -> int:
@@ -186,34 +186,3 @@ class LogLinearMixin:
 
         o, levels, position = jax.vmap(row)(*at_step((q, k, v, g, beta, lam)), state.levels, state.position)
         return self.fenwick_output(o[:, None], inputs), FenwickState(levels, position)
-
-
-@register_mixer("loglinear_mamba2")
-class LogLinearMamba2(LogLinearMixin, Mamba2):
-    """Mamba-2 with Fenwick-tree states."""
-
-    def fenwick_args(self, inputs: tuple) -> tuple[tuple, float]:
-        """q = C, k = B, v = dt x, g = A dt, scale 1."""
-        x, dt, B, C = inputs
-        return (C, B, dt[..., None] * x.astype(jnp.float32), self.decay_rate() * dt, None), 1.0
-
-    def fenwick_output(self, o: jax.Array, inputs: tuple) -> jax.Array:
-        x = inputs[0]
-        return (o + self.D[...][:, None] * x.astype(jnp.float32)).astype(x.dtype)
-
-
-class LogLinearDeltaMixin(LogLinearMixin):
-    """The op's view of the gated delta-rule layers' inputs (scalar or per-channel g)."""
-
-    def fenwick_args(self, inputs: tuple) -> tuple[tuple, None]:
-        return inputs, None
-
-
-@register_mixer("loglinear_gated_deltanet")
-class LogLinearGatedDeltaNet(LogLinearDeltaMixin, GatedDeltaNet):
-    """Gated DeltaNet with Fenwick-tree states."""
-
-
-@register_mixer("loglinear_kda")
-class LogLinearKDA(LogLinearDeltaMixin, KDA):
-    """KDA with Fenwick-tree states."""

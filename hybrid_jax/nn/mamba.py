@@ -1,4 +1,4 @@
-r"""Mamba (S6) and Mamba-2 (SSD) layers, plus the SSM parameterisation the gated mixers share.
+r"""Mamba (S6), Mamba-2 (SSD) and log-linear Mamba-2 layers.
 
 Mamba (Gu & Dao 2023), inner width E = expand * d, state size N, dt rank R = ceil(d / 16):
 
@@ -20,12 +20,17 @@ each with its own logical axes, so heads and state dims shard independently), an
 over the concatenated (x, B, C) as one depthwise ShortConv per stream (a depthwise conv of a
 concatenation is the concatenation of the convs).
 
-dt_bias init (all dt-parameterised layers here and in `delta.py`): dt ~ exp(U(log dt_min, log dt_max))
-floored at 1e-4, dt_bias = softplus^{-1}(dt), so softplus(dt_bias) starts in [dt_min, dt_max].
+dt_bias and Mamba-2's A_log start as in `hybrid_jax.nn.initializers`. Both layers share the inputs
+(x, dt, B, C), A = -exp(A_log) and the identity padding (dt = 0) through `SelectiveSSM`.
+
+Log-linear Mamba-2 (`LogLinearMamba2`, Guo et al. 2025; machinery in `hybrid_jax.nn.log_linear`)
+replaces the single state by a Fenwick tree of states and maps the SSD onto the log-linear op as
+q = C, k = B, v = dt * x, g = A dt, scale 1, plus the D skip.
 """
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -33,88 +38,59 @@ import ml_collections
 from flax import nnx
 from ml_collections import config_dict
 
-from hybrid_jax.nn.attention import check_positive
-from hybrid_jax.nn.common import Dense, logical_param
-from hybrid_jax.nn.conv import ShortConv
-from hybrid_jax.nn.linear_attention import (
-    LinearMixer,
-    at_step,
+from hybrid_jax.checks import fail
+from hybrid_jax.nn.common import NO_DECAY, Dense, logical_param
+from hybrid_jax.nn.conv import ConvProjection, conv_projections
+from hybrid_jax.nn.initializers import DT_MAX, DT_MIN, a_log_init, dt_bias_init
+from hybrid_jax.nn.layer_config import (
+    check_dt_range,
     check_impl,
-    check_positive_float,
-    zero_where_invalid,
+    check_ints,
+    check_optional_ints,
+    check_positive_numbers,
 )
+from hybrid_jax.nn.linear_mixer import LinearMixer, at_step, zero_where_invalid
+from hybrid_jax.nn.log_linear import LogLinearMixin
 from hybrid_jax.nn.norms import rms_normalize
 from hybrid_jax.nn.registry import register_mixer
-from hybrid_jax.ops import gated
-from hybrid_jax.ops import first_order
+from hybrid_jax.ops import first_order, gated
 from hybrid_jax.ops.ssm import selective_scan, selective_scan_step, ssd, ssd_step
 
-DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
-A_INIT_RANGE = (1.0, 16.0)
 
+class SelectiveSSM(LinearMixer):
+    """What Mamba and Mamba-2 share: inputs (x, dt, B, C), A = -exp(A_log), the D skip, the op pair
+    `OP` / `STEP` and its supported implementations `IMPLS`."""
 
-def inverse_softplus(y: jax.Array) -> jax.Array:
-    return y + jnp.log(-jnp.expm1(-y))
+    IMPLS: ClassVar = first_order.SUPPORTED
+    OP, STEP = staticmethod(selective_scan), staticmethod(selective_scan_step)
 
+    @classmethod
+    def check_config(cls, cfg: ml_collections.ConfigDict, d_model: int) -> None:
+        check_ints(cfg, "expand", "state_dim", "conv_size")
+        check_dt_range(cfg)
+        check_impl(cfg, cls.IMPLS)
 
-def dt_bias_init(key: jax.Array, shape, dt_min: float = DT_MIN, dt_max: float = DT_MAX) -> jax.Array:
-    """softplus^{-1} of dt log-uniform in [dt_min, dt_max] (floored at DT_FLOOR)."""
-    u = jax.random.uniform(key, shape, jnp.float32)
-    dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-    return inverse_softplus(jnp.maximum(dt, DT_FLOOR))
+    def pad_as_identity(self, inputs, valid):
+        x, dt, B, C = inputs  # dt = 0: no decay (exp(A dt) = 1) and no write (dt B x = 0)
+        return x, zero_where_invalid(dt, valid), B, C
 
+    def decay_rate(self) -> jax.Array:
+        """A = -exp(A_log)."""
+        return -jnp.exp(self.A_log[...])
 
-def a_log_init(key: jax.Array, shape) -> jax.Array:
-    """log A with A ~ U(1, 16): per-head decay rates of Mamba-2, Gated DeltaNet and KDA."""
-    return jnp.log(jax.random.uniform(key, shape, jnp.float32, *A_INIT_RANGE))
+    def mix(self, u, inputs, *, final=False, max_len=None, lengths=None):
+        x, dt, B, C = inputs
+        return self.OP(x, dt, self.decay_rate(), B, C, D=self.D[...], output_final_state=final, impl=self.impl,
+                       chunk_size=self.chunk_size)
 
-
-def check_dt_range(cfg: ml_collections.ConfigDict) -> None:
-    check_positive_float(cfg, "dt_min", "dt_max")
-    if cfg.dt_min > cfg.dt_max:
-        raise ValueError(f"dt_min={cfg.dt_min} must be <= dt_max={cfg.dt_max}")
-
-
-class ConvProjection(nnx.Module):
-    """act(ShortConv(x W)): a projection followed by a causal depthwise conv over time.
-
-    `out_shape` / `out_axes` name the projection's output dims (e.g. `(H, K)`, `("heads", "kv")`);
-    the conv runs over their flattening, its channel axis named after the leading output axis.
-    """
-
-    def __init__(self, d_model: int, out_shape, out_axes, *, conv_size: int, use_bias: bool = False,
-                 activation_name: str = "silu", rngs: nnx.Rngs):
-        out_shape, out_axes = tuple(out_shape), tuple(out_axes)
-        self.proj = Dense(d_model, out_shape, ("embed",) + out_axes, rngs=rngs)
-        self.conv = ShortConv(math.prod(out_shape), kernel_size=conv_size, activation_name=activation_name,
-                              use_bias=use_bias, axis_name=out_axes[0], rngs=rngs)
-
-    def with_state(self, x: jax.Array, conv_state: jax.Array | None = None, *, lengths=None):
-        """(y, new conv history `[B, W-1, C]`) continuing from `conv_state` (see `ShortConv`)."""
-        h = self.proj(x)
-        y, state = self.conv(h.reshape(h.shape[:2] + (-1,)), conv_state, lengths=lengths)
-        return y.reshape(h.shape), state
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.with_state(x)[0]
-
-
-def conv_projections(projections, x: jax.Array, conv_states: tuple | None, lengths) -> tuple[tuple, tuple]:
-    """Runs each `ConvProjection` on x from its history in `conv_states` (None: empty histories);
-    returns (outputs, new histories)."""
-    states = (None,) * len(projections) if conv_states is None else conv_states
-    pairs = [proj.with_state(x, state, lengths=lengths) for proj, state in zip(projections, states)]
-    return tuple(y for y, _ in pairs), tuple(state for _, state in pairs)
-
-
-def check_ssm_common(cfg: ml_collections.ConfigDict, supported) -> None:
-    check_positive(cfg, "expand", "state_dim", "conv_size")
-    check_dt_range(cfg)
-    check_impl(cfg, supported)
+    def mix_step(self, u, inputs, state):
+        x, dt, B, C = at_step(inputs)
+        y, state = self.STEP(x, dt, self.decay_rate(), B, C, state, D=self.D[...])
+        return y[:, None], state
 
 
 @register_mixer("mamba")
-class Mamba(LinearMixer):
+class Mamba(SelectiveSSM):
     """Mamba's selective SSM block (see the module docstring)."""
 
     @classmethod
@@ -134,9 +110,8 @@ class Mamba(LinearMixer):
 
     @classmethod
     def check_config(cls, cfg: ml_collections.ConfigDict, d_model: int) -> None:
-        check_ssm_common(cfg, first_order.SUPPORTED)
-        if cfg.dt_rank is not None:
-            check_positive(cfg, "dt_rank")
+        super().check_config(cfg, d_model)
+        check_optional_ints(cfg, "dt_rank")
 
     @classmethod
     def dims(cls, cfg, d_model: int) -> tuple[int, int, int]:
@@ -165,12 +140,13 @@ class Mamba(LinearMixer):
         self.dt_down = Dense(inner, rank, ("mlp", "latent"), rngs=rngs)
         # Mamba draws W_dt ~ U(+-R^-1/2); a normal with the same std (R^-1/2 / sqrt 3).
         self.dt_up = Dense(rank, inner, ("latent", "mlp"), init_scale=3**-0.5, rngs=rngs)
-        self.dt_bias = logical_param(dt_bias_init(rngs.params(), (inner,), cfg.dt_min, cfg.dt_max), ("mlp",))
+        dt_bias = dt_bias_init(rngs.params(), (inner,), cfg.dt_min, cfg.dt_max)
+        self.dt_bias = logical_param(dt_bias, ("mlp",), role=NO_DECAY)
         self.b_proj = Dense(inner, state, ("mlp", "kv"), rngs=rngs)
         self.c_proj = Dense(inner, state, ("mlp", "kv"), rngs=rngs)
         s4d_real = jnp.broadcast_to(jnp.log(jnp.arange(1, state + 1, dtype=jnp.float32)), (inner, state))
-        self.A_log = logical_param(s4d_real, ("mlp", "kv"))
-        self.D = logical_param(jnp.ones((inner,), jnp.float32), ("mlp",))
+        self.A_log = logical_param(s4d_real, ("mlp", "kv"), role=NO_DECAY)
+        self.D = logical_param(jnp.ones((inner,), jnp.float32), ("mlp",), role=NO_DECAY)
         self.out_proj = Dense(inner, d_model, ("mlp", "embed"), rngs=rngs)
 
     def project(self, u, conv_states=None, *, lengths=None):
@@ -178,24 +154,6 @@ class Mamba(LinearMixer):
         (x,), conv = conv_projections((self.x_proj,), u, conv_states, lengths)
         dt = jax.nn.softplus(self.dt_up(self.dt_down(x)).astype(jnp.float32) + self.dt_bias[...])
         return (x, dt, self.b_proj(x), self.c_proj(x)), conv
-
-    def pad_as_identity(self, inputs, valid):
-        x, dt, B, C = inputs  # dt = 0: no decay (exp(A dt) = 1) and no write (dt B x = 0)
-        return x, zero_where_invalid(dt, valid), B, C
-
-    def decay_rate(self) -> jax.Array:
-        """A = -exp(A_log)."""
-        return -jnp.exp(self.A_log[...])
-
-    def mix(self, u, inputs, *, final=False, max_len=None, lengths=None):
-        x, dt, B, C = inputs
-        return selective_scan(x, dt, self.decay_rate(), B, C, D=self.D[...], output_final_state=final,
-                              impl=self.impl, chunk_size=self.chunk_size)
-
-    def mix_step(self, u, inputs, state):
-        x, dt, B, C = at_step(inputs)
-        y, state = selective_scan_step(x, dt, self.decay_rate(), B, C, state, D=self.D[...])
-        return y[:, None], state
 
     def finish(self, y, u):
         return self.out_proj(y * jax.nn.silu(self.z_proj(u)))
@@ -209,7 +167,7 @@ class GroupGatedRMSNorm(nnx.Module):
 
     def __init__(self, heads: int, head_dim: int, groups: int, *, eps: float):
         self.groups, self.eps = groups, eps
-        self.scale = logical_param(jnp.ones((heads, head_dim), jnp.float32), ("heads", "kv"))
+        self.scale = logical_param(jnp.ones((heads, head_dim), jnp.float32), ("heads", "kv"), role=NO_DECAY)
 
     def __call__(self, y: jax.Array, z: jax.Array) -> jax.Array:
         gated = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
@@ -219,8 +177,11 @@ class GroupGatedRMSNorm(nnx.Module):
 
 
 @register_mixer("mamba2")
-class Mamba2(LinearMixer):
+class Mamba2(SelectiveSSM):
     """Mamba-2's SSD block (see the module docstring)."""
+
+    IMPLS: ClassVar = gated.SUPPORTED  # ssd runs on the gated family's machinery
+    OP, STEP = staticmethod(ssd), staticmethod(ssd_step)
 
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:
@@ -241,19 +202,15 @@ class Mamba2(LinearMixer):
 
     @classmethod
     def check_config(cls, cfg: ml_collections.ConfigDict, d_model: int) -> None:
-        check_ssm_common(cfg, gated.SUPPORTED)  # ssd runs on the gated family's machinery
-        check_positive(cfg, "head_dim", "num_groups")
-        check_positive_float(cfg, "norm_eps")
+        super().check_config(cfg, d_model)
+        check_ints(cfg, "head_dim", "num_groups")
+        check_positive_numbers(cfg, "norm_eps")
         inner = cfg.expand * d_model
         if inner % cfg.head_dim:
-            raise ValueError(
-                f"head_dim={cfg.head_dim} must divide the inner width expand * d_model = {inner}"
-            )
+            fail("head_dim", f"{cfg.head_dim} must divide the inner width expand * d_model = {inner}")
         if (inner // cfg.head_dim) % cfg.num_groups:
-            raise ValueError(
-                f"num_groups={cfg.num_groups} must divide the number of heads {inner // cfg.head_dim} "
-                f"(expand * d_model / head_dim)"
-            )
+            fail("num_groups", f"{cfg.num_groups} must divide the number of heads {inner // cfg.head_dim} "
+                               f"(expand * d_model / head_dim)")
 
     @classmethod
     def dims(cls, cfg, d_model: int) -> tuple[int, int, int, int]:
@@ -288,9 +245,10 @@ class Mamba2(LinearMixer):
         self.b_proj = ConvProjection(d_model, (groups, state), (None, "kv"), **conv)
         self.c_proj = ConvProjection(d_model, (groups, state), (None, "kv"), **conv)
         self.dt_proj = Dense(d_model, heads, ("embed", "heads"), rngs=rngs)
-        self.dt_bias = logical_param(dt_bias_init(rngs.params(), (heads,), cfg.dt_min, cfg.dt_max), ("heads",))
-        self.A_log = logical_param(a_log_init(rngs.params(), (heads,)), ("heads",))
-        self.D = logical_param(jnp.ones((heads,), jnp.float32), ("heads",))
+        dt_bias = dt_bias_init(rngs.params(), (heads,), cfg.dt_min, cfg.dt_max)
+        self.dt_bias = logical_param(dt_bias, ("heads",), role=NO_DECAY)
+        self.A_log = logical_param(a_log_init(rngs.params(), (heads,)), ("heads",), role=NO_DECAY)
+        self.D = logical_param(jnp.ones((heads,), jnp.float32), ("heads",), role=NO_DECAY)
         self.norm = GroupGatedRMSNorm(heads, head_dim, groups, eps=cfg.norm_eps)
         self.out_proj = Dense((heads, head_dim), d_model, ("heads", "kv", "embed"), rngs=rngs)
 
@@ -300,19 +258,19 @@ class Mamba2(LinearMixer):
         dt = jax.nn.softplus(self.dt_proj(u).astype(jnp.float32) + self.dt_bias[...])
         return (x, dt, B, C), conv
 
-    # Same inputs (x, dt, B, C) and the same A = -exp(A_log) parameterisation as Mamba's.
-    pad_as_identity, decay_rate = Mamba.pad_as_identity, Mamba.decay_rate
-
-    def mix(self, u, inputs, *, final=False, max_len=None, lengths=None):
-        """y `[B, T, H, P]` (log-linear Mamba-2 overrides the mixing) and the final state."""
-        x, dt, B, C = inputs
-        return ssd(x, dt, self.decay_rate(), B, C, D=self.D[...], output_final_state=final, impl=self.impl,
-                   chunk_size=self.chunk_size)
-
-    def mix_step(self, u, inputs, state):
-        x, dt, B, C = at_step(inputs)
-        y, state = ssd_step(x, dt, self.decay_rate(), B, C, state, D=self.D[...])
-        return y[:, None], state
-
     def finish(self, y, u):
         return self.out_proj(self.norm(y, self.z_proj(u)))
+
+
+@register_mixer("loglinear_mamba2")
+class LogLinearMamba2(LogLinearMixin, Mamba2):
+    """Mamba-2 with Fenwick-tree states (see the module docstring and `hybrid_jax.nn.log_linear`)."""
+
+    def fenwick_args(self, inputs: tuple) -> tuple[tuple, float]:
+        """q = C, k = B, v = dt x, g = A dt, scale 1."""
+        x, dt, B, C = inputs
+        return (C, B, dt[..., None] * x.astype(jnp.float32), self.decay_rate() * dt, None), 1.0
+
+    def fenwick_output(self, o: jax.Array, inputs: tuple) -> jax.Array:
+        x = inputs[0]
+        return (o + self.D[...][:, None] * x.astype(jnp.float32)).astype(x.dtype)

@@ -37,10 +37,12 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from hybrid_jax.nn.attention import check_attention_impl, mean_attended_keys, prompt_ring_buffer, written_in_place
+from hybrid_jax.checks import fail
 from hybrid_jax.nn.common import Dense
+from hybrid_jax.nn.kv_cache import check_attention_impl, mean_attended_keys, prompt_ring_buffer, written_in_place
+from hybrid_jax.nn.layer_config import check_ints
 from hybrid_jax.nn.norms import RMSNorm
-from hybrid_jax.nn.registry import Mixer, check_positive, register_mixer
+from hybrid_jax.nn.registry import Mixer, register_mixer
 from hybrid_jax.nn.rope import apply_rope
 from hybrid_jax.ops.attention import softmax_attention, softmax_attention_step
 
@@ -72,19 +74,15 @@ class MLA(Mixer):
 
     @classmethod
     def check_config(cls, cfg: ml_collections.ConfigDict, d_model: int) -> None:
-        check_positive(cfg, "num_heads", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim")
-        check_positive(cfg, "q_lora_rank", "qk_rope_head_dim", minimum=0)
+        check_ints(cfg, "num_heads", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim")
+        check_ints(cfg, "q_lora_rank", "qk_rope_head_dim", minimum=0)
         if cfg.qk_rope_head_dim % 2:
-            raise ValueError(
-                f"qk_rope_head_dim must be even (RoPE rotates pairs), got {cfg.qk_rope_head_dim}"
-            )
-        check_attention_impl(cfg.impl)
+            fail("qk_rope_head_dim", f"must be even (RoPE rotates pairs), got {cfg.qk_rope_head_dim}")
+        check_attention_impl(cfg)
         qk_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         if cfg.impl == "xla" and qk_dim != cfg.v_head_dim:
-            raise ValueError(
-                f"impl='xla' needs qk_nope_head_dim + qk_rope_head_dim ({qk_dim}) == v_head_dim ({cfg.v_head_dim}); "
-                f"use impl='chunk'"
-            )
+            fail("impl", f"'xla' needs qk_nope_head_dim + qk_rope_head_dim ({qk_dim}) == v_head_dim "
+                         f"({cfg.v_head_dim}); use impl='chunk'")
 
     @classmethod
     def cache_bytes(cls, cfg, d_model: int, context: int, dtype_bytes: int = 2) -> int:

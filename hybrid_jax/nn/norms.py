@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hybrid_jax.nn.common import activation, logical_param
+from hybrid_jax.nn.common import NO_DECAY, activation, logical_param
 
 
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
@@ -36,7 +36,7 @@ class RMSNorm(nnx.Module):
     def __init__(self, dim: int, *, eps: float = 1e-6, rngs: nnx.Rngs | None = None):
         del rngs  # deterministic init; accepted so every layer has the same constructor shape
         self.dim, self.eps = dim, eps
-        self.scale = logical_param(jnp.ones((dim,), jnp.float32), ("norm",))
+        self.scale = logical_param(jnp.ones((dim,), jnp.float32), ("norm",), role=NO_DECAY)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.shape[-1] != self.dim:
@@ -57,7 +57,7 @@ class GatedRMSNorm(nnx.Module):
         self.dim, self.eps = dim, eps
         activation(activation_name)  # fail at construction on an unknown name
         self.activation_name = activation_name
-        self.scale = logical_param(jnp.ones((dim,), jnp.float32), ("norm",))
+        self.scale = logical_param(jnp.ones((dim,), jnp.float32), ("norm",), role=NO_DECAY)
 
     def __call__(self, o: jax.Array, gate: jax.Array) -> jax.Array:
         if o.shape[-1] != self.dim or gate.shape != o.shape:

@@ -9,7 +9,7 @@ A mixer is the sequence-mixing half of a block (attention, MLA, KDA, Mamba-2, ..
            @classmethod
            def default_config(cls) -> ConfigDict: ...      # every key the layer reads, with defaults
            @classmethod
-           def check_config(cls, cfg, d_model) -> None: ... # optional: ValueError naming the field
+           def check_config(cls, cfg, d_model) -> None: ... # optional: "<key>: <message>" ValueError
            @classmethod
            def cache_bytes(cls, cfg, d_model, context, dtype_bytes=2) -> int: ...
            @classmethod
@@ -20,13 +20,16 @@ A mixer is the sequence-mixing half of a block (attention, MLA, KDA, Mamba-2, ..
            def decode(self, x, cache, position): ...        # x [B, 1, d_model], position [B] -> (y, cache)
 
 2. Add `"<name>"` to `MIXER_MODULES` in `hybrid_jax/nn/__init__.py` (importing the module registers it).
+   What several layers share goes in a shared module (base classes in `linear_mixer`, checks in
+   `layer_config`, ...): a mixer layer module never imports another one.
 
 Contract:
 * `Cls(cfg, d_model, *, rngs)` builds the layer from a *resolved* config (`resolve_mixer_config`:
   defaults filled in, unknown keys rejected, `check_config` passed; `cfg.kind` is the kind name).
   Use `build_mixer` to get all of that in one call.
 * `layer(x)` maps `[B, T, d_model]` to `[B, T, d_model]`, is causal (output t depends on inputs
-  <= t only), computes in x.dtype, and creates every parameter with `logical_param` (axis names).
+  <= t only), computes in x.dtype, and creates every parameter with `logical_param` (axis names and
+  a weight-decay role: "weight", "embedding" or "no_decay", see `hybrid_jax.nn.common`).
 * `cache_bytes` is the decode cache / recurrent state one sequence needs at `context` tokens, in
   bytes for elements of `dtype_bytes` (KV cache for attention, latent cache for MLA, state plus
   conv history for linear mixers).
@@ -143,14 +146,6 @@ def resolve_mixer_config(cfg, d_model: int) -> ConfigDict:
     resolved = mixer_config(items.pop("kind"), **items)
     get_mixer(resolved.kind).check_config(resolved, d_model)
     return resolved
-
-
-def check_positive(cfg: ConfigDict, *keys: str, minimum: int = 1) -> None:
-    """For `check_config`: ValueError naming the first of `keys` whose value is not an int >= minimum."""
-    for key in keys:
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{key} must be an int >= {minimum}, got {value!r}")
 
 
 def build_mixer(cfg, d_model: int, *, rngs: nnx.Rngs) -> Mixer:

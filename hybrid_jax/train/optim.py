@@ -11,18 +11,19 @@ Update number s = 1, ..., S (the state's step after it) uses lr(s): the first up
     m, v   <- Adam moments (b1, b2);  u = m_hat / (sqrt(v_hat) + eps)
     theta  <- theta - lr * (u + weight_decay * mask * theta)
 
-Weight decay applies to matrices only: a parameter decays when it has at least two dimensions
-besides the stacked "layers" axis and none of them is "norm". Norm scales, biases and per-head
-vectors (gate biases, log-decay parameters) keep their values. Gradient accumulation lives in the
-train step (a scan over micro-batches), so one optimiser update is one step of the schedule.
+Weight decay follows each parameter's role, declared where the layer creates it
+(`hybrid_jax.nn.logical_param(..., role=...)`, collected by `hybrid_jax.nn.param_roles`), never its
+shape: "weight" (projection, conv and feature-map matrices) decays, "embedding" decays iff
+`train.decay_embeddings`, "no_decay" (norm scales, biases, A_log, dt_bias, D, level weights) never.
+Gradient accumulation lives in the train step (a scan over micro-batches), so one optimiser update
+is one step of the schedule.
 """
 from __future__ import annotations
 
 import jax
 import optax
-from jax.sharding import PartitionSpec
 
-STACKED_AXIS = "layers"
+from hybrid_jax.nn.common import EMBEDDING, ROLES, WEIGHT
 
 
 def learning_rate_schedule(train_config) -> optax.Schedule:
@@ -38,19 +39,21 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
     return lambda count: schedule(count + 1)
 
 
-def decays(logical_spec: PartitionSpec) -> bool:
-    """Whether a parameter with these logical axes gets weight decay (matrices, not norms)."""
-    axes = [axis for axis in logical_spec if axis != STACKED_AXIS]
-    return len(axes) >= 2 and "norm" not in axes
+def decays(role: str, *, decay_embeddings: bool = True) -> bool:
+    """Whether a parameter with this role gets weight decay (see the module docstring)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown parameter role {role!r}; valid roles are {list(ROLES)}")
+    return role == WEIGHT or (role == EMBEDDING and decay_embeddings)
 
 
-def weight_decay_mask(logical_specs):
-    """A tree of bools shaped like the parameters: True where weight decay applies."""
-    return jax.tree.map(decays, logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+def weight_decay_mask(roles, *, decay_embeddings: bool = True):
+    """A tree of bools shaped like `roles` (one role string per parameter): True where decay applies."""
+    return jax.tree.map(lambda role: decays(role, decay_embeddings=decay_embeddings), roles)
 
 
-def make_optimizer(train_config, logical_specs) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(optimizer, schedule) for the `train` config section and the parameters' logical specs."""
+def make_optimizer(train_config, roles) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(optimizer, schedule) for the `train` config section and the parameters' roles (a tree of role
+    strings shaped like the parameters, `hybrid_jax.nn.param_roles`)."""
     schedule = learning_rate_schedule(train_config)
     adamw = optax.adamw(
         schedule,
@@ -58,7 +61,7 @@ def make_optimizer(train_config, logical_specs) -> tuple[optax.GradientTransform
         b2=float(train_config.b2),
         eps=float(train_config.adam_eps),
         weight_decay=float(train_config.weight_decay),
-        mask=weight_decay_mask(logical_specs),
+        mask=weight_decay_mask(roles, decay_embeddings=bool(train_config.decay_embeddings)),
     )
     clip = float(train_config.grad_clip)
     optimizer = optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw

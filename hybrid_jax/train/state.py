@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from hybrid_jax.models import build_model
-from hybrid_jax.nn import count_params, logical_axes
+from hybrid_jax.nn import count_params, logical_axes, param_roles
 from hybrid_jax.train import mesh as mesh_lib
 from hybrid_jax.train.optim import make_optimizer
 from hybrid_jax.train.step import Params, TrainState
@@ -32,6 +32,7 @@ class TrainSetup:
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
     logical_specs: Params  # PartitionSpec of logical axis names per parameter
+    param_roles: Params  # weight-decay role per parameter ("weight", "embedding", "no_decay")
     abstract_state: TrainState  # ShapeDtypeStructs carrying the shardings of `mesh`
     state_shardings: TrainState
     num_params: int
@@ -63,7 +64,8 @@ def build_train_setup(config, mesh: Mesh, rules: mesh_lib.Rules) -> TrainSetup:
             f"{sorted({type(v).__name__ for v in jax.tree.leaves(other, is_leaf=lambda x: isinstance(x, nnx.Variable))})}"
         )
     logical_specs = nnx.to_pure_dict(logical_axes(abstract_model))
-    optimizer, schedule = make_optimizer(config.train, logical_specs)
+    roles = param_roles(abstract_model)
+    optimizer, schedule = make_optimizer(config.train, roles)
 
     def init(key: jax.Array) -> TrainState:
         params = _model_params(config.model, key)
@@ -90,6 +92,7 @@ def build_train_setup(config, mesh: Mesh, rules: mesh_lib.Rules) -> TrainSetup:
         optimizer=optimizer,
         schedule=schedule,
         logical_specs=logical_specs,
+        param_roles=roles,
         abstract_state=abstract_state,
         state_shardings=state_shardings,
         num_params=count_params(abstract_model),

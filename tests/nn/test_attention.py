@@ -184,22 +184,22 @@ def test_cache_bytes_and_flops_match_parameters():
 @pytest.mark.parametrize(
     "kind, overrides, message",
     [
-        ("attention", dict(num_heads=5), "num_heads=5 does not divide d_model=32"),
-        ("attention", dict(num_heads=4, num_kv_heads=3), "num_kv_heads=3 must divide num_heads=4"),
+        ("attention", dict(num_heads=5), "num_heads: 5 does not divide d_model=32"),
+        ("attention", dict(num_heads=4, num_kv_heads=3), "num_kv_heads: 3 must divide num_heads=4"),
         (
             "attention",
             dict(impl="flash"),
-            r"impl='flash' is not a softmax_attention impl; valid choices are \['reference'",
+            r"impl: 'flash' is not valid; valid values are \['reference'",
         ),
-        ("attention", dict(window=0), "window must be an int >= 1"),
-        ("attention", dict(rope_fraction=0.01), "rope_fraction=0.01 rotates no dims"),
+        ("attention", dict(window=0), "window: must be an int >= 1, got 0"),
+        ("attention", dict(rope_fraction=0.01), "rope_fraction: 0.01 rotates no dims"),
         (
             "mla",
             dict(impl="xla"),
-            r"impl='xla' needs qk_nope_head_dim \+ qk_rope_head_dim \(96\) == v_head_dim \(64\)",
+            r"impl: 'xla' needs qk_nope_head_dim \+ qk_rope_head_dim \(96\) == v_head_dim \(64\)",
         ),
-        ("mla", dict(qk_rope_head_dim=3), "qk_rope_head_dim must be even"),
-        ("mla", dict(kv_lora_rank=0), "kv_lora_rank must be an int >= 1"),
+        ("mla", dict(qk_rope_head_dim=3), "qk_rope_head_dim: must be even"),
+        ("mla", dict(kv_lora_rank=0), "kv_lora_rank: must be an int >= 1, got 0"),
     ],
 )
 def test_config_errors(kind, overrides, message):

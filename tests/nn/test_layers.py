@@ -1,4 +1,4 @@
-"""Building blocks: norms, short conv (with decode state), RoPE, SwiGLU, Dense, logical axes."""
+"""Building blocks: norms, short conv (with decode state), RoPE, SwiGLU, Dense, logical axes, roles."""
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,8 @@ from hybrid_jax.nn import (
     apply_rope,
     l2_normalize,
     logical_axes,
+    logical_param,
+    param_roles,
 )
 from hybrid_jax.nn.rope import rotary_dim_for
 
@@ -143,3 +145,15 @@ def test_logical_axes_read_back():
     assert specs["down"]["kernel"] == PartitionSpec("mlp", "embed")
     conv = ShortConv(4, rngs=nnx.Rngs(0))
     assert nnx.to_pure_dict(logical_axes(conv)) == {"weight": PartitionSpec("conv", "mlp")}
+
+
+def test_roles_read_back_and_are_required():
+    dense = Dense(4, 3, ("embed", "mlp"), use_bias=True, rngs=nnx.Rngs(0))
+    assert param_roles(dense) == {"kernel": "weight", "bias": "no_decay"}
+    conv = ShortConv(4, use_bias=True, rngs=nnx.Rngs(0))
+    assert param_roles(conv) == {"weight": "weight", "bias": "no_decay"}
+    assert param_roles(GatedRMSNorm(4)) == {"scale": "no_decay"}
+    with pytest.raises(TypeError, match="role"):
+        logical_param(jnp.ones(3), ("mlp",))  # noqa: the missing role is the point
+    with pytest.raises(ValueError, match=r"role 'bias' is not valid; valid values are \['weight', 'embedding'"):
+        logical_param(jnp.ones(3), ("mlp",), role="bias")

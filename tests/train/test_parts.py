@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from hybrid_jax.train import ConfigError, MetricsLogger, check_config, read_metrics, train
+from hybrid_jax.config import validate
+from hybrid_jax.train import ConfigError, MetricsBuffer, MetricsLogger, read_metrics, train
 from hybrid_jax.train import mesh as mesh_lib
 from hybrid_jax.train.optim import decays, learning_rate_schedule
 from hybrid_jax.train.state import build_train_setup
@@ -41,9 +42,9 @@ def test_logical_axes_map_to_mesh_axes(mesh_2x2x2, logical, shape, expected):
 def test_mesh_shape_resolution_and_errors():
     assert mesh_lib.resolve_mesh_shape((-1, 2, 1), 8) == (4, 2, 1)
     assert mesh_lib.resolve_mesh_shape((1, 1, -1), 8) == (1, 1, 8)
-    with pytest.raises(ValueError, match=r"mesh.shape \(3, -1, 1\): the fixed axes \(3 devices\) do not divide the 8"):
+    with pytest.raises(ValueError, match=r"mesh.shape: \(3, -1, 1\): the fixed axes \(3 devices\) do not divide the 8"):
         mesh_lib.resolve_mesh_shape((3, -1, 1), 8)
-    with pytest.raises(ValueError, match=r"mesh.shape \(2, 2, 1\) needs 4 devices but 8 are available"):
+    with pytest.raises(ValueError, match=r"mesh.shape: \(2, 2, 1\) needs 4 devices but 8 are available"):
         mesh_lib.resolve_mesh_shape((2, 2, 1), 8)
 
 
@@ -57,10 +58,10 @@ def test_state_shardings_follow_the_rules_and_decay_skips_norms(mesh_2x2x2):
     adam = setup.abstract_state.opt_state[1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
     assert adam.mu["embed"]["embedding"].sharding == params["embed"]["embedding"].sharding
     assert adam.count.sharding.spec == P()
-    specs = setup.logical_specs
-    assert decays(specs["embed"]["embedding"]) and decays(specs["periods"]["blocks"][0]["mixer"]["q_proj"]["kernel"])
-    assert not decays(specs["final_norm"]["scale"]) and not decays(specs["periods"]["blocks"][0]["ffn_norm"]["scale"])
-    assert not decays(P("layers", "heads"))  # per-head vectors stacked over layers
+    roles = setup.param_roles  # declared by the layers; tests/train/test_weight_decay.py checks them all
+    assert decays(roles["embed"]["embedding"]) and decays(roles["periods"]["blocks"][0]["mixer"]["q_proj"]["kernel"])
+    assert not decays(roles["embed"]["embedding"], decay_embeddings=False)
+    assert not decays(roles["final_norm"]["scale"]) and not decays(roles["periods"]["blocks"][0]["ffn_norm"]["scale"])
 
 
 def test_schedule_warms_up_from_the_first_update_and_ends_at_the_floor(corpus):
@@ -125,14 +126,29 @@ def test_resumed_metrics_drop_the_dead_runs_records(tmp_path):
     [
         ("warmup_steps", 6, r"train.warmup_steps: 6 must be smaller than train.steps \(6\)"),
         ("keep_checkpoints", 0, r"train.keep_checkpoints: must be an int >= 1, got 0"),
-        ("b2", 1.0, r"train.b2: must be in \[0, 1\), got 1.0"),
-        ("learning_rate", 0.0, r"train.learning_rate: must be > 0"),
+        ("b2", 1.0, r"train.b2: must be a number in \[0, 1\), got 1.0"),
+        ("learning_rate", 0.0, r"train.learning_rate: must be a number > 0"),
     ],
 )
 def test_train_config_errors_name_the_key(corpus, key, value, message):
+    """The trainer's config errors are `validate`'s (every case: tests/test_config.py)."""
     config = tiny_config(corpus)
     setattr(config.train, key, value)
     with pytest.raises(ValueError, match=message):
-        check_config(config)
+        validate(config)
     with pytest.raises(ConfigError, match=message):
         train(config, "/nonexistent/never/created")
+
+
+def test_metrics_buffer_averages_the_window_and_stops_at_a_non_finite_loss():
+    buffer = MetricsBuffer()
+    buffer.add(1, {"loss": jnp.float32(2.0), "grad_norm": jnp.float32(5.0)})  # no "learning_rate"
+    buffer.add(2, {"loss": jnp.float32(4.0), "grad_norm": jnp.float32(3.0)})
+    assert buffer.fetch() is None
+    assert buffer.take() == {"loss": 3.0, "grad_norm": 3.0}
+    buffer.add(3, {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0), "learning_rate": jnp.float32(0.5)})
+    buffer.add(4, {"loss": jnp.float32(np.nan), "grad_norm": jnp.float32(1.0)})
+    buffer.add(5, {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0)})
+    step, loss = buffer.fetch()
+    assert step == 4 and math.isnan(loss)
+    assert buffer.take() == {"loss": 1.0, "grad_norm": 1.0, "learning_rate": 0.5}  # steps after 4 dropped

@@ -11,17 +11,32 @@ A config has four sections:
            logical parameter axes (`hybrid_jax.nn.common`) onto mesh axes.
 
 `get_default_config()` is locked: assigning a key that does not exist raises at once. `validate`
-raises one ValueError per problem, naming the key and its valid values. Experiment files
+raises one ValueError per problem, `"<key>: <message>"` naming the key and its valid values
+(`hybrid_jax.checks`); it holds every check of the config, the trainer's included, so that a config
+it passes (given the run's device and process counts) fails in training only for what a config
+cannot know: a missing data path, a tokenizer larger than `model.vocab_size`, a workdir whose
+checkpoints are newer than `train.steps`. Experiment files
 (`experiments/configs/*.py`) define `get_config(preset)` and are loaded with `load_config("path:preset")`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import ml_collections
 
+from hybrid_jax.checks import (
+    check_choice,
+    check_divides,
+    check_int,
+    check_number,
+    check_positive_number,
+    fail,
+    is_int,
+    key_path,
+)
 from hybrid_jax.nn import MIXERS, mixer_config, resolve_mixer_config
 
 ConfigDict = ml_collections.ConfigDict
@@ -115,39 +130,18 @@ def layer_pattern(model_cfg) -> list[str]:
     return list(model_cfg.pattern) * (model_cfg.num_layers // period)
 
 
-def _fail(key: str, message: str):
-    raise ValueError(f"{key}: {message}")
-
-
-def _check_int(section, prefix: str, key: str, minimum: int) -> None:
-    value = section[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(f"{prefix}.{key}", f"must be an int >= {minimum}, got {value!r}")
-
-
-def _check_choice(section, prefix: str, key: str, choices) -> None:
-    if section[key] not in choices:
-        _fail(f"{prefix}.{key}", f"{section[key]!r} is not valid; valid values are {list(choices)}")
-
-
 def _check_known_keys(config, schema, path: str) -> None:
     """`config` has exactly the keys of `schema` (recursing into sections, not into model.mixers)."""
     for key in schema.keys():
         if key not in config:
-            _fail(
-                f"{path}.{key}" if path else key,
-                "missing; build configs from hybrid_jax.config.get_default_config()",
-            )
+            fail(key_path(path, key), "missing; build configs from hybrid_jax.config.get_default_config()")
     for key in config.keys():
-        full = f"{path}.{key}" if path else key
+        full = key_path(path, key)
         if key not in schema:
-            _fail(
-                full,
-                f"unknown config key; valid keys{' in ' + path if path else ''} are {sorted(schema.keys())}",
-            )
+            fail(full, f"unknown config key; valid keys{' in ' + path if path else ''} are {sorted(schema.keys())}")
         if full != "model.mixers" and isinstance(schema[key], ConfigDict):
             if not isinstance(config[key], ConfigDict):
-                _fail(full, f"must be a config section, got {config[key]!r}")
+                fail(full, f"must be a config section, got {config[key]!r}")
             _check_known_keys(config[key], schema[key], full)
 
 
@@ -159,95 +153,155 @@ def resolved_mixers(model_cfg) -> dict[str, ConfigDict]:
             resolved[letter] = resolve_mixer_config(cfg, model_cfg.d_model)
         except ValueError as error:
             kind = cfg.get("kind", "?") if hasattr(cfg, "get") else "?"
-            _fail(f"model.mixers.{letter} (kind {kind!r})", str(error))
+            fail(f"model.mixers.{letter} (kind {kind!r})", str(error))
     return resolved
+
+
+def _check_pattern(model_cfg) -> None:
+    pattern, mixers = model_cfg.pattern, model_cfg.mixers
+    if not isinstance(pattern, str) or not pattern:
+        fail("model.pattern", f"must be a non-empty string of mixer letters, got {pattern!r}")
+    if not hasattr(mixers, "keys") or not mixers:
+        fail("model.mixers", f"must map each pattern letter to a mixer config, got {mixers!r}")
+    for letter in mixers.keys():
+        if len(letter) != 1:
+            fail("model.mixers", f"key {letter!r} must be a single pattern letter")
+    for letter in pattern:
+        if letter not in mixers:
+            fail("model.pattern",
+                 f"letter {letter!r} has no mixer in model.mixers; defined letters are {sorted(mixers.keys())}")
+    if model_cfg.num_layers % len(pattern):
+        fail("model.num_layers",
+             f"{model_cfg.num_layers} is not a multiple of the pattern period {len(pattern)} "
+             f"(model.pattern={pattern!r}); valid values are multiples of {len(pattern)}")
 
 
 def validate_model(model_cfg) -> dict[str, ConfigDict]:
     """Checks the `model` section; returns the resolved mixer config of every letter."""
     _check_known_keys(model_cfg, get_default_config().model, "model")
     for key in ("vocab_size", "d_model", "num_layers"):
-        _check_int(model_cfg, "model", key, 1)
-    pattern, mixers = model_cfg.pattern, model_cfg.mixers
-    if not isinstance(pattern, str) or not pattern:
-        _fail("model.pattern", f"must be a non-empty string of mixer letters, got {pattern!r}")
-    if not hasattr(mixers, "keys") or not mixers:
-        _fail("model.mixers", f"must map each pattern letter to a mixer config, got {mixers!r}")
-    for letter in mixers.keys():
-        if len(letter) != 1:
-            _fail("model.mixers", f"key {letter!r} must be a single pattern letter")
-    for letter in pattern:
-        if letter not in mixers:
-            _fail(
-                "model.pattern",
-                f"letter {letter!r} has no mixer in model.mixers; defined letters are {sorted(mixers.keys())}",
-            )
-    if model_cfg.num_layers % len(pattern):
-        _fail(
-            "model.num_layers",
-            f"{model_cfg.num_layers} is not a multiple of the pattern period {len(pattern)} "
-            f"(model.pattern={pattern!r}); valid values are multiples of {len(pattern)}",
-        )
-    _check_choice(model_cfg, "model", "ffn", FFN_KINDS)
+        check_int(model_cfg, key, prefix="model")
+    _check_pattern(model_cfg)
+    check_choice(model_cfg, "ffn", FFN_KINDS, prefix="model")
     if model_cfg.ffn == "swiglu":
-        _check_int(model_cfg, "model", "mlp_dim", 1)
-    _check_choice(model_cfg, "model", "dtype", COMPUTE_DTYPES)
-    _check_choice(model_cfg, "model", "remat", REMAT_POLICIES)
-    if not model_cfg.norm_eps > 0:
-        _fail("model.norm_eps", f"must be > 0, got {model_cfg.norm_eps!r}")
+        check_int(model_cfg, "mlp_dim", prefix="model")
+    check_choice(model_cfg, "dtype", COMPUTE_DTYPES, prefix="model")
+    check_choice(model_cfg, "remat", REMAT_POLICIES, prefix="model")
+    check_positive_number(model_cfg, "norm_eps", prefix="model")
     return resolved_mixers(model_cfg)
 
 
-def _validate_mesh(mesh_cfg) -> None:
+def validate_mesh(mesh_cfg) -> None:
+    """`mesh.shape` gives one size per axis of `mesh.axes`; each rule maps a logical axis once, onto
+    mesh axes that exist."""
     shape, axes = tuple(mesh_cfg.shape), tuple(mesh_cfg.axes)
     if len(shape) != len(axes):
-        _fail("mesh.shape", f"{shape} must have one size per mesh axis in mesh.axes={axes}")
+        fail("mesh.shape", f"{shape} must have one size per mesh axis in mesh.axes={axes}")
     if len(set(axes)) != len(axes):
-        _fail("mesh.axes", f"mesh axis names must be unique, got {axes}")
-    if (
-        any(isinstance(s, bool) or not isinstance(s, int) or (s < 1 and s != -1) for s in shape)
-        or shape.count(-1) > 1
-    ):
-        _fail(
-            "mesh.shape", f"sizes must be ints >= 1 with at most one -1 (all remaining devices), got {shape}"
-        )
+        fail("mesh.axes", f"mesh axis names must be unique, got {axes}")
+    if any(not is_int(s) or (s < 1 and s != -1) for s in shape) or shape.count(-1) > 1:
+        fail("mesh.shape", f"sizes must be ints >= 1 with at most one -1 (all remaining devices), got {shape}")
+    seen = set()
     for rule in mesh_cfg.axis_rules:
         if len(rule) != 2:
-            _fail("mesh.axis_rules", f"each rule must be (logical_axis, mesh_axes), got {rule!r}")
-        targets = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
-        for target in targets:
-            if target is not None and target not in axes:
-                _fail(
-                    "mesh.axis_rules",
-                    f"rule {tuple(rule)!r} names mesh axis {target!r}; valid mesh axes are {axes}",
-                )
+            fail("mesh.axis_rules", f"each rule must be (logical_axis, mesh_axes), got {rule!r}")
+        if rule[0] in seen:
+            fail("mesh.axis_rules", f"logical axis {rule[0]!r} has more than one rule")
+        seen.add(rule[0])
+        for target in rule_targets(rule[1]):
+            if target not in axes:
+                fail("mesh.axis_rules", f"rule {tuple(rule)!r} names mesh axis {target!r}; valid mesh axes are {axes}")
 
 
-def validate(config) -> ConfigDict:
-    """Checks the whole config; raises one ValueError naming the first bad key. Returns `config`."""
+def rule_targets(target) -> tuple[str, ...]:
+    """The mesh axes of one axis rule's target: a name, a tuple of names, or None (replicated)."""
+    targets = tuple(target) if isinstance(target, (tuple, list)) else (target,)
+    return tuple(t for t in targets if t is not None)
+
+
+def resolve_mesh_shape(shape, num_devices: int) -> tuple[int, ...]:
+    """`mesh.shape` with its -1 entry (if any) replaced so that the sizes multiply to `num_devices`."""
+    shape = tuple(int(s) for s in shape)
+    fixed = math.prod(s for s in shape if s != -1)
+    if shape.count(-1) > 1 or any(s < 1 and s != -1 for s in shape):
+        fail("mesh.shape", f"{shape}: sizes must be >= 1 with at most one -1")
+    if -1 in shape:
+        if num_devices % fixed:
+            fail("mesh.shape", f"{shape}: the fixed axes ({fixed} devices) do not divide the {num_devices} "
+                 "available devices")
+        shape = tuple(num_devices // fixed if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        fail("mesh.shape", f"{shape} needs {math.prod(shape)} devices but {num_devices} are available; "
+             "use -1 for one axis to take all remaining devices")
+    return shape
+
+
+def _check_batch_layout(config, device_count: int | None, process_count: int) -> None:
+    """Each micro-batch's rows split evenly over the batch shards (the mesh axes of the "batch" rule)
+    and the processes. Without `device_count` a -1 mesh size is unknown: the shards are then checked
+    only when no batch axis is -1."""
+    tc, mesh_cfg = config.train, config.mesh
+    shape = tuple(mesh_cfg.shape) if device_count is None else resolve_mesh_shape(mesh_cfg.shape, device_count)
+    sizes = dict(zip(mesh_cfg.axes, shape))
+    batch_axes = next((rule_targets(target) for name, target in mesh_cfg.axis_rules if name == "batch"), ())
+    shards = math.prod(sizes[axis] for axis in batch_axes)
+    rows = tc.batch_size // tc.grad_accum_steps
+    if shards > 0 and rows % shards:  # an unresolved -1 size makes the product negative: unknown
+        fail("train.batch_size", f"{tc.batch_size} / grad_accum_steps {tc.grad_accum_steps} = {rows} rows per "
+             f"micro-batch must divide over the {shards} batch shards of mesh {sizes}")
+    if tc.batch_size % process_count:
+        fail("train.batch_size", f"{tc.batch_size} must divide over {process_count} processes")
+
+
+def _validate_train(tc) -> None:
+    """The `train` section, including what only the trainer and the optimiser read."""
+    for key in ("steps", "batch_size", "grad_accum_steps", "seq_len", "log_every", "eval_every", "eval_steps",
+                "checkpoint_every", "keep_checkpoints"):
+        check_int(tc, key, prefix="train")
+    check_int(tc, "warmup_steps", minimum=0, prefix="train")
+    check_int(tc, "seed", minimum=0, prefix="train")
+    if tc.seed >= 2**32:  # grain's shuffle seed is 32 bits
+        fail("train.seed", f"must be < 2**32, got {tc.seed}")
+    check_divides("train.grad_accum_steps", tc.grad_accum_steps, "train.batch_size", tc.batch_size)
+    if tc.warmup_steps >= tc.steps:  # the cosine decay needs at least one step after the warmup
+        fail("train.warmup_steps", f"{tc.warmup_steps} must be smaller than train.steps ({tc.steps})")
+    check_positive_number(tc, "learning_rate", prefix="train")
+    check_number(tc, "min_learning_rate_ratio", low=0, high=1, prefix="train")
+    for key in ("b1", "b2"):
+        check_number(tc, key, low=0, high=1, high_inclusive=False, prefix="train")
+    check_number(tc, "weight_decay", low=0, prefix="train")
+    check_number(tc, "grad_clip", low=0, prefix="train")  # 0 turns clipping off
+    check_positive_number(tc, "adam_eps", prefix="train")
+    check_choice(tc, "decay_embeddings", (True, False), prefix="train")
+
+
+def _validate_data(data_cfg) -> None:
+    tokenizer = data_cfg.tokenizer
+    if tokenizer not in TOKENIZERS and not str(tokenizer).endswith(".model"):
+        fail("data.tokenizer",
+             f"{tokenizer!r} is not valid; valid values are {list(TOKENIZERS)} or a SentencePiece .model path")
+    check_number(data_cfg, "val_fraction", low=0, high=1, low_inclusive=False, high_inclusive=False, prefix="data")
+    if not is_int(data_cfg.worker_count) or data_cfg.worker_count != 0:
+        # grain workers would each copy the in-memory token array the LM pipeline slices.
+        fail("data.worker_count", "the LM pipeline slices an in-memory token array in the training "
+             f"process; only 0 is supported, got {data_cfg.worker_count!r}")
+
+
+def validate(config, *, device_count: int | None = None, process_count: int = 1) -> ConfigDict:
+    """Checks the whole config; raises one ValueError naming the first bad key. Returns `config`.
+
+    Given `device_count` (the devices the mesh will span) and `process_count`, it also checks what
+    the devices decide: the mesh shape, and that each micro-batch of batch_size / grad_accum_steps
+    rows splits evenly over the batch shards and the processes. A config that passes with the run's
+    counts fails in `hybrid_jax.train.train` only for what the config cannot know (the data path,
+    the tokenizer's vocabulary, the checkpoints already in the workdir).
+    """
     _check_known_keys(config, get_default_config(), "")
     validate_model(config.model)
-    for key in (
-        "steps",
-        "batch_size",
-        "seq_len",
-        "log_every",
-        "eval_every",
-        "eval_steps",
-        "checkpoint_every",
-    ):
-        _check_int(config.train, "train", key, 1)
-    _check_int(config.train, "train", "warmup_steps", 0)
-    if not config.train.learning_rate > 0:
-        _fail("train.learning_rate", f"must be > 0, got {config.train.learning_rate!r}")
-    tokenizer = config.data.tokenizer
-    if tokenizer not in TOKENIZERS and not str(tokenizer).endswith(".model"):
-        _fail(
-            "data.tokenizer",
-            f"{tokenizer!r} is not valid; valid values are {list(TOKENIZERS)} or a SentencePiece .model path",
-        )
-    _check_int(config.data, "data", "worker_count", 0)
-    _validate_mesh(config.mesh)
+    _validate_train(config.train)
+    _validate_data(config.data)
+    validate_mesh(config.mesh)
+    _check_batch_layout(config, device_count, process_count)
     return config
 
 
@@ -259,36 +313,12 @@ def preset_config(preset: str) -> ConfigDict:
     transformer). Experiments then set depth, pattern and mixers.
     """
     sizes = {
-        "tiny": dict(
-            d_model=64,
-            mlp_dim=192,
-            tokenizer="byte",
-            vocab_size=256,
-            seq_len=128,
-            batch_size=8,
-            lr=1e-3,
-            steps=300,
-        ),
-        "small": dict(
-            d_model=256,
-            mlp_dim=1024,
-            tokenizer="gpt2",
-            vocab_size=50304,
-            seq_len=512,
-            batch_size=16,
-            lr=6e-4,
-            steps=5000,
-        ),
-        "base": dict(
-            d_model=768,
-            mlp_dim=2304,
-            tokenizer="gpt2",
-            vocab_size=50304,
-            seq_len=1024,
-            batch_size=32,
-            lr=3e-4,
-            steps=20000,
-        ),
+        "tiny": dict(d_model=64, mlp_dim=192, tokenizer="byte", vocab_size=256, seq_len=128, batch_size=8,
+                     lr=1e-3, steps=300),
+        "small": dict(d_model=256, mlp_dim=1024, tokenizer="gpt2", vocab_size=50304, seq_len=512, batch_size=16,
+                      lr=6e-4, steps=5000),
+        "base": dict(d_model=768, mlp_dim=2304, tokenizer="gpt2", vocab_size=50304, seq_len=1024, batch_size=32,
+                     lr=3e-4, steps=20000),
     }
     if preset not in sizes:
         raise ValueError(f"unknown preset {preset!r}; valid presets are {list(PRESETS)}")
@@ -333,7 +363,10 @@ __all__ = [
     "load_config",
     "mixer",
     "preset_config",
+    "resolve_mesh_shape",
     "resolved_mixers",
+    "rule_targets",
     "validate",
+    "validate_mesh",
     "validate_model",
 ]

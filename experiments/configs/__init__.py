@@ -1,4 +1,4 @@
 """One ml_collections config file per model family; each defines `get_config("tiny"|"small"|"base")`
-and `MIXER_KINDS` (the mixer kinds it uses). Load one with
+(its mixer kinds are those of `config.model.mixers`). Load one with
 `hybrid_jax.config.load_config("experiments/configs/<family>.py:<preset>")`.
 """

@@ -6,7 +6,6 @@ rule; the hybrid keeps one softmax attention layer in four for exact retrieval.
 
 from hybrid_jax.config import mixer, preset_config
 
-MIXER_KINDS = ("gated_deltanet", "attention")
 
 # Gated DeltaNet values are 2x wider than keys (expand_v = 2), so its layers use half the
 # attention heads to keep the base preset near 125M parameters.

@@ -7,7 +7,6 @@ Mamba layers carry position, so the attention layers here are NoPE GQA (`rope=Fa
 
 from hybrid_jax.config import mixer, preset_config
 
-MIXER_KINDS = ("mamba2", "attention")
 
 SIZES = {
     "tiny": dict(num_layers=8, heads=4, kv_heads=2, head_dim=16, state_dim=16),

@@ -8,7 +8,6 @@ decay. Three quarters of the layers keep a constant-size state, so the KV cache 
 
 from hybrid_jax.config import mixer, preset_config
 
-MIXER_KINDS = ("kda", "mla")
 
 SIZES = {
     "tiny": dict(num_layers=4, heads=4, head_dim=16, kv_lora_rank=32),

@@ -6,7 +6,6 @@ spans, so memory grows logarithmically with context while the chunked form stays
 
 from hybrid_jax.config import mixer, preset_config
 
-MIXER_KINDS = ("loglinear_gated_deltanet",)
 
 SIZES = {
     "tiny": dict(num_layers=2, heads=4, head_dim=16),

@@ -5,7 +5,6 @@ Without FFNs the layer count doubles against a transformer of the same size (24 
 
 from hybrid_jax.config import mixer, preset_config
 
-MIXER_KINDS = ("mamba2",)
 
 SIZES = {
     "tiny": dict(num_layers=2, head_dim=16, state_dim=16),

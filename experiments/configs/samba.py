@@ -7,7 +7,6 @@ constant memory at any context.
 
 from hybrid_jax.config import mixer, preset_config
 
-MIXER_KINDS = ("mamba", "attention")
 
 SIZES = {
     "tiny": dict(num_layers=2, heads=4, kv_heads=2, state_dim=16, window=32),

@@ -5,7 +5,6 @@ python -m hybrid_jax.inspect --config experiments/configs/transformer.py:small
 
 from hybrid_jax.config import mixer, preset_config
 
-MIXER_KINDS = ("attention",)
 
 # d_model comes from the preset (tiny 64, small 256, base 768); heads of 16 / 64 / 64 dims.
 SIZES = {

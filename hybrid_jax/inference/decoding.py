@@ -36,7 +36,8 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, lengths
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def decode_step(graphdef: nnx.GraphDef, state: nnx.State, next_tokens: jax.Array,
                 cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
-    """`HybridLM.decode_step`, jitted, with the cache donated (do not reuse the `cache` passed in)."""
+    """`HybridLM.decode_step`, jitted, with the cache donated (do not reuse the `cache` passed in).
+    Rows past the cache's capacity get NaN logits (`HybridLM.decode_limit`)."""
     return nnx.merge(graphdef, state).decode_step(next_tokens, cache)
 
 
@@ -52,18 +53,34 @@ def decode_and_sample(graphdef, state, next_tokens, cache, key, **sampling):
 
 
 class Decoder:
-    """A model split once into (graphdef, state), with jitted `prefill` and `decode_step`."""
+    """A model split once into (graphdef, state), with jitted `prefill` and `decode_step`.
+
+    `prefill` takes `max_len` as `HybridLM.prefill` does (required when a layer's cache is sized by
+    it: global attention, MLA, log-linear). `decode_step` raises a ValueError instead of
+    feeding a row whose position is past the cache's capacity (`HybridLM.decode_limit`), where the
+    jitted step would return NaN logits; checking it reads the positions back from the device, so
+    it waits for the previous step (whose logits a caller needs anyway to pick the next token).
+    """
 
     def __init__(self, model: HybridLM):
+        self.model = model  # for `decode_limit`, which reads only shapes and layer windows
         self.graphdef, self.state = nnx.split(model)
 
     def prefill(self, tokens, *, max_len: int | None = None, lengths=None) -> tuple[jax.Array, DecodeCache]:
         tokens = jnp.asarray(tokens, jnp.int32)
-        max_len = tokens.shape[1] if max_len is None else max_len
         lengths = None if lengths is None else jnp.asarray(lengths, jnp.int32)
         return prefill(self.graphdef, self.state, tokens, lengths, max_len=max_len)
 
     def decode_step(self, next_tokens, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
+        limit = self.model.decode_limit(cache)
+        if limit is not None:
+            last = int(np.max(np.asarray(cache.position)))
+            if last >= limit:
+                raise ValueError(
+                    f"Decoder.decode_step: a row is at position {last}, past the {limit} positions the cache "
+                    "holds (set by the prefill's max_len); its global attention / MLA (or log-linear) "
+                    "layers would read tokens it no longer holds. Prefill with a larger max_len."
+                )
         return decode_step(self.graphdef, self.state, jnp.asarray(next_tokens, jnp.int32), cache)
 
 
@@ -111,8 +128,9 @@ def generate(
 
     `prompt_tokens` `[T]` or `[B, T]` (right-padded, with `lengths` `[B]`, for prompts of different
     lengths). Token i is drawn with key `fold_in(PRNGKey(seed), i)`; `vocab_limit` bars ids >= it.
-    `max_len` (default prompt + new tokens) sizes the caches. `on_token(tokens [B])` is called as
-    each step's tokens arrive.
+    `max_len` (default prompt + new tokens) sizes the caches; one too small for the prompt and the
+    new tokens is a ValueError before anything runs. `on_token(tokens [B])` is called as each
+    step's tokens arrive.
     """
     check_sampling(temperature, top_k, top_p, vocab_limit)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:

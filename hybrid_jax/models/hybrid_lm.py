@@ -21,8 +21,19 @@ Decoding threads one cache per block through the same scan:
 RecurrentCache; see each layer), every array stacked over the periods on a leading axis like the
 parameters, and `DecodeCache.position` `[B]` the number of tokens each row has consumed. The
 prefill runs each mixer's training path (the chunked forms) over the prompt and keeps what decoding
-needs; `max_len` (default T) bounds prompt plus generated tokens (the size of global KV caches:
-a global attention layer decoding past it would overwrite its oldest tokens, so `generate` refuses).
+needs; `max_len` bounds prompt plus generated tokens: it is the number of slots S of the ring-buffer
+caches (attention KV, MLA latent), which hold position p in slot p mod S, and it sets the levels of
+the log-linear layers' Fenwick states. Decoding position p >= S would overwrite position p - S,
+which a global attention or MLA layer (or a sliding window wider than S) still reads, and a
+Fenwick state has no level for the positions past the next power of two >= max_len; so decoding
+past the cache is never silent:
+
+    model.decode_limit(cache)  the first position the cache cannot decode (None: no such layer)
+    decode_step                the logits of a row at position >= decode_limit are NaN (inside jit)
+    Decoder / generate         raise a ValueError before such a step (the position is known there)
+    prefill(tokens)            without max_len raises when a layer's cache is sized by it (global
+                               attention, MLA, a window W > T, log-linear); the other recurrent
+                               layers and windows W <= T need no room
 Ragged prompts: right-pad them to T and pass `lengths` `[B]`; each row's cache then holds exactly
 its first `lengths[b]` tokens (attention caches write only those positions, recurrent mixers turn
 padded steps into identity steps, log-linear ones shift the row, see `hybrid_jax.nn.log_linear`),
@@ -179,22 +190,19 @@ class HybridLM(nnx.Module):
     ) -> tuple[jax.Array, DecodeCache]:
         """Logits `[B, T, vocab]` for every prompt position and the cache to decode from.
 
-        `max_len` (default T): the most tokens (prompt + generated) any row will hold.
+        `max_len`: the most tokens (prompt + generated) any row will hold. It may be left out only
+        when no layer's cache is sized by it (`decode_limit` is None: recurrent layers other than
+        log-linear, sliding windows W <= T); otherwise leaving it out is a ValueError, as the
+        default T would leave no room to decode.
         `lengths` `[B]`: prompt lengths of right-padded rows (default: all T).
         """
         self._check_tokens(tokens, ".prefill")
         batch, t = tokens.shape
-        max_len = t if max_len is None else max_len
+        given = max_len is not None
+        max_len = max_len if given else t
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < t:
             raise ValueError(f"HybridLM.prefill: max_len must be an int >= the prompt length T={t}, got {max_len!r}")
-        if lengths is not None:
-            lengths = jnp.asarray(lengths)
-            if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-                raise ValueError(
-                    f"HybridLM.prefill: lengths must be an integer array [B] = [{batch}], "
-                    f"got {lengths.dtype}{list(lengths.shape)}"
-                )
-            lengths = lengths.astype(jnp.int32)
+        lengths = self._checked_lengths(lengths, batch)
         for block in self.periods.blocks:
             if not hasattr(block.mixer, "prefill"):
                 raise ValueError(f"HybridLM.prefill: mixer {type(block.mixer).__name__} has no decoding path")
@@ -205,10 +213,45 @@ class HybridLM(nnx.Module):
 
         x, caches = scan_periods(self._embed(tokens), self.periods, lengths)
         position = jnp.full((batch,), t, jnp.int32) if lengths is None else lengths
-        return self._logits(x), DecodeCache(caches, position)
+        cache = DecodeCache(caches, position)
+        if not given and self.decode_limit(cache) is not None:
+            raise ValueError(
+                f"HybridLM.prefill: max_len is required for pattern {self.pattern!r}: its global attention "
+                f"/ MLA layers (or windows wider than the prompt, or log-linear levels) are sized by "
+                f"max_len, and the default (the prompt length T={t}) leaves no room to decode; pass "
+                "max_len = T + the number of tokens to generate"
+            )
+        return self._logits(x), cache
+
+    @staticmethod
+    def _checked_lengths(lengths, batch: int) -> jax.Array | None:
+        if lengths is None:
+            return None
+        lengths = jnp.asarray(lengths)
+        if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise ValueError(
+                f"HybridLM.prefill: lengths must be an integer array [B] = [{batch}], "
+                f"got {lengths.dtype}{list(lengths.shape)}"
+            )
+        return lengths.astype(jnp.int32)
+
+    def decode_limit(self, cache: DecodeCache) -> int | None:
+        """The first position `cache` cannot decode exactly, the smallest `Mixer.decode_limit` of its
+        layers (None: no limit). Static: it reads only shapes and the layers' windows, so it works
+        under jit."""
+        limits = [block.mixer.decode_limit(layer_cache)
+                  for block, layer_cache in zip(self.periods.blocks, cache.layers)]
+        limits = [limit for limit in limits if limit is not None]
+        return min(limits) if limits else None
 
     def decode_step(self, next_tokens: jax.Array, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
-        """Feeds one token per row (`[B]` or `[B, 1]`) at `cache.position`; logits `[B, vocab]`."""
+        """Feeds one token per row (`[B]` or `[B, 1]`) at `cache.position`; logits `[B, vocab]`.
+
+        A row whose position is >= `decode_limit(cache)` (past the capacity of a global attention or
+        MLA cache, i.e. the prefill's max_len, or of a log-linear layer's levels) gets NaN logits:
+        its cache cannot hold what the layer needs. Outside jit, `hybrid_jax.inference.Decoder`
+        raises before such a step.
+        """
         tokens = next_tokens[:, None] if next_tokens.ndim == 1 else next_tokens
         if tokens.ndim != 2 or tokens.shape[1] != 1 or tokens.shape[0] != cache.position.shape[0]:
             raise ValueError(
@@ -230,7 +273,11 @@ class HybridLM(nnx.Module):
             return h, stacked, index + 1
 
         x, caches, _ = scan_periods((x, cache.layers, jnp.zeros((), jnp.int32)), self.periods)
-        return self._logits(x)[:, 0], DecodeCache(caches, position + 1)
+        logits = self._logits(x)[:, 0]
+        limit = self.decode_limit(cache)
+        if limit is not None:  # loud, never silently wrong: NaN rows past the cache's capacity
+            logits = jnp.where((position >= limit)[:, None], jnp.nan, logits)
+        return logits, DecodeCache(caches, position + 1)
 
 
 def build_model(model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> HybridLM:

@@ -136,6 +136,12 @@ class Attention(Mixer):
         capacity = self.cache_capacity(max_len)
         return y, KVCache(prompt_ring_buffer(k, capacity, lengths), prompt_ring_buffer(v, capacity, lengths))
 
+    def decode_limit(self, cache: KVCache) -> int | None:
+        """A ring buffer of S slots overwrites position p - S at position p: harmless only for a window
+        W <= S, which never reads that far back."""
+        slots = cache.k.shape[-3]  # [..., B, S, HKV, Dh]
+        return None if self.window is not None and self.window <= slots else slots
+
     def decode(self, x: jax.Array, cache: KVCache, position: jax.Array) -> tuple[jax.Array, KVCache]:
         """One token per row: x `[B, 1, d_model]` at positions `position` `[B]`."""
         q, k, v = self.project_qkv(x, position[:, None])

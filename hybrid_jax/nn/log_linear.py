@@ -174,6 +174,10 @@ class LogLinearMixin:
             o, state = ragged_fenwick_prefill(run, args, lam, lengths, self.cache_levels(max_len))
         return self.fenwick_output(o, inputs), state
 
+    def decode_limit(self, cache) -> int:
+        """L Fenwick levels hold the levels l(p, s) = bit_length(p XOR s) < L of positions p < 2^(L-1)."""
+        return 1 << (cache.state.levels.shape[-3] - 1)  # levels [..., B, HV, L, K, V]
+
     def mix_step(self, x, inputs, state: FenwickState):
         (q, k, v, g, beta), scale = self.fenwick_args(inputs)
         lam = self.level_scales(x)[..., : state.levels.shape[2]]

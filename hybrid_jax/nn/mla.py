@@ -166,6 +166,10 @@ class MLA(Mixer):
         y, entries = self.attend(x)
         return y, LatentCache(prompt_ring_buffer(entries, max_len, lengths))
 
+    def decode_limit(self, cache: LatentCache) -> int:
+        """The latent ring buffer of S slots would overwrite position p - S at position p."""
+        return cache.latent.shape[-3]  # [..., B, S, 1, r_kv + d_rope]
+
     def decode(self, x: jax.Array, cache: LatentCache, position: jax.Array) -> tuple[jax.Array, LatentCache]:
         """One token per row, x `[B, 1, d_model]` at `position` `[B]`, in the absorbed form (module doc)."""
         q = self.rotate_query(self.query(x), position[:, None])[:, 0]  # [B, H, d_nope + d_rope]

@@ -18,6 +18,7 @@ A mixer is the sequence-mixing half of a block (attention, MLA, KDA, Mamba-2, ..
            def __call__(self, x): ...                       # [B, T, d_model] -> [B, T, d_model]
            def prefill(self, x, *, max_len, lengths=None): ...  # -> (y, cache): same math as __call__
            def decode(self, x, cache, position): ...        # x [B, 1, d_model], position [B] -> (y, cache)
+           def decode_limit(self, cache): ...                # optional: first position the cache can't hold
 
 2. Add `"<name>"` to `MIXER_MODULES` in `hybrid_jax/nn/__init__.py` (importing the module registers it).
    What several layers share goes in a shared module (base classes in `linear_mixer`, checks in
@@ -83,6 +84,15 @@ class Mixer(nnx.Module):
     @classmethod
     def flops_per_token(cls, cfg: ConfigDict, d_model: int, context: int) -> int:
         raise NotImplementedError(f"{cls.__name__}.flops_per_token")
+
+    def decode_limit(self, cache) -> int | None:
+        """The first position this layer's decode `cache` cannot decode exactly; None: every position.
+
+        Read from shapes only (so it works under jit), on the trailing axes: the cache may be stacked
+        over periods. Layers whose cache is sized by the prefill's `max_len` override this.
+        """
+        del cache
+        return None
 
 
 def register_mixer(kind: str):

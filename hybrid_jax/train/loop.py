@@ -2,14 +2,16 @@
 
     train(load_config("experiments/configs/kimi_linear.py:tiny"), "runs/x")
 
-Order of work, so that every mistake surfaces before anything compiles: the config is validated
-(`check_config`), the mesh is built and the batch checked against it, the datasets are opened (a
-missing path fails here), and the model is traced abstractly. Then the run resumes from the newest
-checkpoint in `<workdir>/checkpoints` if there is one (onto the current mesh), else initialises.
+Three phases. Setup (`_build`, then `_open`), so that every mistake surfaces before anything
+compiles: the config is validated (`hybrid_jax.config.validate` with this run's device and process
+counts, so the mesh shape and the batch layout are checked too), the mesh is built, the datasets
+are opened (a missing path fails here), and the model is traced abstractly; then the run resumes
+from the newest checkpoint in `<workdir>/checkpoints` if there is one (onto the current mesh), else
+initialises. The loop (`_Loop`) runs the steps; the finish (`_finish`) plots and reports.
 
 Per step: the next batch of each process is assembled into one global array, the jitted step runs
-(asynchronously), and its loss stays on the device until the next sync point, a log record,
-an eval, or a checkpoint, where all pending losses are fetched and checked. A non-finite loss stops
+(asynchronously), and its metrics stay on the device (in a `MetricsBuffer`) until the next sync
+point, a log record, an eval, or a checkpoint, where all pending losses are fetched and checked. A non-finite loss stops
 the run with `NonFiniteLossError` before the bad state can be saved, so the newest checkpoint is the
 last good one. SIGTERM (preemption) finishes the current step, saves a checkpoint and returns with
 status "preempted"; the same command resumes. With several processes the stop step is agreed through
@@ -23,22 +25,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import jax
+import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 
+from hybrid_jax.checks import fail
 from hybrid_jax.config import validate
-from hybrid_jax.data import make_datasets
+from hybrid_jax.data import Datasets, make_datasets
 from hybrid_jax.train import mesh as mesh_lib
 from hybrid_jax.train.checkpoint import Checkpointer
-from hybrid_jax.train.metrics import MetricsLogger, plot_loss_curve
-from hybrid_jax.train.state import build_train_setup
-from hybrid_jax.train.step import make_eval_step, make_train_step
+from hybrid_jax.train.metrics import MetricsBuffer, MetricsLogger, plot_loss_curve
+from hybrid_jax.train.state import TrainSetup, build_train_setup
+from hybrid_jax.train.step import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -84,49 +88,8 @@ class TrainResult:
         return "\n".join(lines)
 
 
-def _fail(key: str, message: str):
-    raise ValueError(f"{key}: {message}")
-
-
-def check_config(config) -> None:
-    """`hybrid_jax.config.validate` plus the checks only the trainer needs; one ValueError per problem."""
-    validate(config)
-    tc = config.train
-    for key in ("grad_accum_steps", "keep_checkpoints"):
-        value = tc[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            _fail(f"train.{key}", f"must be an int >= 1, got {value!r}")
-    if tc.batch_size % tc.grad_accum_steps:
-        _fail("train.grad_accum_steps", f"{tc.grad_accum_steps} must divide train.batch_size ({tc.batch_size})")
-    if tc.warmup_steps >= tc.steps:
-        _fail("train.warmup_steps", f"{tc.warmup_steps} must be smaller than train.steps ({tc.steps})")
-    if not 0 <= tc.min_learning_rate_ratio <= 1:
-        _fail("train.min_learning_rate_ratio", f"must be in [0, 1], got {tc.min_learning_rate_ratio!r}")
-    for key in ("b1", "b2"):
-        if not 0 <= tc[key] < 1:
-            _fail(f"train.{key}", f"must be in [0, 1), got {tc[key]!r}")
-    for key, low in (("weight_decay", 0), ("grad_clip", 0)):
-        if not tc[key] >= low:
-            _fail(f"train.{key}", f"must be >= {low} (grad_clip 0 turns clipping off), got {tc[key]!r}")
-    if not tc.adam_eps > 0:
-        _fail("train.adam_eps", f"must be > 0, got {tc.adam_eps!r}")
-    if config.data.worker_count != 0:
-        _fail("data.worker_count", "the LM pipeline slices an in-memory token array in the training "
-              f"process; only 0 is supported, got {config.data.worker_count!r}")
-
-
-def _check_batch(config, mesh, rules) -> None:
-    tc = config.train
-    shards = mesh_lib.batch_shards(mesh, rules)
-    rows = tc.batch_size // tc.grad_accum_steps
-    if rows % shards:
-        _fail("train.batch_size", f"{tc.batch_size} / grad_accum_steps {tc.grad_accum_steps} = {rows} rows "
-              f"per micro-batch must divide over the {shards} batch shards of mesh {dict(mesh.shape)}")
-    if tc.batch_size % jax.process_count():
-        _fail("train.batch_size", f"{tc.batch_size} must divide over {jax.process_count()} processes")
-
-
 def _data_config(config) -> dict:
+    """The keys `make_datasets` reads (worker_count is the loader's, checked by `validate`)."""
     return {key: value for key, value in config.data.items() if key != "worker_count"}
 
 
@@ -200,24 +163,41 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     return True
 
 
-def train(config, workdir: str | None = None, *, devices=None, stop_at_step: int | None = None) -> TrainResult:
-    """Trains `config` in `workdir` (default `config.train.workdir`), resuming if it holds a checkpoint.
+@dataclasses.dataclass
+class _Run:
+    """What `train` sets up before the first step: the checked config, mesh, data, compiled-on-call
+    steps, and the checkpoint and metrics writers of the workdir."""
 
-    `devices` restricts the mesh to some devices (default: all). `stop_at_step` ends the run after
-    that step with a checkpoint, as a preemption would (status "stopped").
-    """
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: Mesh
+    data: Datasets
+    setup: TrainSetup
+    batch_sharding: NamedSharding
+    train_step: Callable
+    eval_step: Callable
+    checkpointer: Checkpointer | None = None
+    logger: MetricsLogger | None = None
+    start: int = 0  # the step the run resumes from (0: fresh)
+
+    @property
+    def is_chief(self) -> bool:
+        return jax.process_index() == 0
+
+
+def _build(config, workdir: str | None, devices) -> _Run:
+    """Everything that can fail for a config reason, before anything compiles (ConfigError)."""
     try:
-        check_config(config)
+        devices = list(jax.devices() if devices is None else devices)
+        validate(config, device_count=len(devices), process_count=jax.process_count())
         tc = config.train
-        workdir = os.path.abspath(workdir or tc.workdir)
         mesh = mesh_lib.make_mesh(config.mesh, devices)
         rules = mesh_lib.axis_rules(config.mesh)
-        _check_batch(config, mesh, rules)
         data = make_datasets(_data_config(config), seq_len=tc.seq_len, batch_size=tc.batch_size,
                              seed=tc.seed, shard_index=jax.process_index(), shard_count=jax.process_count())
         if data.tokenizer.vocab_size > config.model.vocab_size:
-            _fail("model.vocab_size", f"{config.model.vocab_size} is smaller than the {data.tokenizer.name!r} "
-                  f"tokenizer's vocabulary ({data.tokenizer.vocab_size})")
+            fail("model.vocab_size", f"{config.model.vocab_size} is smaller than the {data.tokenizer.name!r} "
+                 f"tokenizer's vocabulary ({data.tokenizer.vocab_size})")
         setup = build_train_setup(config, mesh, rules)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from error
@@ -227,126 +207,157 @@ def train(config, workdir: str | None = None, *, devices=None, stop_at_step: int
                                  schedule=setup.schedule)
     eval_step = make_eval_step(setup.graphdef, param_shardings=setup.state_shardings.params,
                                batch_sharding=batch_sharding)
+    return _Run(config, os.path.abspath(workdir or tc.workdir), mesh, data, setup, batch_sharding,
+                train_step, eval_step)
 
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
+
+def _open(run: _Run) -> TrainState:
+    """Opens the workdir: the newest checkpoint's state (or a fresh one), config.json, the metrics."""
+    tc = run.config.train
+    run.checkpointer = checkpointer = Checkpointer(os.path.join(run.workdir, "checkpoints"),
+                                                   keep=tc.keep_checkpoints)
     start = checkpointer.latest_step()
     if start is None:
-        start, state = 0, setup.init_state(tc.seed)
+        start, state = 0, run.setup.init_state(tc.seed)
     else:
         try:
             if start > tc.steps:
-                _fail("train.steps", f"{tc.steps} is below the newest checkpoint's step {start} in "
-                      f"{checkpointer.directory}")
+                fail("train.steps", f"{tc.steps} is below the newest checkpoint's step {start} in "
+                     f"{checkpointer.directory}")
             checkpointer.check_process_count(start)
         except ValueError as error:
             raise ConfigError(str(error)) from error
-        state = checkpointer.restore(start, setup.abstract_state, data.train_iter)
-    is_chief = jax.process_index() == 0
-    if is_chief:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-    logger = MetricsLogger(workdir, total_steps=tc.steps, start_step=start, enabled=is_chief)
-    logger.message(
-        f"{setup.num_params:,} parameters | mesh {dict(mesh.shape)} over {mesh.devices.size} "
-        f"{jax.devices()[0].platform} device(s), {jax.process_count()} process(es) | {data.stats.summary()}"
+        state = checkpointer.restore(start, run.setup.abstract_state, run.data.train_iter)
+    if run.is_chief:
+        with open(os.path.join(run.workdir, "config.json"), "w") as f:
+            f.write(run.config.to_json_best_effort(indent=2))
+    run.start = start
+    run.logger = MetricsLogger(run.workdir, total_steps=tc.steps, start_step=start, enabled=run.is_chief)
+    run.logger.message(
+        f"{run.setup.num_params:,} parameters | mesh {dict(run.mesh.shape)} over {run.mesh.devices.size} "
+        f"{jax.devices()[0].platform} device(s), {jax.process_count()} process(es) | {run.data.stats.summary()}"
     )
     if start:
-        logger.message(f"resumed from the checkpoint at step {start}")
+        run.logger.message(f"resumed from the checkpoint at step {start}")
+    return state
 
-    def evaluate(params, step: int, max_batches: int | None, final: bool) -> dict:
-        losses = [eval_step(params, mesh_lib.global_batch(batch, batch_sharding))
-                  for batch in data.val_batches(max_batches)]
+
+class _Loop:
+    """The steps of one run: asynchronous train steps, log records, evals, checkpoints and stops."""
+
+    def __init__(self, run: _Run):
+        self.run, self.tc = run, run.config.train
+        self.metrics = MetricsBuffer()
+        self.clock = _Clock()
+        self.tokens_per_step = self.tc.batch_size * self.tc.seq_len
+        self.started = time.perf_counter()
+
+    def sync(self) -> None:
+        """Waits for the pending steps; NonFiniteLossError at the first non-finite loss."""
+        bad = self.metrics.fetch()
+        if bad is None:
+            return
+        step, loss = bad
+        checkpointer = self.run.checkpointer
+        checkpointer.wait_until_finished()
+        good = checkpointer.latest_step()
+        where = f"step {good} in {checkpointer.directory}" if good is not None else "none was saved"
+        message = (f"training loss became {loss} at step {step}; stopped without saving. "
+                   f"Last good checkpoint: {where}. Lower train.learning_rate, raise "
+                   "train.warmup_steps or check the data, then rerun to resume from it.")
+        self.run.logger.message(message)
+        raise NonFiniteLossError(message)
+
+    def record(self, step: int) -> None:
+        """A train record: the window's metrics, throughput (train steps only) and ETA."""
+        self.sync()  # waits for the device: the steps are asynchronous until their losses are fetched
+        self.clock.stop(step)
+        seconds, steps = self.clock.take_window()
+        rate = steps * self.tokens_per_step / seconds if steps and seconds > 0 else None
+        eta = (self.tc.steps - step) * self.tokens_per_step / rate if rate else float("nan")
+        self.run.logger.train(step, **self.metrics.take(), tokens_per_sec=rate, eta_sec=eta,
+                              elapsed_sec=time.perf_counter() - self.started)
+        self.clock.start(step)
+
+    def evaluate(self, params, step: int, max_batches: int | None, final: bool) -> dict:
+        run = self.run
+        losses = [run.eval_step(params, mesh_lib.global_batch(batch, run.batch_sharding))
+                  for batch in run.data.val_batches(max_batches)]
         loss = float(np.mean(jax.device_get(losses)))
-        return logger.eval(step, loss=loss, bits_per_byte=data.stats.bits_per_byte(loss),
-                           batches=len(losses), final=final)
+        return run.logger.eval(step, loss=loss, bits_per_byte=run.data.stats.bits_per_byte(loss),
+                               batches=len(losses), final=final)
 
-    tokens_per_step = tc.batch_size * tc.seq_len
-    pending: list[tuple[int, dict]] = []  # (step, on-device metrics) not yet fetched
-    window_losses: list[float] = []
-    last = {"grad_norm": float("nan"), "learning_rate": float("nan")}  # of the newest fetched step
-    clock = _Clock()
-    run_start = time.perf_counter()
-
-    def sync() -> None:
-        """Fetches pending losses; raises NonFiniteLossError at the first bad one."""
-        values = jax.device_get([metrics for _, metrics in pending])
-        for (step, _), metrics in zip(pending, values):
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                checkpointer.wait_until_finished()
-                good = checkpointer.latest_step()
-                where = f"step {good} in {checkpointer.directory}" if good is not None else "none was saved"
-                message = (f"training loss became {loss} at step {step}; stopped without saving. "
-                           f"Last good checkpoint: {where}. Lower train.learning_rate, raise "
-                           "train.warmup_steps or check the data, then rerun to resume from it.")
-                logger.message(message)
-                raise NonFiniteLossError(message)
-            window_losses.append(loss)
-            last.update(grad_norm=float(metrics["grad_norm"]), learning_rate=float(metrics["learning_rate"]))
-        pending.clear()
-
-    def record(step: int) -> None:
-        sync()  # waits for the device: the steps are asynchronous until their losses are fetched
-        clock.stop(step)
-        seconds, steps = clock.take_window()
-        rate = steps * tokens_per_step / seconds if steps and seconds > 0 else None
-        eta = (tc.steps - step) * tokens_per_step / rate if rate else float("nan")
-        logger.train(step, loss=float(np.mean(window_losses)), grad_norm=last["grad_norm"],
-                     learning_rate=last["learning_rate"], tokens_per_sec=rate, eta_sec=eta,
-                     elapsed_sec=time.perf_counter() - run_start)
-        window_losses.clear()
-        clock.start(step)
-
-    status, step = "completed", start
-    try:
+    def run_steps(self, state: TrainState, stop_at_step: int | None) -> tuple[TrainState, int, str]:
+        """Steps start + 1 .. train.steps, or up to a stop; returns (state, last step, status)."""
+        run, tc = self.run, self.tc
+        status, step = "completed", run.start
         with _Preemption() as preempted:
-            for step in range(start + 1, tc.steps + 1):
-                batch = mesh_lib.global_batch(next(data.train_iter), batch_sharding)
-                state, metrics = train_step(state, batch)
-                pending.append((step, metrics))
-                if step == start + 1:  # the first step compiled: time from here on
-                    sync()
-                    clock.start(step)
+            for step in range(run.start + 1, tc.steps + 1):
+                batch = mesh_lib.global_batch(next(run.data.train_iter), run.batch_sharding)
+                state, metrics = run.train_step(state, batch)
+                self.metrics.add(step, metrics)
+                if step == run.start + 1:  # the first step compiled: time from here on
+                    self.sync()
+                    self.clock.start(step)
                 if step % tc.log_every == 0 or step == tc.steps:
-                    record(step)
+                    self.record(step)
                 if step % tc.eval_every == 0 and step != tc.steps:
-                    sync()
-                    clock.stop(step)
-                    evaluate(state.params, step, tc.eval_steps, final=False)
-                    clock.start(step)
+                    self.sync()
+                    self.clock.stop(step)
+                    self.evaluate(state.params, step, tc.eval_steps, final=False)
+                    self.clock.start(step)
                 # Called exactly once per step: with several processes it is a collective protocol.
                 status = "preempted" if preempted(step) else "stopped" if step == stop_at_step else status
                 stop = status != "completed"
                 if step % tc.checkpoint_every == 0 or step == tc.steps or stop:
-                    sync()  # never save a state whose loss is not finite
-                    checkpointer.save(step, state, data.train_iter)
+                    self.sync()  # never save a state whose loss is not finite
+                    run.checkpointer.save(step, state, run.data.train_iter)
                 if stop:
-                    logger.message(f"{status} after step {step}: checkpoint saved")
+                    run.logger.message(f"{status} after step {step}: checkpoint saved")
                     break
-            sync()
-        final_eval = evaluate(state.params, step, None, final=True) if status == "completed" else None
-    finally:  # also on errors: started saves must land, and the metrics file must be closed
-        checkpointer.wait_until_finished()
-        logger.close()
+            self.sync()
+        return state, step, status
+
+
+def _finish(run: _Run, loop: _Loop, step: int, status: str, final_eval: dict | None) -> TrainResult:
+    """The loss-curve plot (completed runs), the checkpoint list, throughput: the run's result."""
+    config, stats = run.config, run.data.stats
     plot_path = None
-    if is_chief and status == "completed":
+    if run.is_chief and status == "completed":
         plot_path = plot_loss_curve(
-            os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "loss_curve.png"),
-            train_bytes_per_token=data.stats.train_bytes_per_token,
-            val_bytes_per_token=data.stats.bytes_per_token,
-            unigram_bits_per_byte=data.stats.unigram_bits_per_byte,
-            title=f"{os.path.basename(workdir)}: {setup.num_params:,} parameters, pattern "
+            os.path.join(run.workdir, "metrics.jsonl"), os.path.join(run.workdir, "loss_curve.png"),
+            train_bytes_per_token=stats.train_bytes_per_token, val_bytes_per_token=stats.bytes_per_token,
+            unigram_bits_per_byte=stats.unigram_bits_per_byte,
+            title=f"{os.path.basename(run.workdir)}: {run.setup.num_params:,} parameters, pattern "
                   f"{config.model.pattern!r} x {config.model.num_layers // len(config.model.pattern)}",
         )
-    steps = tuple(checkpointer.all_steps())
-    checkpointer.close()
-    throughput = clock.total_steps * tokens_per_step / clock.total_seconds if clock.total_seconds else None
+    steps = tuple(run.checkpointer.all_steps())
+    run.checkpointer.close()
+    clock = loop.clock
+    throughput = clock.total_steps * loop.tokens_per_step / clock.total_seconds if clock.total_seconds else None
     return TrainResult(
-        workdir=workdir, step=step, status=status, final_eval=final_eval,
-        unigram_bits_per_byte=data.stats.unigram_bits_per_byte,
-        checkpoint_dir=checkpointer.directory, checkpoint_steps=steps, plot_path=plot_path,
-        tokens_per_sec=throughput,
+        workdir=run.workdir, step=step, status=status, final_eval=final_eval,
+        unigram_bits_per_byte=stats.unigram_bits_per_byte, checkpoint_dir=run.checkpointer.directory,
+        checkpoint_steps=steps, plot_path=plot_path, tokens_per_sec=throughput,
     )
 
 
-__all__ = ["ConfigError", "NonFiniteLossError", "TrainResult", "check_config", "initialize_distributed", "train"]
+def train(config, workdir: str | None = None, *, devices=None, stop_at_step: int | None = None) -> TrainResult:
+    """Trains `config` in `workdir` (default `config.train.workdir`), resuming if it holds a checkpoint.
+
+    `devices` restricts the mesh to some devices (default: all). `stop_at_step` ends the run after
+    that step with a checkpoint, as a preemption would (status "stopped").
+    """
+    run = _build(config, workdir, devices)
+    state = _open(run)
+    loop = _Loop(run)
+    try:
+        state, step, status = loop.run_steps(state, stop_at_step)
+        final_eval = loop.evaluate(state.params, step, None, final=True) if status == "completed" else None
+    finally:  # also on errors: started saves must land, and the metrics file must be closed
+        run.checkpointer.wait_until_finished()
+        run.logger.close()
+    return _finish(run, loop, step, status, final_eval)
+
+
+__all__ = ["ConfigError", "NonFiniteLossError", "TrainResult", "initialize_distributed", "train"]

@@ -23,35 +23,19 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from hybrid_jax.config import resolve_mesh_shape, rule_targets, validate_mesh
+
 log = logging.getLogger(__name__)
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = Mapping[str, MeshAxes]
 
 
-def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-    """`shape` with its -1 entry (if any) replaced so that the sizes multiply to `num_devices`."""
-    shape = tuple(int(s) for s in shape)
-    fixed = math.prod(s for s in shape if s != -1)
-    if shape.count(-1) > 1 or any(s < 1 and s != -1 for s in shape):
-        raise ValueError(f"mesh.shape {shape}: sizes must be >= 1 with at most one -1")
-    if -1 in shape:
-        if num_devices % fixed:
-            raise ValueError(
-                f"mesh.shape {shape}: the fixed axes ({fixed} devices) do not divide the "
-                f"{num_devices} available devices"
-            )
-        shape = tuple(num_devices // fixed if s == -1 else s for s in shape)
-    if math.prod(shape) != num_devices:
-        raise ValueError(
-            f"mesh.shape {shape} needs {math.prod(shape)} devices but {num_devices} are available; "
-            "use -1 for one axis to take all remaining devices"
-        )
-    return shape
-
-
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The mesh of `mesh_config` (`shape`, `axes`) over `devices` (default: all devices)."""
+    """The mesh of `mesh_config` (`shape`, `axes`) over `devices` (default: all devices).
+
+    `mesh.shape` is resolved by `hybrid_jax.config.resolve_mesh_shape` (kept in the config module so
+    that `validate(config, device_count=...)` can check it before anything is built)."""
     devices = list(jax.devices() if devices is None else devices)
     axes = tuple(mesh_config.axes)
     shape = resolve_mesh_shape(mesh_config.shape, len(devices))
@@ -59,21 +43,9 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def axis_rules(mesh_config) -> dict[str, MeshAxes]:
-    """`mesh.axis_rules` as a dict, checked against `mesh.axes`."""
-    rules = {}
-    for rule in mesh_config.axis_rules:
-        name, target = rule
-        targets = tuple(target) if isinstance(target, (tuple, list)) else (target,)
-        unknown = [t for t in targets if t is not None and t not in mesh_config.axes]
-        if unknown:
-            raise ValueError(
-                f"mesh.axis_rules: rule {name!r} -> {target!r} names mesh axes {unknown}; "
-                f"valid mesh axes are {tuple(mesh_config.axes)}"
-            )
-        if name in rules:
-            raise ValueError(f"mesh.axis_rules: logical axis {name!r} has more than one rule")
-        rules[name] = tuple(t for t in targets if t is not None) or None
-    return rules
+    """`mesh.axis_rules` as a dict, after `hybrid_jax.config.validate_mesh`."""
+    validate_mesh(mesh_config)
+    return {name: rule_targets(target) or None for name, target in mesh_config.axis_rules}
 
 
 _warned: set[tuple] = set()
@@ -132,12 +104,6 @@ def batch_spec(rules: Rules) -> PartitionSpec:
     return PartitionSpec(rules.get("batch"), None)
 
 
-def batch_shards(mesh: Mesh, rules: Rules) -> int:
-    """How many ways the batch dimension is split."""
-    axes = rules.get("batch") or ()
-    return math.prod(mesh.shape[a] for a in axes)
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
@@ -153,7 +119,6 @@ def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding)
 
 __all__ = [
     "axis_rules",
-    "batch_shards",
     "batch_spec",
     "global_batch",
     "logical_to_mesh_spec",

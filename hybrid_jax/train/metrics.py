@@ -2,7 +2,8 @@
 
     <workdir>/metrics.jsonl     one JSON object per line, in step order:
                                   train: {"step", "loss", "grad_norm", "learning_rate",
-                                          "tokens_per_sec", "elapsed_sec"}   (every train.log_every)
+                                          "tokens_per_sec", "elapsed_sec"}   (every train.log_every;
+                                          a metric the step does not report is left out)
                                   eval:  {"step", "val_loss", "val_perplexity", "val_bits_per_byte",
                                           "val_batches", "final"}
     <workdir>/tensorboard/      the same scalars as TensorBoard events (tensorboardX)
@@ -21,6 +22,10 @@ import json
 import math
 import os
 import sys
+
+import jax
+import numpy as np
+
 
 def read_metrics(path: str) -> list[dict]:
     """The records of a metrics.jsonl file (empty if it does not exist).
@@ -78,6 +83,45 @@ class ProgressLine:
             self._open = False
 
 
+class MetricsBuffer:
+    """The train-step metrics between two log records.
+
+    `add(step, metrics)` keeps a step's metrics as the step returned them (device arrays: nothing
+    waits for the device). `fetch()` brings every pending step to the host, in step order, and
+    stops at the first whose "loss" is not finite, returning that (step, loss) (None when all are
+    finite). `take()` gives the window's record and starts the next window:
+
+        loss = mean of the fetched losses since the previous take
+        k    = the newest fetched value of every other key k
+
+    A key that the steps do not report (the step reports "learning_rate" only when it knows the
+    schedule) is simply absent from the record.
+    """
+
+    def __init__(self):
+        self._pending: list[tuple[int, dict]] = []
+        self._losses: list[float] = []
+        self._latest: dict[str, float] = {}
+
+    def add(self, step: int, metrics: dict) -> None:
+        self._pending.append((step, metrics))
+
+    def fetch(self) -> tuple[int, float] | None:
+        pending, self._pending = self._pending, []
+        for (step, _), values in zip(pending, jax.device_get([metrics for _, metrics in pending])):
+            loss = float(values["loss"])
+            if not math.isfinite(loss):
+                return step, loss
+            self._losses.append(loss)
+            self._latest.update({key: float(value) for key, value in values.items() if key != "loss"})
+        return None
+
+    def take(self) -> dict[str, float]:
+        loss = float(np.mean(self._losses)) if self._losses else float("nan")
+        self._losses = []
+        return {"loss": loss, **self._latest}
+
+
 class MetricsLogger:
     """Writes train/eval records to metrics.jsonl, TensorBoard and the progress line."""
 
@@ -107,15 +151,14 @@ class MetricsLogger:
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
 
-    def train(self, step: int, *, loss: float, grad_norm: float, learning_rate: float,
-              tokens_per_sec: float | None, eta_sec: float, elapsed_sec: float) -> None:
-        """A train record; `tokens_per_sec` is None while nothing has been timed (compilation)."""
+    def train(self, step: int, *, loss: float, tokens_per_sec: float | None, eta_sec: float,
+              elapsed_sec: float, **scalars: float) -> None:
+        """A train record; `tokens_per_sec` is None while nothing has been timed (compilation).
+        `scalars` are the step's other metrics ("grad_norm", "learning_rate", ...), written as given."""
         if not self.enabled:
             return
-        record = {
-            "step": step, "loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate,
-            "tokens_per_sec": tokens_per_sec, "elapsed_sec": elapsed_sec,
-        }
+        record = {"step": step, "loss": loss, **scalars, "tokens_per_sec": tokens_per_sec,
+                  "elapsed_sec": elapsed_sec}
         self._write(record, "train")
         self.progress.update(step, loss, tokens_per_sec, eta_sec)
 
@@ -178,4 +221,4 @@ def plot_loss_curve(metrics_path: str, out_path: str, *, train_bytes_per_token: 
     return out_path
 
 
-__all__ = ["MetricsLogger", "ProgressLine", "plot_loss_curve", "read_metrics"]
+__all__ = ["MetricsBuffer", "MetricsLogger", "ProgressLine", "plot_loss_curve", "read_metrics"]

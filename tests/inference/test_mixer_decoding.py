@@ -6,8 +6,8 @@ import pytest
 from flax import nnx
 
 from hybrid_jax.nn import MIXERS, build_mixer, mixer_config
-from hybrid_jax.nn.attention import KVCache
-from hybrid_jax.nn.linear_attention import RecurrentCache
+from hybrid_jax.nn.kv_cache import KVCache
+from hybrid_jax.nn.linear_mixer import RecurrentCache
 from hybrid_jax.nn.mla import LatentCache
 from hybrid_jax.ops.log_linear import FenwickState
 from tests.inference.helpers import B, RAGGED, TOTAL, check_decoding, init_fast

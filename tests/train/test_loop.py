@@ -105,7 +105,7 @@ jax.monitoring.register_event_duration_secs_listener(_count_compiles)
         (lambda c: setattr(c.data, "source", "/no/such/corpus.txt"), r"/no/such/corpus\.txt"),
         (lambda c: setattr(c.model, "pattern", "AZ"), r"model\.pattern: letter 'Z' has no mixer"),
         (lambda c: setattr(c.train, "grad_accum_steps", 3), r"train\.grad_accum_steps: 3 must divide train\.batch_size"),
-        (lambda c: setattr(c.mesh, "shape", (3, 1, 1)), r"mesh\.shape \(3, 1, 1\) needs 3 devices but 8"),
+        (lambda c: setattr(c.mesh, "shape", (3, 1, 1)), r"mesh\.shape: \(3, 1, 1\) needs 3 devices but 8"),
         (lambda c: setattr(c.train, "batch_size", 4), r"train\.batch_size: 4 .* must divide over the 8 batch shards"),
         (lambda c: setattr(c.model, "vocab_size", 100), r"model\.vocab_size: 100 is smaller than the 'byte'"),
     ],

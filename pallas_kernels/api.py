@@ -6,9 +6,9 @@ Per (batch, head), q already scaled, state S in R^{K x V}, o_t = S_t^T q_t:
     beta None:           S_t = Diag(exp g_t) S_{t-1} + k_t v_t^T
 
 with g `[.., K]` per channel, `[.., 1]` one scalar broadcast over K, or None (no decay). The call
-flattens heads into the batch, pads time to whole chunks with identity steps (k = v = g = beta = 0),
-and runs one family's `jax.custom_vjp` (`pallas_kernels.delta` / `pallas_kernels.gla`) on the backend's
-state-pass kernels.
+cuts time into chunks (`chunk_math.to_chunks`: padding with identity steps, k = v = g = beta = 0),
+flattens heads into the batch, and runs the `jax.custom_vjp` `chunk_math.chunked_recurrence` on the
+backend's state-pass kernels.
 
 Backends: "gpu" (Pallas Triton) and "tpu" (Mosaic TPU); the default follows jax.devices()[0]. When
 the default device is not the backend's platform (e.g. CPU), the kernels run in Pallas interpret mode
@@ -28,12 +28,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.chunk_math import KernelConfig
-from pallas_kernels.delta import delta_recurrence
-from pallas_kernels.gla import gla_recurrence
-# Both backends load with the package, not on first use: Pallas interpret mode imports the Mosaic TPU
-# modules lazily, which registers a config option and so changes JAX's tracing context; every jitted
-# caller would then retrace (and recompile) once on its second call.
+from pallas_kernels.chunk_math import KernelConfig, chunked_recurrence, from_chunks, to_chunks
+from pallas_kernels.front_end import check_rank, check_shape, check_time, to_f32
+# Both backends load with this module, which loads on the first kernel call (never with hybrid_jax):
+# Pallas interpret mode imports the Mosaic TPU modules lazily, which registers a config option and so
+# changes JAX's tracing context; importing both here, before any kernel is traced, keeps that change
+# to one moment instead of one per backend.
 from pallas_kernels.gpu import state_pass as _gpu_state_pass  # noqa: F401
 from pallas_kernels.tpu import state_pass as _tpu_state_pass  # noqa: F401
 
@@ -60,23 +60,20 @@ def _next_pow2(n: int) -> int:
 
 
 def _check_shapes(q, k, v, g, beta, state):
-    if q.ndim != 4:
-        raise ValueError(f"q must have shape [B, T, H, K], got {tuple(q.shape)}")
+    op = "gated_recurrence"
+    check_rank(f"{op}: q", q, 4, "[B, T, H, K]")
     b, t, h, k_dim = q.shape
-    if tuple(k.shape) != tuple(q.shape):
-        raise ValueError(f"k must have shape [B, T, H, K] = {tuple(q.shape)} (same as q), got {tuple(k.shape)}")
+    check_shape(f"{op}: k", k, q.shape, "[B, T, H, K]")
     if v.ndim != 4 or tuple(v.shape[:3]) != (b, t, h):
-        raise ValueError(f"v must have shape [B, T, H, V] with B, T, H = {(b, t, h)}, got {tuple(v.shape)}")
+        raise ValueError(f"{op}: v must have shape [B, T, H, V] with B, T, H = {(b, t, h)}, "
+                         f"got {tuple(v.shape)}")
     v_dim = v.shape[3]
     if g is not None and tuple(g.shape) not in ((b, t, h, 1), (b, t, h, k_dim)):
-        raise ValueError(f"g must have shape [B, T, H, K] = {(b, t, h, k_dim)} or [B, T, H, 1] = "
+        raise ValueError(f"{op}: g must have shape [B, T, H, K] = {(b, t, h, k_dim)} or [B, T, H, 1] = "
                          f"{(b, t, h, 1)} (or be None), got {tuple(g.shape)}")
-    if beta is not None and tuple(beta.shape) != (b, t, h):
-        raise ValueError(f"beta must have shape [B, T, H] = {(b, t, h)} (or be None), got {tuple(beta.shape)}")
-    if tuple(state.shape) != (b, h, k_dim, v_dim):
-        raise ValueError(f"state must have shape [B, H, K, V] = {(b, h, k_dim, v_dim)}, got {tuple(state.shape)}")
-    if t < 1:
-        raise ValueError(f"q must have at least one time step, got T={t}")
+    check_shape(f"{op}: beta", beta, (b, t, h), "[B, T, H]")
+    check_shape(f"{op}: state", state, (b, h, k_dim, v_dim), "[B, H, K, V]")
+    check_time(op, t, q=q, k=k, v=v)
     return k_dim, v_dim
 
 
@@ -152,14 +149,12 @@ def supports(q, k, v, g, beta, state, *, chunk_size, backend=None, interpret=Non
     return True, ""
 
 
-def _heads_major(x, t_pad, d_pad=None):
-    """`[B, T, H, D]` -> `[B*H, T_pad, D_pad]` (zeros appended along time and, if asked, D)."""
-    b, t, h = x.shape[:3]
-    x = jnp.swapaxes(x, 1, 2).reshape((b * h, t) + x.shape[3:])
-    widths = [(0, 0), (0, t_pad - t)] + [(0, 0)] * (x.ndim - 2)
+def _kernel_chunks(x, chunk, d_pad=None):
+    """`[B, T, H, D]` float32 -> `[B*H, N, C, D_pad]` (zeros appended along time and, if asked, D)."""
+    x = to_chunks(to_f32(x), chunk)
     if d_pad is not None:
-        widths[-1] = (0, d_pad - x.shape[-1])
-    return jnp.pad(x, widths)
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d_pad - x.shape[-1])])
+    return x.reshape((-1,) + x.shape[2:])
 
 
 def gated_recurrence(q, k, v, g, beta, state, *, chunk_size, backend=None, interpret=None, block_v=None):
@@ -175,20 +170,14 @@ def gated_recurrence(q, k, v, g, beta, state, *, chunk_size, backend=None, inter
     b, t, h, k_dim = q.shape
     v_dim = v.shape[-1]
     chunk = plan.config.chunk
-    t_pad = -(-t // chunk) * chunk
-    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     if g is None:
         g = jnp.zeros((b, t, h, 1), jnp.float32)
     per_channel = g.shape[-1] != 1
-    inputs = [_heads_major(f32(q), t_pad, plan.k_pad), _heads_major(f32(k), t_pad, plan.k_pad),
-              _heads_major(f32(v), t_pad, plan.v_pad),
-              _heads_major(f32(g), t_pad, plan.k_pad if per_channel else None)]
-    s0 = jnp.pad(f32(state), [(0, 0), (0, 0), (0, plan.k_pad - k_dim), (0, plan.v_pad - v_dim)])
-    s0 = s0.reshape(b * h, plan.k_pad, plan.v_pad)
-    if beta is None:
-        o, final = gla_recurrence(plan.config, tuple(inputs), s0)
-    else:
-        inputs.append(_heads_major(f32(beta)[..., None], t_pad)[..., 0])
-        o, final = delta_recurrence(plan.config, tuple(inputs), s0)
-    o = jnp.swapaxes(o[:, :t, :v_dim].reshape(b, h, t, v_dim), 1, 2)
+    inputs = (_kernel_chunks(q, chunk, plan.k_pad), _kernel_chunks(k, chunk, plan.k_pad),
+              _kernel_chunks(v, chunk, plan.v_pad), _kernel_chunks(g, chunk, plan.k_pad if per_channel else None))
+    if beta is not None:
+        inputs += (_kernel_chunks(beta[..., None], chunk)[..., 0],)
+    s0 = jnp.pad(to_f32(state), [(0, 0), (0, 0), (0, plan.k_pad - k_dim), (0, plan.v_pad - v_dim)])
+    o, final = chunked_recurrence(plan.config, inputs, s0.reshape(b * h, plan.k_pad, plan.v_pad))
+    o = from_chunks(o.reshape((b, h) + o.shape[1:]), t)[..., :v_dim]
     return o, final.reshape(b, h, plan.k_pad, plan.v_pad)[:, :, :k_dim, :v_dim]

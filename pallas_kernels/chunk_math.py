@@ -1,9 +1,10 @@
-r"""The chunked form shared by both kernel families: the per-chunk terms (pure JAX, run by XLA), the
-per-chunk state step, and the `jax.custom_vjp` that puts the state-pass kernels in the middle.
+r"""The chunked form of the gated recurrences, shared by hybrid_jax.ops and both kernel backends: how
+time is cut into chunks, each chunk's terms (`ChunkTerms`, pure JAX, run by XLA), the per-chunk state
+step, and the `jax.custom_vjp` that puts the state-pass kernels in the middle.
 
-Layout: heads flattened into the batch, time padded to N chunks of C positions:
-q, k `[BH, N*C, K]`, v `[BH, N*C, V]`, g `[BH, N*C, K or 1]` (log decay, <= 0), beta `[BH, N*C]`,
-state S `[BH, K, V]` float32. Padded positions carry k = v = g = beta = 0, an identity step.
+Layout: time is cut into N chunks of C positions, `[B, T, H, .]` -> `[B, H, N, C, .]` (`to_chunks`,
+zero padded; `from_chunks` goes back); the kernels flatten B and H into one axis, `[BH, N, C, .]`.
+Padded positions carry k = v = g = beta = 0, an identity step. States S are `[.., K, V]` float32.
 
 Per chunk (positions i, m = 1..C, S_0 the state entering it), with G_i = sum_{j<=i} g_j, Gam = exp(G):
 
@@ -18,6 +19,8 @@ relative decays exp(G_i - G_m), i >= m (numbers in (0, 1]), are ever formed, so 
 stays finite. A per-channel decay splits the chunk into sub-chunks of s positions: a block of queries
 after the keys goes through the sub-chunk's first position r, exp(G_i - G_m) = exp(G_i - G_r)
 exp(G_r - G_m) (both factors <= 1, one matmul); diagonal blocks are explicit s x s x K products.
+A sequence shorter than a chunk is one chunk, rounded up to whole sub-chunks under a per-channel
+decay (`chunk_length`). The derivations are in the repository's docs/chunked_algorithms.md.
 
 Gradients (`chunked_recurrence`): the forward runs the terms in XLA and the forward kernel. The
 backward recomputes the terms under `jax.vjp`, re-runs the forward kernel to recover the state
@@ -31,7 +34,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,14 +43,16 @@ SUB_CHUNK = 16  # sub-chunk length for per-channel decays
 
 
 class ChunkTerms(NamedTuple):
-    """Each chunk's contribution, `[BH, N, C, .]` (gam: `[BH, N, K or 1]`)."""
+    """What each chunk contributes, computed for all chunks at once: the one vocabulary of the chunked
+    form, shared by hybrid_jax.ops and the kernels. Shapes `[..., N, C, .]` (any leading dims: `[B, H]`
+    in hybrid_jax.ops, `[BH]` in the kernels); chunk_decay is `[..., N, K or 1]`."""
 
-    qg: jax.Array  # Q * Gam                                  [.., C, K]
-    attn: jax.Array  # Tril(Aqk)                              [.., C, C]
-    w: jax.Array | None  # Tm (K * Gam); None for non-delta   [.., C, K]
-    ubar: jax.Array  # Tm V (delta) or V                      [.., C, V]
-    kt: jax.Array  # K * exp(G_C - G)                         [.., C, K]
-    gam: jax.Array  # Gam_C, the decay across the whole chunk  [.., K or 1]
+    q_decayed: jax.Array  # Q * Gam                                        [.., C, K]
+    attn: jax.Array  # Tril(Aqk)                                           [.., C, C]
+    w: jax.Array | None  # Tm (K * Gam); None for the non-delta form      [.., C, K]
+    u_bar: jax.Array  # Tm V (delta) or V                                  [.., C, V]
+    k_to_end: jax.Array  # K * exp(G_C - G)                                [.., C, K]
+    chunk_decay: jax.Array  # Gam_C, the decay across the whole chunk      [.., K or 1]
 
 
 class KernelConfig(NamedTuple):
@@ -59,9 +64,53 @@ class KernelConfig(NamedTuple):
     block_v: int
 
 
+# ----------------------------------------------------------------------------- cutting time into chunks
+
+
+def chunk_length(length: int, chunk_size: int, *, per_channel: bool) -> int:
+    """The chunk length for a sequence of `length` tokens: `chunk_size`, or one chunk when the sequence
+    is shorter. That chunk is T long, except under a per-channel decay, where it is T rounded up to
+    whole sub-chunks: a chunk of odd length would get sub-chunks of one token, whose off-diagonal
+    factors form a C x C x K tensor (a memory cliff), where padding costs a few identity steps."""
+    if length >= chunk_size:
+        return chunk_size
+    if not per_channel:
+        return length
+    sub = math.gcd(chunk_size, SUB_CHUNK)
+    return min(chunk_size, -(-length // sub) * sub)
+
+
+def sub_chunk_length(chunk: int) -> int:
+    """The sub-chunk length a per-channel decay uses inside a chunk of `chunk` positions."""
+    return math.gcd(chunk, SUB_CHUNK)
+
+
+def pad_time(x: jax.Array, multiple: int, axis: int = 1, value: float = 0.0) -> jax.Array:
+    """Pads `axis` up to a multiple of `multiple` (padded steps must be identity steps for the op)."""
+    extra = (-x.shape[axis]) % multiple
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
 def to_chunks(x: jax.Array, chunk: int) -> jax.Array:
-    """`[BH, N*C, ...]` -> `[BH, N, C, ...]`."""
-    return x.reshape((x.shape[0], x.shape[1] // chunk, chunk) + x.shape[2:])
+    """`[B, T, H, ...]` -> `[B, H, N, C, ...]`, time padded with zeros to whole chunks. Zero k, v, g
+    and beta make a padded position an identity step of every recurrence here."""
+    x = pad_time(x, chunk)
+    b, t, h = x.shape[:3]
+    x = x.reshape((b, t // chunk, chunk, h) + x.shape[3:])
+    return jnp.moveaxis(x, 3, 1)
+
+
+def from_chunks(x: jax.Array, length: int) -> jax.Array:
+    """`[B, H, N, C, ...]` -> `[B, T, H, ...]`, the first `length` positions (drops the padding)."""
+    b, h, n, c = x.shape[:4]
+    return jnp.moveaxis(x, 1, 3).reshape((b, n * c, h) + x.shape[4:])[:, :length]
+
+
+# ----------------------------------------------------------------------------- the per-chunk terms
 
 
 def decayed_products(xs: tuple[jax.Array, ...], y: jax.Array, G: jax.Array) -> tuple[jax.Array, ...]:
@@ -75,7 +124,7 @@ def decayed_products(xs: tuple[jax.Array, ...], y: jax.Array, G: jax.Array) -> t
         causal = jnp.tril(jnp.ones((c, c), bool))
         decay = jnp.exp(jnp.where(causal, G[..., :, None, 0] - G[..., None, :, 0], -jnp.inf))
         return tuple((x @ jnp.swapaxes(y, -1, -2)) * decay for x in xs)
-    s = math.gcd(c, SUB_CHUNK)
+    s = sub_chunk_length(c)
     n_sub = c // s
     lead = y.shape[:-2]
     split = lambda a: a.reshape(lead + (n_sub, s, a.shape[-1]))  # noqa: E731
@@ -101,22 +150,26 @@ def decayed_products(xs: tuple[jax.Array, ...], y: jax.Array, G: jax.Array) -> t
     return tuple(products)
 
 
-def decay_terms(q, k, g, *, delta: bool):
-    """Terms both families share, from chunked q, k `[BH, N, C, K]` and g `[BH, N, C, K or 1]`:
-    (Q * Gam, Tril(Aqk), K * exp(G_C - G), Gam_C, K * Gam, StrictLower(Akk) if `delta` else None)."""
+def chunk_terms(q, k, v, g, beta=None) -> ChunkTerms:
+    """Each chunk's terms from chunked q, k `[.., N, C, K]`, v `[.., N, C, V]`, g `[.., N, C, K or 1]`
+    (or None: no decay) and beta `[.., N, C]` (None: the non-delta form)."""
+    if g is None:
+        g = jnp.zeros(k.shape[:-1] + (1,), k.dtype)
     G = jnp.cumsum(g, axis=-2)
     gam = jnp.exp(G)
-    kt = k * jnp.exp(G[..., -1:, :] - G)
-    if delta:
+    k_to_end = k * jnp.exp(G[..., -1:, :] - G)
+    if beta is None:
+        (a_qk,) = decayed_products((q,), k, G)
+        w, u_bar = None, v
+    else:
         a_qk, a_kk = decayed_products((q, k), k, G)
         c = k.shape[-2]
         a_kk = jnp.where(jnp.tril(jnp.ones((c, c), bool), -1), a_kk, 0.0)
-    else:
-        (a_qk,), a_kk = decayed_products((q,), k, G), None
-    return q * gam, a_qk, kt, gam[..., -1, :], k * gam, a_kk
+        w, u_bar = delta_transform(a_kk, v, beta, k * gam)
+    return ChunkTerms(q * gam, a_qk, w, u_bar, k_to_end, gam[..., -1, :])
 
 
-def delta_transform(a_kk, v, beta, k_gam):
+def delta_transform(a_kk, v, beta, k_decayed):
     """The WY / UT transform of the delta rule for one chunk's StrictLower(Akk) `[.., C, C]`,
     v `[.., C, V]`, beta `[.., C]`, K * Gam `[.., C, K]`:
     Tm = (I + Diag(beta) StrictLower(Akk))^{-1} Diag(beta) by forward substitution (float32),
@@ -124,65 +177,109 @@ def delta_transform(a_kk, v, beta, k_gam):
     eye = jnp.eye(a_kk.shape[-1], dtype=a_kk.dtype)
     tm = jax.scipy.linalg.solve_triangular(
         eye + beta[..., :, None] * a_kk, beta[..., :, None] * eye, lower=True, unit_diagonal=True)
-    return tm @ k_gam, tm @ v
-
-
-def kernel_operands(terms: ChunkTerms):
-    """The terms in the kernels' layout: `[BH, N*C, .]` slabs (qg, attn, kt, ubar, w) and Gam_C as one
-    `[K, 1]` column per chunk, `[BH, N*K, 1]`, so a kernel scales the rows of S without a transpose."""
-    flat = lambda x: None if x is None else x.reshape((x.shape[0], -1) + x.shape[3:])  # noqa: E731
-    bh, n, _, k_dim = terms.qg.shape
-    gam = jnp.broadcast_to(terms.gam, (bh, n, k_dim)).reshape(bh, n * k_dim, 1)
-    return flat(terms.qg), flat(terms.attn), flat(terms.kt), gam, flat(terms.ubar), flat(terms.w)
+    return tm @ k_decayed, tm @ v
 
 
 def chunk_step(terms: ChunkTerms, s: jax.Array):
     """One chunk in pure JAX: (O `[C, V]`, S_C `[K, V]`) from S_0 `[K, V]` (unbatched; vmap over chunks)."""
-    u = terms.ubar if terms.w is None else terms.ubar - terms.w @ s
-    o = terms.qg @ s + terms.attn @ u
-    return o, terms.gam[:, None] * s + terms.kt.T @ u
+    u = terms.u_bar if terms.w is None else terms.u_bar - terms.w @ s
+    o = terms.q_decayed @ s + terms.attn @ u
+    return o, terms.chunk_decay[:, None] * s + terms.k_to_end.T @ u
+
+
+# ----------------------------------------------------------------------------- the kernels' custom_vjp
+
+
+def kernel_operands(terms: ChunkTerms) -> ChunkTerms:
+    """The terms in the kernels' layout: `[BH, N*C, .]` slabs, and Gam_C as one `[K, 1]` column per
+    chunk, `[BH, N*K, 1]`, so a kernel scales the rows of S without a transpose."""
+    flat = lambda x: None if x is None else x.reshape((x.shape[0], -1) + x.shape[3:])  # noqa: E731
+    bh, n, _, k_dim = terms.q_decayed.shape
+    chunk_decay = jnp.broadcast_to(terms.chunk_decay, (bh, n, k_dim)).reshape(bh, n * k_dim, 1)
+    return ChunkTerms(flat(terms.q_decayed), flat(terms.attn), flat(terms.w), flat(terms.u_bar),
+                      flat(terms.k_to_end), chunk_decay)
+
+
+# Operands of the state-pass kernels by the kernels' ref names, each with its block kind: "chunk" (this
+# chunk's rows, whole last dim), "chunk_v" (this chunk's rows, one V tile) or "head_v" (a `[K, BV]`
+# block of the head, the same for every chunk). Both backends block the same operands this way.
+
+
+def forward_pass_operands(terms: ChunkTerms, s0, *, emit_states: bool):
+    """(operands, outputs, number of chunks) of the forward pass; outputs O `[BH, N*C, V]` or, with
+    `emit_states`, the state entering every chunk `[BH, N*K, V]` (O's terms are then not needed)."""
+    slabs = kernel_operands(terms)
+    bh, rows, k_dim = slabs.k_to_end.shape
+    n, v_dim = rows // slabs.attn.shape[-1], slabs.u_bar.shape[-1]
+    operands = {"k_to_end": (slabs.k_to_end, "chunk"), "chunk_decay": (slabs.chunk_decay, "chunk"),
+                "u_bar": (slabs.u_bar, "chunk_v"), "s0": (s0, "head_v")}
+    if slabs.w is not None:
+        operands["w"] = (slabs.w, "chunk")
+    if not emit_states:
+        operands.update(q_decayed=(slabs.q_decayed, "chunk"), attn=(slabs.attn, "chunk"))
+    out_rows = n * k_dim if emit_states else rows
+    outputs = {"out": ((bh, out_rows, v_dim), "chunk_v"), "final": ((bh, k_dim, v_dim), "head_v")}
+    return operands, outputs, n
+
+
+def backward_operands(terms: ChunkTerms, d_o, d_final):
+    """(operands, outputs, number of chunks) of the reverse pass; outputs the cotangent of the state
+    leaving each chunk `[BH, N*K, V]` and of the initial state `[BH, K, V]`."""
+    slabs = kernel_operands(terms)
+    bh, rows, k_dim = slabs.q_decayed.shape
+    n, v_dim = rows // slabs.attn.shape[-1], d_o.shape[-1]
+    operands = {"q_decayed": (slabs.q_decayed, "chunk"), "chunk_decay": (slabs.chunk_decay, "chunk"),
+                "do": (d_o, "chunk_v"), "d_final": (d_final, "head_v")}
+    if slabs.w is not None:
+        operands.update(attn=(slabs.attn, "chunk"), k_to_end=(slabs.k_to_end, "chunk"), w=(slabs.w, "chunk"))
+    outputs = {"leaving_grad": ((bh, n * k_dim, v_dim), "chunk_v"), "d_initial": ((bh, k_dim, v_dim), "head_v")}
+    return operands, outputs, n
 
 
 def _kernels(backend: str):
-    """The state-pass kernels of a backend: `pallas_kernels.gpu.state_pass` or `.tpu.state_pass`."""
+    """The state-pass kernels of a backend, `pallas_kernels.gpu.state_pass` or `.tpu.state_pass`,
+    imported on first use: the Triton / Mosaic modules load only when a kernel runs."""
     return importlib.import_module(f"pallas_kernels.{backend}.state_pass")
 
 
-def chunked_recurrence(terms_fn: Callable[..., ChunkTerms]):
-    """Builds the differentiable recurrence `run(config, inputs, s0) -> (o, final)` of one family.
-
-    `terms_fn(*inputs, chunk=C)` maps the padded inputs (q, k, v, g[, beta]) to `ChunkTerms`;
-    o is `[BH, N*C, V]`, final `[BH, K, V]`.
-    """
-
-    def forward(config: KernelConfig, inputs, s0):
-        terms = terms_fn(*inputs, chunk=config.chunk)
-        return _kernels(config.backend).forward_pass(terms, s0, emit_states=False, block_v=config.block_v,
+def _forward(config: KernelConfig, inputs, s0):
+    terms = chunk_terms(*inputs)
+    o, final = _kernels(config.backend).forward_pass(terms, s0, emit_states=False, block_v=config.block_v,
                                                      interpret=config.interpret)
+    return o.reshape(terms.u_bar.shape[:3] + o.shape[-1:]), final
 
-    # `config` is static (hashable): a nondiff argument, not traced.
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-    def run(config, inputs, s0):
-        return forward(config, inputs, s0)
 
-    def run_fwd(config, inputs, s0):
-        return forward(config, inputs, s0), (inputs, s0)
+# `config` is static (hashable): a nondiff argument, not traced.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def chunked_recurrence(config: KernelConfig, inputs, s0):
+    """The differentiable chunked recurrence on the state-pass kernels.
 
-    def run_bwd(config, residuals, cotangents):
-        inputs, s0 = residuals
-        d_o, d_final = cotangents
-        kernels = _kernels(config.backend)
-        terms, terms_vjp = jax.vjp(lambda *xs: terms_fn(*xs, chunk=config.chunk), *inputs)
-        # The same kernel, emitting the state entering each chunk instead of the outputs.
-        entering, _ = kernels.forward_pass(terms, s0, emit_states=True, block_v=config.block_v,
-                                           interpret=config.interpret)
-        entering = entering.reshape(terms.qg.shape[:2] + terms.qg.shape[-1:] + entering.shape[-1:])
-        leaving_grad, d_s0 = kernels.backward(terms, d_o, d_final, block_v=config.block_v,
-                                              interpret=config.interpret)
-        per_chunk = jax.vmap(jax.vmap(chunk_step))  # over BH, then N
-        _, step_vjp = jax.vjp(per_chunk, terms, entering)
-        d_terms, _ = step_vjp((to_chunks(d_o, config.chunk), leaving_grad))
-        return terms_vjp(d_terms), d_s0
+    inputs (q, k, v, g) or (q, k, v, g, beta), chunked `[BH, N, C, .]` (beta `[BH, N, C]`; g with a
+    last dim of K or 1), s0 `[BH, K, V]`. Returns (o `[BH, N, C, V]`, final state `[BH, K, V]`).
+    """
+    return _forward(config, inputs, s0)
 
-    run.defvjp(run_fwd, run_bwd)
-    return run
+
+def _chunked_recurrence_fwd(config, inputs, s0):
+    return _forward(config, inputs, s0), (inputs, s0)
+
+
+def _chunked_recurrence_bwd(config, residuals, cotangents):
+    inputs, s0 = residuals
+    d_o, d_final = cotangents
+    kernels = _kernels(config.backend)
+    terms, terms_vjp = jax.vjp(chunk_terms, *inputs)
+    # The same kernel, emitting the state entering each chunk instead of the outputs.
+    entering, _ = kernels.forward_pass(terms, s0, emit_states=True, block_v=config.block_v,
+                                       interpret=config.interpret)
+    entering = entering.reshape(terms.q_decayed.shape[:2] + terms.q_decayed.shape[-1:] + entering.shape[-1:])
+    d_o_slab = d_o.reshape((d_o.shape[0], -1, d_o.shape[-1]))
+    leaving_grad, d_s0 = kernels.backward(terms, d_o_slab, d_final, block_v=config.block_v,
+                                          interpret=config.interpret)
+    per_chunk = jax.vmap(jax.vmap(chunk_step))  # over BH, then N
+    _, step_vjp = jax.vjp(per_chunk, terms, entering)
+    d_terms, _ = step_vjp((d_o, leaving_grad))
+    return terms_vjp(d_terms), d_s0
+
+
+chunked_recurrence.defvjp(_chunked_recurrence_fwd, _chunked_recurrence_bwd)

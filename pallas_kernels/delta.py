@@ -13,24 +13,15 @@ in-chunk cumulative log decay and Gam = exp(G):
     W    = Tm (K * Gam),   Ubar = Tm V
     U    = Ubar - W S_0,   O = (Q * Gam) S_0 + Tril(Aqk) U,   S_C = Diag(Gam_C) S_0 + (K exp(G_C - G))^T U
 
-`delta_terms` forms everything but the last line for all chunks at once (XLA); the state-pass
-kernels (`pallas_kernels.gpu.state_pass`, `pallas_kernels.tpu.state_pass`) run the last line with S
-on chip; `delta_recurrence` is the `jax.custom_vjp` around both (`pallas_kernels.chunk_math`).
+`pallas_kernels.chunk_math.chunk_terms` forms everything but the last line for all chunks at once
+(XLA); the state-pass kernels (`pallas_kernels.gpu.state_pass`, `pallas_kernels.tpu.state_pass`) run
+the last line with S on chip; `chunk_math.chunked_recurrence` is the `jax.custom_vjp` around both.
 `delta_reference` is the token recurrence the kernels are tested against.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-from pallas_kernels.chunk_math import (
-    ChunkTerms,
-    KernelConfig,
-    chunked_recurrence,
-    decay_terms,
-    delta_transform,
-    to_chunks,
-)
 
 
 def delta_reference(q, k, v, g, beta, state):
@@ -48,21 +39,3 @@ def delta_reference(q, k, v, g, beta, state):
 
     final, o = jax.lax.scan(step, state, tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta)))
     return jnp.moveaxis(o, 0, 1), final
-
-
-def delta_terms(q, k, v, g, beta, *, chunk) -> ChunkTerms:
-    """Per-chunk terms from padded `[BH, N*C, .]` inputs (beta `[BH, N*C]`)."""
-    q, k, v, g, beta = (to_chunks(x, chunk) for x in (q, k, v, g, beta))
-    qg, attn, kt, gam_c, k_gam, a_kk = decay_terms(q, k, g, delta=True)
-    w, ubar = delta_transform(a_kk, v, beta, k_gam)
-    return ChunkTerms(qg, attn, w, ubar, kt, gam_c)
-
-
-_delta_chunked = chunked_recurrence(delta_terms)
-
-
-def delta_recurrence(config: KernelConfig, inputs, s0):
-    """Differentiable (custom_vjp) chunked recurrence on padded inputs (q, k, v, g, beta), each
-    `[BH, N*C, .]` (g `[BH, N*C, K or 1]`, zeros for DeltaNet), s0 `[BH, K, V]`.
-    Returns (o `[BH, N*C, V]`, final state `[BH, K, V]`)."""
-    return _delta_chunked(config, inputs, s0)

@@ -10,17 +10,15 @@ Chunked, per chunk of C positions with G the in-chunk cumulative log decay and G
     Aqk[i, m] = sum_c q_i[c] k_m[c] exp(G_i[c] - G_m[c])   (m <= i)
     O   = (Q * Gam) S_0 + Tril(Aqk) V,    S_C = Diag(Gam_C) S_0 + (K * exp(G_C - G))^T V
 
-`gla_terms` forms the chunk terms for all chunks at once (XLA); the state-pass kernels
-(`pallas_kernels.gpu.state_pass`, `pallas_kernels.tpu.state_pass`, with W = 0) carry S across chunks
-on chip and emit O; `gla_recurrence` is the `jax.custom_vjp` around both (`pallas_kernels.chunk_math`).
-`gla_reference` is the token recurrence the kernels are tested against.
+`pallas_kernels.chunk_math.chunk_terms` forms the chunk terms for all chunks at once (XLA); the
+state-pass kernels (`pallas_kernels.gpu.state_pass`, `pallas_kernels.tpu.state_pass`, with W = 0)
+carry S across chunks on chip and emit O; `chunk_math.chunked_recurrence` is the `jax.custom_vjp`
+around both. `gla_reference` is the token recurrence the kernels are tested against.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-from pallas_kernels.chunk_math import ChunkTerms, KernelConfig, chunked_recurrence, decay_terms, to_chunks
 
 
 def gla_reference(q, k, v, g, state):
@@ -36,20 +34,3 @@ def gla_reference(q, k, v, g, state):
 
     final, o = jax.lax.scan(step, state, tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g)))
     return jnp.moveaxis(o, 0, 1), final
-
-
-def gla_terms(q, k, v, g, *, chunk) -> ChunkTerms:
-    """Per-chunk terms from padded `[BH, N*C, .]` inputs."""
-    q, k, v, g = (to_chunks(x, chunk) for x in (q, k, v, g))
-    qg, attn, kt, gam_c, _, _ = decay_terms(q, k, g, delta=False)
-    return ChunkTerms(qg, attn, None, v, kt, gam_c)
-
-
-_gla_chunked = chunked_recurrence(gla_terms)
-
-
-def gla_recurrence(config: KernelConfig, inputs, s0):
-    """Differentiable (custom_vjp) chunked recurrence on padded inputs (q, k, v, g), each
-    `[BH, N*C, .]` (g `[BH, N*C, K or 1]`, zeros for linear attention), s0 `[BH, K, V]`.
-    Returns (o `[BH, N*C, V]`, final state `[BH, K, V]`)."""
-    return _gla_chunked(config, inputs, s0)

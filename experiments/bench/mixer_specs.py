@@ -4,7 +4,8 @@ Sizes: batch B, time T, heads H, head dim D (K = V = D for the attention-like mi
 Mamba's selective scan uses D_inner = H * D channels with N = 16 states each). FLOPs count a
 multiply-add as 2 and one exp / elementwise op as 1, per batch row and head, for the *forward* pass of
 the algorithm the impl really runs (the masked upper triangles of the C x C in-chunk blocks are counted:
-the chunked code computes them). With N = ceil(T / C) chunks of C positions and sub-chunks of s = 16:
+the chunked code computes them). With N = ceil(T / C) chunks of C positions and sub-chunks of s = 16
+(`pallas_kernels.chunk_math.chunk_length` / `sub_chunk_length`):
 
 * softmax attention (causal): T^2 (K + V) -- QK^T and PV, 2 T^2 D each, halved by the causal mask
   (the useful work, the FlashAttention convention; the impls execute the masked half too).
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 from hybrid_jax import ops
 from hybrid_jax.ops import attention, gated, ssm
 from hybrid_jax.ops import first_order
-from pallas_kernels.chunk_math import SUB_CHUNK  # the per-channel chunk form's sub-chunk length
+from pallas_kernels.chunk_math import chunk_length, sub_chunk_length  # how the chunk form cuts T
 
 SSM_STATE = 16  # Mamba-1 state size per channel
 SOFTMAX_BLOCK = 128
@@ -143,9 +144,10 @@ def _inputs_selective(key, d, dtype):
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def _chunks(d: Dims) -> tuple[int, int]:
-    c = min(d.chunk_size, d.time)
-    return c, math.ceil(d.time / c)
+def _chunks(d: Dims, per_channel: bool) -> tuple[int, int, int]:
+    """(chunk length C, number of chunks N, sub-chunk length s) as the chunked form cuts T."""
+    c = chunk_length(d.time, d.chunk_size, per_channel=per_channel)
+    return c, math.ceil(d.time / c), sub_chunk_length(c)
 
 
 def gated_flops(
@@ -168,8 +170,7 @@ def gated_flops(
         else:
             total = t * (2 * 3 * k * v + 3 * k * v)
     elif impl == "chunk":
-        c, n = _chunks(d)
-        s = math.gcd(c, SUB_CHUNK)
+        c, n, s = _chunks(d, per_channel)
         products = 2 * c * c * k + (3 * c * s * k if per_channel else 0)
         per_chunk = products + 2 * c * k * v + 2 * c * c * v + 2 * c * k * v + 2 * k * v
         if delta:
@@ -204,7 +205,7 @@ def _input_bytes(d: Dims) -> float:
     return 4 * d.batch * d.time * d.heads * d.head_dim * F32
 
 
-def _gated_bytes(d: Dims, impl: str, backward: bool, *, delta: bool) -> float:
+def _gated_bytes(d: Dims, impl: str, backward: bool, *, delta: bool, per_channel: bool = False) -> float:
     bh, t, k = d.batch * d.heads, d.time, d.head_dim
     factor = 3 if backward else 1
     if impl == "reference":
@@ -214,8 +215,7 @@ def _gated_bytes(d: Dims, impl: str, backward: bool, *, delta: bool) -> float:
         per_token = (k * k + k * k) if delta else k * k  # transitions M and writes X (K x K, K x V)
         live = bh * t * per_token * F32 * (8 if backward else 3)
     else:
-        c, n = _chunks(d)
-        s = math.gcd(c, SUB_CHUNK)
+        c, n, s = _chunks(d, per_channel)
         per_token = c + k * (s + c // s) * (2 if delta else 1) + 4 * k
         live = (bh * t * per_token + bh * n * k * k) * F32 * (6 if backward else 2)
     return factor * _input_bytes(d) + live
@@ -259,7 +259,8 @@ def _gated_spec(name, make_inputs, apply, *, delta, decayed, per_channel):
         make_inputs=make_inputs,
         apply=apply,
         flops=lambda d, impl: gated_flops(d, impl, delta=delta, decayed=decayed, per_channel=per_channel),
-        estimate_bytes=lambda d, impl, backward: _gated_bytes(d, impl, backward, delta=delta),
+        estimate_bytes=lambda d, impl, backward: _gated_bytes(d, impl, backward, delta=delta,
+                                                              per_channel=per_channel),
     )
 
 
@@ -352,7 +353,7 @@ def log_linear_flops(d: Dims, impl: str, levels: int) -> float:
     elif impl == "scan":  # per level >= 1, an associative scan over K x K transitions
         per_head = d.time * (levels - 1) * (2 * (2 * k**3 + 2 * k * k * v)) + d.time * 2 * k * v * levels
     else:  # the gated chunk form, the lambda weighting of Tril(Aqk), the read of S = I and of the stack
-        c, n = _chunks(d)
+        c, n, _ = _chunks(d, per_channel=False)
         inter = max(levels - int(math.log2(c)) - 1, 0)
         per_head = n * (c * c + 2 * c * k * k + 2 * c * k * v * inter + 3 * k * v * inter)
         return gated_flops(d, impl, delta=False, decayed=True, per_channel=False) + per_head * d.batch * d.heads
@@ -365,7 +366,7 @@ def log_linear_bytes(d: Dims, impl: str, backward: bool, levels: int) -> float:
         return _input_bytes(d) * 3 + (bh * t * levels * k * k * F32 if backward else 0)
     if impl == "scan":
         return bh * t * levels * 2 * k * k * F32 * (8 if backward else 3)
-    c, n = _chunks(d)
+    _, n, _ = _chunks(d, per_channel=False)
     stack = bh * n * levels * k * k * F32 * (3 if backward else 1)
     return _gated_bytes(d, impl, backward, delta=False) + stack
 

@@ -31,7 +31,8 @@ Implementations (`impl`), all equal up to float32 rounding, forward and backward
 * `XLA`        `jax.nn.dot_product_attention(implementation="xla")`; needs V == K head dims.
 
 Softmax statistics are float32 whatever the input dtype; matmuls take the input dtype with float32
-accumulation, and `o` comes back in the input dtype.
+accumulation. q, k and v must share one dtype, and `o` comes back in it: v's dtype, the output rule of
+every op in `hybrid_jax.ops` (docs/conventions.md).
 
 Decoding: `kv_cache_update` writes one token per batch row into `[B, S, HKV, D]` caches, and
 `softmax_attention_step` attends one query token to the first `length` cache entries.
@@ -49,6 +50,7 @@ from hybrid_jax.ops._common import (
     check_floating,
     check_rank,
     check_shape,
+    check_time,
     default_scale,
     pad_time,
     repeat_heads,
@@ -91,12 +93,13 @@ def _query_positions(tq: int, tk: int) -> np.ndarray:
 def softmax_attention_reference(q, k, v, *, scale: float, causal: bool, window: int | None):
     """Full float32 logits and a masked softmax: the ground truth."""
     heads, tq, tk = q.shape[2], q.shape[1], k.shape[1]
+    v_dtype = v.dtype
     k = repeat_heads(k.astype(_F32), heads)
     v = repeat_heads(v.astype(_F32), heads)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(_F32), k) * scale
     allowed = _allowed(_query_positions(tq, tk)[:, None], np.arange(tk)[None, :], causal=causal, window=window)
     weights = _masked_softmax(logits, allowed)
-    return jnp.einsum("bhqk,bkhv->bqhv", weights, v).astype(q.dtype)
+    return jnp.einsum("bhqk,bkhv->bqhv", weights, v).astype(v_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +269,7 @@ def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, impl="ch
     Queries sit at the last Tq of the Tk key positions; `window=W` limits each query at position p
     to keys p-W+1 .. p (and up to p+W-1 when not causal). `scale` defaults to K ** -0.5.
     `impl` is "reference", "chunk" (default) or "xla"; `block_size` is the chunk key-block length.
+    q, k, v share one dtype; o comes back in it.
     """
     op = "softmax_attention"
     choice = resolve_impl(impl, op, SUPPORTED)
@@ -276,8 +280,8 @@ def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, impl="ch
     tk, kv_heads, dv = k.shape[1], k.shape[2], v.shape[3]
     check_shape(f"{op}: k", k, (b, tk, kv_heads, dk), "[B, Tk, HKV, K] (B and K as in q)")
     check_shape(f"{op}: v", v, (b, tk, kv_heads, dv), "[B, Tk, HKV, V] (B, Tk, HKV as in k)")
-    if tq == 0 or tk == 0:
-        raise ValueError(f"{op}: q and k need at least one time step, got Tq={tq}, Tk={tk}")
+    check_time(op, tq, q=q)
+    check_time(op, tk, k=k, v=v)
     _check_grouped_heads(heads, kv_heads, op)
     _check_same_dtype(op, q=q, k=k, v=v)
     _check_window(window, op)
@@ -323,7 +327,8 @@ def softmax_attention_step(q_t, k_cache, v_cache, *, length, scale=None, window=
 
     `length` `[B]` counts the valid cache entries per row, the new token's k, v already written at
     `length - 1`; the query attends to slots < length (and >= length - window). Equals the last row
-    of the causal `softmax_attention` over the first `length` tokens.
+    of the causal `softmax_attention` over the first `length` tokens. o comes back in the caches' dtype
+    (which q_t shares).
     """
     op = "softmax_attention_step"
     check_rank(f"{op}: q_t", q_t, 3, "[B, H, K]")
@@ -349,4 +354,4 @@ def softmax_attention_step(q_t, k_cache, v_cache, *, length, scale=None, window=
     allowed = _allowed((length - 1)[:, None], jnp.arange(s)[None, :], causal=True, window=window)
     weights = _masked_softmax(logits, allowed[:, None, None, :])
     o = jnp.einsum("bngs,bsnv->bngv", weights.astype(v_cache.dtype), v_cache, preferred_element_type=_F32)
-    return o.reshape(b, heads, dv).astype(q_t.dtype)
+    return o.reshape(b, heads, dv).astype(v_cache.dtype)

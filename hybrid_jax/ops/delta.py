@@ -14,9 +14,9 @@ the Kimi Linear report (eqs. 6-9), with Tm = (I + Diag(beta) StrictLower(Akk))^{
 per chunk by forward substitution, and only relative decays exp(G_i - G_m), i >= m, ever formed.
 
 Layout: q, k `[B, T, H, K]` (keys are expected L2-normalised by the layer), v `[B, T, HV, V]`,
-beta `[B, T, HV]`, HV % H == 0. impl: "reference" | "scan" (associative scan over (transition, write)
-pairs, O(T log T K^3)) | "chunk" (default). Returns (o in v's dtype, final state `[B, HV, K, V]`
-float32 or None).
+beta `[B, T, HV]`, HV % H == 0 (docs/conventions.md). impl: "reference" | "scan" (associative scan over
+(transition, write) pairs, O(T log T K^3)) | "chunk" (default) | "pallas" | "auto". Returns (o in v's
+dtype, final state `[B, HV, K, V]` float32 or None); each `*_step` returns (o_t in v_t's dtype, state).
 """
 from __future__ import annotations
 
@@ -34,9 +34,7 @@ def delta_rule(q, k, v, *, beta, scale=None, initial_state=None, output_final_st
 def gated_delta_rule(q, k, v, *, g, beta, scale=None, initial_state=None, output_final_state=False,
                      impl="chunk", chunk_size=64):
     """Gated DeltaNet: one scalar log decay per head and token, g `[B, T, HV]`."""
-    b, t, _, k_dim = q.shape
-    g = gated.check_gate("gated_delta_rule", g, b, t, v.shape[2], k_dim, per_channel=False)
-    return gated.gated_op("gated_delta_rule", q, k, v, g=g, beta=beta, scale=scale,
+    return gated.gated_op("gated_delta_rule", q, k, v, g=g, per_channel=False, beta=beta, scale=scale,
                           initial_state=initial_state, output_final_state=output_final_state,
                           impl=impl, chunk_size=chunk_size)
 
@@ -44,10 +42,9 @@ def gated_delta_rule(q, k, v, *, g, beta, scale=None, initial_state=None, output
 def kda(q, k, v, *, g, beta, scale=None, initial_state=None, output_final_state=False, impl="chunk",
         chunk_size=64):
     """Kimi Delta Attention: channel-wise log decay g `[B, T, HV, K]`."""
-    b, t, _, k_dim = q.shape
-    g = gated.check_gate("kda", g, b, t, v.shape[2], k_dim, per_channel=True)
-    return gated.gated_op("kda", q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
-                          output_final_state=output_final_state, impl=impl, chunk_size=chunk_size)
+    return gated.gated_op("kda", q, k, v, g=g, per_channel=True, beta=beta, scale=scale,
+                          initial_state=initial_state, output_final_state=output_final_state,
+                          impl=impl, chunk_size=chunk_size)
 
 
 def delta_rule_step(q_t, k_t, v_t, state, *, beta_t, scale=None):
@@ -57,15 +54,11 @@ def delta_rule_step(q_t, k_t, v_t, state, *, beta_t, scale=None):
 
 def gated_delta_rule_step(q_t, k_t, v_t, state, *, g_t, beta_t, scale=None):
     """One decoding step of Gated DeltaNet; g_t `[B, HV]`."""
-    b, _, k_dim = q_t.shape
-    g_t = gated.check_gate("gated_delta_rule_step", g_t[:, None], b, 1, v_t.shape[1], k_dim,
-                           per_channel=False)[:, 0]
-    return gated.gated_step("gated_delta_rule_step", q_t, k_t, v_t, state, g_t=g_t, beta_t=beta_t,
-                            scale=scale)
+    return gated.gated_step("gated_delta_rule_step", q_t, k_t, v_t, state, g_t=g_t, per_channel=False,
+                            beta_t=beta_t, scale=scale)
 
 
 def kda_step(q_t, k_t, v_t, state, *, g_t, beta_t, scale=None):
     """One decoding step of KDA; g_t `[B, HV, K]`."""
-    b, _, k_dim = q_t.shape
-    g_t = gated.check_gate("kda_step", g_t[:, None], b, 1, v_t.shape[1], k_dim, per_channel=True)[:, 0]
-    return gated.gated_step("kda_step", q_t, k_t, v_t, state, g_t=g_t, beta_t=beta_t, scale=scale)
+    return gated.gated_step("kda_step", q_t, k_t, v_t, state, g_t=g_t, per_channel=True, beta_t=beta_t,
+                            scale=scale)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from hybrid_jax.ops._common import Impl, check_chunk_size, pad_time, resolve_impl
+from hybrid_jax.ops._common import Impl, check_chunk_size, check_time, pad_time, resolve_impl, to_f32
 
 SUPPORTED = (Impl.REFERENCE, Impl.SCAN, Impl.CHUNK)
 
@@ -105,9 +105,9 @@ def linear_recurrence(a, b, *, initial_state=None, log_a=False, impl="chunk", ch
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
     if a.ndim < 2:
         raise ValueError(f"linear_recurrence: a, b must be [B, T, ...], got rank {a.ndim}")
+    check_time("linear_recurrence", a.shape[1], a=a, b=b)
     check_chunk_size(chunk_size, "linear_recurrence")
-    a = a.astype(jnp.float32)
-    b = b.astype(jnp.float32)
+    a, b = to_f32(a), to_f32(b)
     state_shape = (b.shape[0],) + b.shape[2:]
     if initial_state is None:
         h0 = jnp.zeros(state_shape, jnp.float32)
@@ -115,7 +115,7 @@ def linear_recurrence(a, b, *, initial_state=None, log_a=False, impl="chunk", ch
         if tuple(initial_state.shape) != state_shape:
             raise ValueError(f"linear_recurrence: initial_state must have shape [B, ...] = {state_shape}, "
                              f"got {tuple(initial_state.shape)}")
-        h0 = initial_state.astype(jnp.float32)
+        h0 = to_f32(initial_state)
     if choice is Impl.REFERENCE:
         return linear_recurrence_reference(a, b, h0, log_a=log_a)
     if choice is Impl.SCAN:

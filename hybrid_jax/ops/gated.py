@@ -10,12 +10,12 @@ broadcast over K; `g=None` means no decay; `beta=None` selects the non-delta for
 
 Layout inside this module: q, k `[B, T, H, K]`, v `[B, T, H, V]` with the grouped heads already
 expanded (the public ops do that), g `[B, T, H, K or 1]`, beta `[B, T, H]`, state `[B, H, K, V]`, all
-float32. Algorithms (MATH.md gives the derivations):
+float32. Algorithms (docs/chunked_algorithms.md gives the derivations):
 
 * `recurrence_reference`: lax.scan of the recurrence, one token at a time.
 * `recurrence_scan`: jax.lax.associative_scan. Delta form: pairs (M_t, X_t) with
   M_t = (I - b_t k_t k_t^T) Diag(exp g_t), X_t = b_t k_t v_t^T, combined as (M2 M1, M2 X1 + X2),
-  O(T log T K^3). Non-delta form: the elementwise first-order scan of `scan.py` on K x V states.
+  O(T log T K^3). Non-delta form: the elementwise first-order scan of `first_order.py` on K x V states.
 * `recurrence_chunk`: chunks of C positions. Per chunk, with G the in-chunk cumulative log decay and
   Gam = exp(G):  Aqk[i, m] = sum_c q_i k_m exp(G_i - G_m) (m <= i), the same Akk for k with k,
   Tm = (I + Diag(beta) StrictLower(Akk))^{-1} Diag(beta), W = Tm (K * Gam), Ubar = Tm V (delta) or
@@ -25,28 +25,36 @@ float32. Algorithms (MATH.md gives the derivations):
   Only relative decays exp(G_i - G_m), i >= m, are ever formed, so g = -20 per step stays finite.
   Per-channel decays use sub-chunks: an off-diagonal block (query sub-chunk a, earlier keys) is one
   matmul through the reference position r = start of a, exp(G_i - G_m) = exp(G_i - G_r) exp(G_r - G_m),
-  both factors <= 1; diagonal blocks are explicit s x s x K products.
+  both factors <= 1; diagonal blocks are explicit s x s x K products. A sequence shorter than the
+  chunk is one chunk, padded to whole sub-chunks under a per-channel decay
+  (`pallas_kernels.chunk_math.chunk_length`).
+
+The chunk algebra itself (`ChunkTerms`, cutting time into chunks, the decayed products, the WY
+transform) lives in `pallas_kernels.chunk_math`, shared with the kernels, which may not import this
+package. Outputs come back in v's dtype (the rule of `hybrid_jax.ops`).
 """
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from hybrid_jax.ops import first_order
-from pallas_kernels import chunk_math
 from hybrid_jax.ops._common import (
     Impl,
     check_chunk_size,
-    check_qkv,
+    check_gate,
     check_shape,
-    default_scale,
-    pad_time,
-    repeat_heads,
+    prepare_qkv,
     resolve_impl,
+    to_f32,
 )
+from pallas_kernels import chunk_math
+from pallas_kernels.chunk_math import ChunkTerms, from_chunks, to_chunks
+
+__all__ = ["SUPPORTED", "ChunkTerms", "chunk_outputs", "chunk_terms", "gated_op", "gated_step", "propagate",
+           "recurrence_chunk", "recurrence_reference", "recurrence_scan", "recurrence_step"]
 
 
 def _decay(g_t: jax.Array | None, k_dim: int) -> jax.Array | None:
@@ -109,38 +117,13 @@ def recurrence_scan(q, k, v, g, beta, state):
 
 
 # ----------------------------------------------------------------------------- chunked form
-# The per-chunk algebra (decayed products through sub-chunk reference positions, the WY transform)
-# lives in pallas_kernels.chunk_math, shared with the kernels, which may not import this package.
-
-
-class ChunkTerms(NamedTuple):
-    """What each chunk contributes, computed for all chunks at once. Shapes `[B, H, N, C, ...]`."""
-
-    q_decayed: jax.Array  # Q * Gam                      [.., C, K]
-    attn: jax.Array  # Tril(Aqk)                           [.., C, C]
-    w: jax.Array | None  # Tm (K * Gam) (delta only)      [.., C, K]
-    u_bar: jax.Array  # Tm V (delta) or V                 [.., C, V]
-    k_to_end: jax.Array  # K * exp(G_C - G)               [.., C, K]
-    chunk_decay: jax.Array  # Gam_C                       [.., K or 1]
 
 
 def chunk_terms(q, k, v, g, beta, chunk_size) -> ChunkTerms:
-    """Splits `[B, T, H, .]` inputs into chunks (padding with identity steps) and forms each chunk's terms."""
-    def chunked(x):
-        x = pad_time(x, chunk_size)
-        b, t, h = x.shape[:3]
-        x = x.reshape((b, t // chunk_size, chunk_size, h) + x.shape[3:])
-        return jnp.moveaxis(x, 3, 1)  # [B, H, N, C, ...]
-
-    q, k, v = chunked(q), chunked(k), chunked(v)
-    g = jnp.zeros(k.shape[:-1] + (1,), k.dtype) if g is None else chunked(g)
-    delta = beta is not None
-    q_decayed, attn, k_to_end, chunk_decay, k_gam, a_kk = chunk_math.decay_terms(q, k, g, delta=delta)
-    if delta:
-        w, u_bar = chunk_math.delta_transform(a_kk, v, chunked(beta), k_gam)
-    else:
-        w, u_bar = None, v
-    return ChunkTerms(q_decayed, attn, w, u_bar, k_to_end, chunk_decay)
+    """Cuts `[B, T, H, .]` inputs into chunks (padding with identity steps) and forms each chunk's
+    terms, `[B, H, N, C, .]`."""
+    chunked = lambda x: None if x is None else to_chunks(x, chunk_size)  # noqa: E731
+    return chunk_math.chunk_terms(chunked(q), chunked(k), chunked(v), chunked(g), chunked(beta))
 
 
 def propagate(terms: ChunkTerms, state, *, u_bar=None):
@@ -170,30 +153,23 @@ def propagate(terms: ChunkTerms, state, *, u_bar=None):
     return jnp.moveaxis(entering, 0, 2), final
 
 
-def chunk_outputs(terms: ChunkTerms, entering, *, u_bar=None, attn=None):
-    """O = (Q * Gam) S_0 + Tril(Aqk) U per chunk, `[B, H, N, C, V]`; `attn` may be a reweighted Tril(Aqk)."""
+def chunk_outputs(terms: ChunkTerms, entering, *, u_bar=None):
+    """O = (Q * Gam) S_0 + Tril(Aqk) U per chunk, `[B, H, N, C, V]` (`u_bar` overrides `terms.u_bar`)."""
     u_bar = terms.u_bar if u_bar is None else u_bar
-    attn = terms.attn if attn is None else attn
     u = u_bar if terms.w is None else u_bar - terms.w @ entering
-    return terms.q_decayed @ entering + attn @ u
-
-
-def unchunk(o, t):
-    """`[B, H, N, C, V]` -> `[B, T, H, V]` (drops the padding)."""
-    b, h, n, c, d = o.shape
-    return jnp.moveaxis(o, 1, 3).reshape(b, n * c, h, d)[:, :t]
+    return terms.q_decayed @ entering + terms.attn @ u
 
 
 def recurrence_chunk(q, k, v, g, beta, state, *, chunk_size):
     """The chunked form (see the module docstring). Returns (o `[B,T,H,V]`, final state)."""
     t = q.shape[1]
-    chunk_size = min(chunk_size, t)  # a short sequence is one chunk
-    terms = chunk_terms(q, k, v, g, beta, chunk_size)
+    per_channel = g is not None and g.shape[-1] != 1
+    terms = chunk_terms(q, k, v, g, beta, chunk_math.chunk_length(t, chunk_size, per_channel=per_channel))
     entering, final = propagate(terms, state)
-    return unchunk(chunk_outputs(terms, entering), t), final
+    return from_chunks(chunk_outputs(terms, entering), t), final
 
 
-# ----------------------------------------------------------------------------- the shared front end
+# ----------------------------------------------------------------------------- the public entry: front end, then dispatch
 
 SUPPORTED = (Impl.REFERENCE, Impl.SCAN, Impl.CHUNK, Impl.PALLAS, Impl.AUTO)
 
@@ -206,45 +182,32 @@ def _pallas_or_chunk(op, args, chunk_size):
     """
     if jax.default_backend() not in ("gpu", "tpu"):
         return Impl.CHUNK
-    import pallas_kernels
+    from pallas_kernels import api  # the kernels load only where they may run
 
-    ok, reason = pallas_kernels.supports(*args, chunk_size=chunk_size)
+    ok, reason = api.supports(*args, chunk_size=chunk_size)
     if not ok:
         warnings.warn(f"{op}: impl='auto' falls back to 'chunk': {reason}", stacklevel=3)
         return Impl.CHUNK
     return Impl.PALLAS
 
 
-def check_gate(op, g, b, t, hv, k_dim, *, per_channel: bool | None):
-    """Validates g (`[B,T,HV]` scalar or `[B,T,HV,K]` per channel; `per_channel=None` allows both) and
-    returns it as `[B, T, HV, K or 1]`."""
-    scalar_shape, channel_shape = (b, t, hv), (b, t, hv, k_dim)
-    allowed = {None: (scalar_shape, channel_shape), False: (scalar_shape,), True: (channel_shape,)}
-    allowed = allowed[per_channel]
-    if tuple(g.shape) not in allowed:
-        names = {scalar_shape: "[B, T, HV]", channel_shape: "[B, T, HV, K]"}
-        want = " or ".join(f"{names[s]} = {s}" for s in allowed)
-        raise ValueError(f"{op}: g must have shape {want}, got {tuple(g.shape)}")
-    return g[..., None] if g.ndim == 3 else g
+def gated_op(op, q, k, v, *, g, beta, scale, initial_state, output_final_state, impl, chunk_size,
+             per_channel=None):
+    """Runs one of the family's algorithms on the public inputs, after the front end.
 
-
-def gated_op(op, q, k, v, *, g, beta, scale, initial_state, output_final_state, impl, chunk_size):
-    """Runs one of the family's algorithms on validated public inputs.
-
-    q, k `[B, T, H, K]`; v `[B, T, HV, V]`; g `[B, T, HV, K or 1]` or None; beta `[B, T, HV]` or None.
-    Returns (o `[B, T, HV, V]` in q's dtype, final state `[B, HV, K, V]` float32 or None).
+    q, k `[B, T, H, K]`; v `[B, T, HV, V]`; g `[B, T, HV]` or `[B, T, HV, K]` (`per_channel`: False,
+    True, or None for either) or None; beta `[B, T, HV]` or None.
+    Returns (o `[B, T, HV, V]` in v's dtype, final state `[B, HV, K, V]` float32 or None).
     """
-    b, t, h, k_dim, hv, v_dim = check_qkv(q, k, v, op)
+    q32, k32, v32, dims = prepare_qkv(op, q, k, v, scale=scale)
+    g = None if g is None else check_gate(op, g, dims, per_channel=per_channel)
     choice = resolve_impl(impl, op, SUPPORTED)
     check_chunk_size(chunk_size, op, 1, 1024)
-    check_shape(f"{op}: beta", beta, (b, t, hv), "[B, T, HV]")
+    b, _, _, k_dim, hv, v_dim = dims
+    check_shape(f"{op}: beta", beta, (b, dims.time, hv), "[B, T, HV]")
     check_shape(f"{op}: initial_state", initial_state, (b, hv, k_dim, v_dim), "[B, HV, K, V]")
-    f32 = lambda x: None if x is None else x.astype(jnp.float32)  # noqa: E731
-    q = repeat_heads(f32(q) * default_scale(scale, k_dim), hv)
-    k = repeat_heads(f32(k), hv)
-    state = (jnp.zeros((b, hv, k_dim, v_dim), jnp.float32) if initial_state is None
-             else f32(initial_state))
-    args = (q, k, f32(v), f32(g), f32(beta), state)
+    state = jnp.zeros((b, hv, k_dim, v_dim), jnp.float32) if initial_state is None else to_f32(initial_state)
+    args = (q32, k32, v32, to_f32(g), to_f32(beta), state)
     if choice is Impl.AUTO:
         choice = _pallas_or_chunk(op, args, chunk_size)
     if choice is Impl.REFERENCE:
@@ -254,20 +217,21 @@ def gated_op(op, q, k, v, *, g, beta, scale, initial_state, output_final_state, 
     elif choice is Impl.CHUNK:
         o, final = recurrence_chunk(*args, chunk_size=chunk_size)
     else:
-        import pallas_kernels  # ops -> kernels, never the other way round
+        from pallas_kernels import api  # loads the Triton / Mosaic kernels: only when they run
 
-        o, final = pallas_kernels.gated_recurrence(*args, chunk_size=chunk_size)
+        o, final = api.gated_recurrence(*args, chunk_size=chunk_size)
     return o.astype(v.dtype), (final if output_final_state else None)
 
 
-def gated_step(op, q_t, k_t, v_t, state, *, g_t=None, beta_t=None, scale=None):
+def gated_step(op, q_t, k_t, v_t, state, *, g_t=None, beta_t=None, scale=None, per_channel=None):
     """Public one-token step: q_t, k_t `[B, H, K]`, v_t `[B, HV, V]`, state `[B, HV, K, V]`,
-    g_t `[B, HV, K or 1]` or None, beta_t `[B, HV]` or None. Returns (o_t in v's dtype, new state)."""
-    b, _, h, k_dim, hv, v_dim = check_qkv(q_t[:, None], k_t[:, None], v_t[:, None], op)
+    g_t `[B, HV]` or `[B, HV, K]` (`per_channel` as in `gated_op`) or None, beta_t `[B, HV]` or None.
+    Returns (o_t in v_t's dtype, new state float32)."""
+    q32, k32, v32, dims = prepare_qkv(op, q_t, k_t, v_t, scale=scale, step=True)
+    if g_t is not None:
+        g_t = check_gate(op, g_t[:, None], dims, per_channel=per_channel)[:, 0]
+    b, _, _, k_dim, hv, v_dim = dims
     check_shape(f"{op}: state", state, (b, hv, k_dim, v_dim), "[B, HV, K, V]")
     check_shape(f"{op}: beta_t", beta_t, (b, hv), "[B, HV]")
-    f32 = lambda x: None if x is None else x.astype(jnp.float32)  # noqa: E731
-    q_t = repeat_heads(f32(q_t) * default_scale(scale, k_dim), hv, axis=1)
-    k_t = repeat_heads(f32(k_t), hv, axis=1)
-    o_t, state = recurrence_step(q_t, k_t, f32(v_t), f32(g_t), f32(beta_t), f32(state))
+    o_t, state = recurrence_step(q32, k32, v32, to_f32(g_t), to_f32(beta_t), to_f32(state))
     return o_t.astype(v_t.dtype), state

@@ -9,8 +9,9 @@ Per head, state S in R^{K x V}, o_t = S_t^T (scale * q_t):
 Feature maps, normalisation and the gate parameterisation belong to the layers (hybrid_jax.nn).
 Layout: q, k `[B, T, H, K]`, v `[B, T, HV, V]` with HV % H == 0 (q/k shared by each group of value
 heads); g follows v's heads. impl: "reference" (token recurrence), "scan" (associative scan over
-K x V states), "chunk" (intra-chunk matmuls + one pass over chunk states; the default). All compute
-in float32 and return o in v's dtype and the final state `[B, HV, K, V]` in float32.
+K x V states), "chunk" (intra-chunk matmuls + one pass over chunk states; the default), "pallas",
+"auto". All compute in float32 and return o in v's dtype and the final state `[B, HV, K, V]` in
+float32; the steps return (o_t in v_t's dtype, new state). Conventions: docs/conventions.md.
 """
 from __future__ import annotations
 
@@ -33,14 +34,10 @@ def linear_attention_step(q_t, k_t, v_t, state, *, scale=None):
 def gla(q, k, v, *, g, scale=None, initial_state=None, output_final_state=False, impl="chunk",
         chunk_size=64):
     """Gated linear attention with log decay g `[B, T, HV, K]` or `[B, T, HV]`."""
-    b, t, _, k_dim = q.shape
-    g = gated.check_gate("gla", g, b, t, v.shape[2], k_dim, per_channel=None)
     return gated.gated_op("gla", q, k, v, g=g, beta=None, scale=scale, initial_state=initial_state,
                           output_final_state=output_final_state, impl=impl, chunk_size=chunk_size)
 
 
 def gla_step(q_t, k_t, v_t, state, *, g_t, scale=None):
     """One decoding step of GLA; g_t `[B, HV, K]` or `[B, HV]`."""
-    b, _, k_dim = q_t.shape
-    g_t = gated.check_gate("gla_step", g_t[:, None], b, 1, v_t.shape[1], k_dim, per_channel=None)[:, 0]
     return gated.gated_step("gla_step", q_t, k_t, v_t, state, g_t=g_t, scale=scale)

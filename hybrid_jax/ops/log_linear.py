@@ -23,7 +23,8 @@ transitions M_t and writes X_t, restarted (M_t = 0) at every aligned block of 2^
 only by the block's left half (jax.lax.associative_scan over (M, X) pairs, vmapped over levels,
 O(T log T K^3) per level: an independent check, not a fast path); level 0 is the token's own write.
 
-impl "chunk" (C a power of two, chunks aligned to absolute positions; MATH.md):
+impl "chunk" (`log_linear_chunk.py`; C a power of two, chunks aligned to absolute positions;
+docs/chunked_algorithms.md):
 * in-chunk sources: the transfer matrix Tril(Aqk) Tm (delta) or Tril(Aqk), multiplied elementwise by
   lambda_i^{l(i, m)} of the offsets, applied to V;
 * earlier chunks: a stack of inter-chunk levels l = log2(C) + 1 + i. One lax.scan over chunks carries
@@ -46,28 +47,20 @@ from hybrid_jax.ops import gated
 from hybrid_jax.ops._common import (
     Impl,
     check_chunk_size,
-    check_qkv,
+    check_gate,
     check_rank,
     check_shape,
-    default_scale,
-    repeat_heads,
+    prepare_qkv,
     resolve_impl,
+    to_f32,
 )
+from hybrid_jax.ops.fenwick import carried_levels, fenwick_level, merge_down, num_levels, one_hot
+from hybrid_jax.ops.log_linear_chunk import concrete_int, log_linear_chunk
+
+__all__ = ["SUPPORTED", "FenwickState", "empty_fenwick_state", "fenwick_level", "log_linear_attention",
+           "log_linear_attention_masked", "log_linear_attention_step", "num_levels"]
 
 SUPPORTED = (Impl.REFERENCE, Impl.SCAN, Impl.CHUNK)
-
-
-def fenwick_level(t, s):
-    """0 if s == t else bit_length(t XOR s); Python ints give an int, arrays an int32 array (broadcast)."""
-    if isinstance(t, int) and isinstance(s, int):
-        return (t ^ s).bit_length()
-    x = jnp.bitwise_xor(jnp.asarray(t, jnp.int32), jnp.asarray(s, jnp.int32))
-    return 32 - jax.lax.clz(x)
-
-
-def num_levels(length: int) -> int:
-    """Levels L that positions 0 .. length - 1 need: ceil(log2(length)) + 1."""
-    return max(length - 1, 0).bit_length() + 1
 
 
 class FenwickState(NamedTuple):
@@ -85,23 +78,13 @@ def empty_fenwick_state(batch, value_heads, levels, key_dim, value_dim) -> Fenwi
 # ----------------------------------------------------------------------------- token recurrence
 
 
-def _merge_down(stack, target, extra=None):
-    """Sums slots 0..target of `stack` `[B, H, n, K, V]` (and `extra` `[B, H, K, V]`) into slot `target`."""
-    slot = jnp.arange(stack.shape[2])[:, None, None]
-    below = slot < target
-    moved = jnp.sum(jnp.where(below, stack, 0.0), axis=2)
-    if extra is not None:
-        moved = moved + extra
-    return jnp.where(below, 0.0, stack) + jnp.where(slot == target, moved[:, :, None], 0.0)
-
-
 # Every level takes the token's transition; only level 0 receives its value.
 _levels_step = jax.vmap(gated.recurrence_step, in_axes=(None, None, 2, None, None, 2), out_axes=2)
 
 
 def _step(q_t, k_t, v_t, g_t, beta_t, lam_t, levels, position):
     target = jnp.where(position > 0, fenwick_level(position, position - 1), 0)
-    levels = _merge_down(levels, target)
+    levels = merge_down(levels, target)
     values = jnp.zeros(levels.shape[:3] + v_t.shape[-1:], v_t.dtype).at[:, :, 0].set(v_t)
     reads, levels = _levels_step(q_t, k_t, values, g_t, beta_t, levels)
     return jnp.einsum("bhl,bhlv->bhv", lam_t, reads), levels
@@ -118,16 +101,6 @@ def _reference(q, k, v, g, beta, lam, levels, position):
     steps = jnp.arange(q.shape[1], dtype=jnp.int32)
     levels, o = jax.lax.scan(body, levels, (steps,) + tuple(map(time_major, (q, k, v, g, beta, lam))))
     return jnp.moveaxis(o, 0, 1), levels
-
-
-def _carried_levels(times, position, n_levels):
-    """`[.., L]`: the level at which query `times` reads level l of a state after `position` tokens."""
-    since = fenwick_level(times, jnp.maximum(position - 1, 0))
-    return jnp.maximum(jnp.arange(n_levels), since[..., None])
-
-
-def _one_hot(index, n):
-    return (index[..., None] == jnp.arange(n)).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------- associative scan
@@ -169,139 +142,12 @@ def _scan(q, k, v, g, beta, lam, levels, position):
     states = jnp.where(in_left[:-1, None, :, None, None, None], 0.0, states[:-1])
     per_level = jnp.moveaxis(jnp.concatenate([x[None], states]), 0, 3)  # [B, T, H, L, K, V]
     carried = jnp.einsum("bthij,bhljv->bthliv", from_start[-1], levels)  # incoming levels at each token
-    read_level = _carried_levels(times, position, n_levels)  # [T, L]
+    read_level = carried_levels(times, position, n_levels)  # [T, L]
     lam_carried = jnp.take_along_axis(lam, read_level[None, :, None], axis=-1)
     o = (jnp.einsum("bthk,bthl,bthlkv->bthv", q, lam, per_level)
          + jnp.einsum("bthk,bthl,bthlkv->bthv", q, lam_carried, carried))
-    final = per_level[:, -1] + jnp.einsum("lm,bhlkv->bhmkv", _one_hot(read_level[-1], n_levels),
+    final = per_level[:, -1] + jnp.einsum("lm,bhlkv->bhmkv", one_hot(read_level[-1], n_levels),
                                           carried[:, -1])
-    return o, final
-
-
-# ----------------------------------------------------------------------------- chunked form
-
-
-def _concrete_int(x):
-    return None if isinstance(x, jax.core.Tracer) else int(x)
-
-
-def _place(x, offset, length):
-    """Puts `x` `[B, T, ...]` at `offset` of a zero (identity-step) buffer of `length` positions."""
-    if isinstance(offset, int):
-        return jnp.pad(x, [(0, 0), (offset, length - offset - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-    buffer = jnp.zeros((x.shape[0], length) + x.shape[2:], x.dtype)
-    return jax.lax.dynamic_update_slice_in_dim(buffer, x, offset, axis=1)
-
-
-def _window(x, offset, length):
-    if isinstance(offset, int):
-        return x[:, offset:offset + length]
-    return jax.lax.dynamic_slice_in_dim(x, offset, length, axis=1)
-
-
-def _to_chunks(x, c):
-    """`[B, N * C, H, ...]` -> `[B, H, N, C, ...]`, the layout of `gated.ChunkTerms`."""
-    b, nc, h = x.shape[:3]
-    return jnp.moveaxis(x.reshape((b, nc // c, c, h) + x.shape[3:]), 3, 1)
-
-
-def _advance(transition, states):
-    """Carries states through a chunk: `transition` a K x K matrix or a `[.., K or 1, 1]` diagonal decay."""
-    return transition * states if transition.shape[-1] == 1 else transition @ states
-
-
-class _ChunkOperators(NamedTuple):
-    terms: gated.ChunkTerms  # [B, H, N, C, ...]
-    tm: jax.Array | None  # Tm (delta only)                                  [.., C, C]
-    transfer: jax.Array  # in-chunk value -> output: Tril(Aqk) Tm or Tril(Aqk) [.., C, C]
-    read: jax.Array  # entering state -> outputs: Q Gam - Tril(Aqk) W         [.., C, K]
-    transition: jax.Array  # state through the chunk, no writes: A_c or Diag(Gam_C) [.., K, K or 1]
-    own: jax.Array  # the chunk's own writes at its end                       [.., K, V]
-
-
-def _chunk_operators(q, k, v, g, beta, c) -> _ChunkOperators:
-    """Per-chunk linear maps from gated.py's machinery: `[B, N * C, H, ...]` inputs, chunks of c."""
-    b, nc, h, kd = k.shape
-    vd, n = v.shape[-1], nc // c
-    if beta is None:
-        terms, tm = gated.chunk_terms(q, k, v, g, None, c), None
-    else:  # values [V | I_C] in every chunk make the terms carry Tm itself: u_bar = [Tm V | Tm]
-        eye = jnp.broadcast_to(jnp.tile(jnp.eye(c), (n, 1))[None, :, None], (b, nc, h, c))
-        terms = gated.chunk_terms(q, k, jnp.concatenate([v, eye], -1), g, beta, c)
-        tm = terms.u_bar[..., vd:]
-        terms = terms._replace(u_bar=terms.u_bar[..., :vd])
-    transfer = terms.attn if tm is None else terms.attn @ tm
-    read = gated.chunk_outputs(terms, jnp.eye(kd), u_bar=jnp.zeros((c, kd)))  # the output of S = I
-    # Every chunk on its own (the chunk axis becomes a batch axis): through it from [I | 0] with [0 | Ubar].
-    alone = jax.tree.map(lambda x: x[:, :, None], terms)
-    if tm is None:
-        _, own = gated.propagate(alone, jnp.zeros((b, h, n, kd, vd)))
-        return _ChunkOperators(terms, tm, transfer, read, terms.chunk_decay[..., None], own)
-    start = jnp.concatenate([jnp.broadcast_to(jnp.eye(kd), (b, h, n, kd, kd)),
-                             jnp.zeros((b, h, n, kd, vd))], -1)
-    u_bar = jnp.concatenate([jnp.zeros(terms.u_bar.shape[:-1] + (kd,)), terms.u_bar], -1)
-    _, end = gated.propagate(alone, start, u_bar=u_bar[:, :, None])
-    return _ChunkOperators(terms, tm, transfer, read, end[..., :kd], end[..., kd:])
-
-
-def _chunk(q, k, v, g, beta, lam, levels_in, position, *, chunk_size):
-    b, t, h, kd = q.shape
-    n_levels = lam.shape[-1]
-    c = min(chunk_size, 1 << (t - 1).bit_length())  # a short sequence is one chunk
-    log_c = c.bit_length() - 1  # the highest level between two positions of one chunk
-    n_inter = n_levels - log_c - 1
-    known = _concrete_int(position)
-    offset = position % c if known is None else known % c
-    n_chunks = -(-(t + c - 1) // c) if known is None else -(-(offset + t) // c)
-    position = jnp.asarray(position, jnp.int32)
-    first_chunk = position // c
-    q, k, v, g, lam = (_place(x, offset, n_chunks * c) for x in (q, k, v, g, lam))
-    ops = _chunk_operators(q, k, v, g, None if beta is None else _place(beta, offset, n_chunks * c), c)
-    values, lam = _to_chunks(v, c), _to_chunks(lam, c)  # lam: [B, H, N, C, L]
-
-    offsets = jnp.arange(c)
-    in_chunk = fenwick_level(offsets[:, None], offsets[None, :])
-    o = (ops.transfer * jnp.take_along_axis(lam, in_chunk[None, None, None], axis=-1)) @ values
-
-    # Incoming levels: read token by token in the first chunk, then placed in the stack.
-    first_times = first_chunk * c + offsets
-    lam_in = jnp.take_along_axis(lam[:, :, 0], _carried_levels(first_times, position, n_levels)[None, None],
-                                 axis=-1)
-    o = o.at[:, :, 0].add(jnp.einsum("bhcl,bhck,bhlkv->bhcv", lam_in, ops.read[:, :, 0], levels_in))
-    after_first = _carried_levels(first_times[-1], position, n_levels) - log_c - 1
-    stack = jnp.einsum("li,bhlkv->bhikv", _one_hot(jnp.maximum(after_first, 0), n_inter), levels_in)
-
-    # Earlier chunks: the stack of inter-chunk levels log_c + 1 + i, one scan over chunks.
-    chunk_ids = jnp.arange(n_chunks)
-    absolute = first_chunk + chunk_ids
-    merge_slot = fenwick_level(absolute + 1, absolute) - 1  # where chunk c's sources sit from chunk c + 1
-
-    def body(stack, inputs):
-        transition_c, own_c, slot = inputs
-        return _merge_down(_advance(transition_c, stack), slot, own_c), stack
-
-    chunk_major = lambda x: jnp.moveaxis(x, 2, 0)  # noqa: E731
-    _, entering = jax.lax.scan(body, stack, (chunk_major(ops.transition)[:, :, :, None],
-                                             chunk_major(ops.own), merge_slot))
-    entering = jnp.moveaxis(entering, 0, 2)  # [B, H, N, n_inter, K, V]
-    entering = jnp.where(chunk_ids[:, None, None, None] == 0, 0.0, entering)  # chunk 0 read them above
-    # Weight the read-out rows per level first: one [C, n K] x [n K, V] matmul per chunk.
-    weighted_read = jnp.einsum("bhncl,bhnck->bhnclk", lam[..., log_c + 1:], ops.read)
-    o = o + jnp.einsum("bhnclk,bhnlkv->bhncv", weighted_read, entering)
-    o = _window(gated.unchunk(o, n_chunks * c), offset, t)
-
-    # Final state: the last real chunk's own writes by in-chunk level, the stack carried through it,
-    # and the incoming levels if that chunk is also the first.
-    last, last_offset = (offset + t - 1) // c, (offset + t - 1) % c
-    pick = lambda x: jax.lax.dynamic_index_in_dim(x, last, axis=2, keepdims=False)  # noqa: E731
-    to_end = jnp.swapaxes(pick(ops.terms.k_to_end), -1, -2)
-    to_end = to_end if ops.tm is None else to_end @ pick(ops.tm)  # [B, H, K, C]: v_m -> state at chunk end
-    by_level = _one_hot(fenwick_level(last_offset, offsets), log_c + 1)
-    own_levels = jnp.einsum("bhkc,cl,bhcv->bhlkv", to_end, by_level, pick(values))
-    final = jnp.concatenate([own_levels, _advance(pick(ops.transition)[:, :, None], pick(entering))], axis=2)
-    move = _one_hot(_carried_levels(position + t - 1, position, n_levels), n_levels) * (last == 0)
-    final = final + jnp.einsum("lm,bhlkv->bhmkv", move,
-                               _advance(ops.transition[:, :, 0][:, :, None], levels_in))
     return o, final
 
 
@@ -352,65 +198,60 @@ def log_linear_attention(q, k, v, *, g, level_scales, beta=None, scale=None, ini
     final `FenwickState` or None).
     """
     op = "log_linear_attention"
-    b, t, h, kd, hv, vd = check_qkv(q, k, v, op)
+    q32, k32, v32, dims = prepare_qkv(op, q, k, v, scale=scale)
+    b, t, _, kd, hv, vd = dims
     choice = resolve_impl(impl, op, SUPPORTED)
     _check_chunk(op, chunk_size)
-    if t == 0:
-        raise ValueError(f"{op}: the sequence must have at least one token (T >= 1)")
-    g = gated.check_gate(op, g, b, t, hv, kd, per_channel=None)
+    g = check_gate(op, g, dims, per_channel=None)
     check_shape(f"{op}: beta", beta, (b, t, hv), "[B, T, HV]")
     n = _check_levels(op, "level_scales", level_scales, (b, t, hv), "[B, T, HV, L]")
     if initial_state is None:
         levels, position = jnp.zeros((b, hv, n, kd, vd), jnp.float32), 0
     else:
         levels, position = _check_state(op, "initial_state", initial_state, (b, hv, n, kd, vd))
-    _check_enough_levels(op, "level_scales", n, _concrete_int(position), t)
-    f32 = lambda x: None if x is None else x.astype(jnp.float32)  # noqa: E731
-    q = repeat_heads(f32(q) * default_scale(scale, kd), hv)
-    args = (q, repeat_heads(f32(k), hv), f32(v), f32(g), f32(beta), f32(level_scales), levels, position)
+    _check_enough_levels(op, "level_scales", n, concrete_int(position), t)
+    args = (q32, k32, v32, to_f32(g), to_f32(beta), to_f32(level_scales), levels, position)
     if choice is Impl.REFERENCE:
         o, final = _reference(*args)
     elif choice is Impl.SCAN:
         o, final = _scan(*args)
     else:
-        o, final = _chunk(*args, chunk_size=chunk_size)
+        o, final = log_linear_chunk(*args, chunk_size=chunk_size)
     state = FenwickState(final, jnp.asarray(position, jnp.int32) + t) if output_final_state else None
     return o.astype(v.dtype), state
 
 
 def log_linear_attention_step(q_t, k_t, v_t, state, *, g_t, level_scales_t, beta_t=None, scale=None):
     """One decoding token: q_t, k_t `[B, H, K]`, v_t `[B, HV, V]`, g_t `[B, HV]` or `[B, HV, K]`,
-    level_scales_t `[B, HV, L]`, beta_t `[B, HV]` or None. Returns (o_t in v's dtype, new FenwickState)."""
+    level_scales_t `[B, HV, L]`, beta_t `[B, HV]` or None. Returns (o_t in v_t's dtype, new FenwickState)."""
     op = "log_linear_attention_step"
-    b, _, h, kd, hv, vd = check_qkv(q_t[:, None], k_t[:, None], v_t[:, None], op)
-    g_t = gated.check_gate(op, g_t[:, None], b, 1, hv, kd, per_channel=None)[:, 0]
+    q32, k32, v32, dims = prepare_qkv(op, q_t, k_t, v_t, scale=scale, step=True)
+    b, _, _, kd, hv, vd = dims
+    g_t = check_gate(op, g_t[:, None], dims, per_channel=None)[:, 0]
     check_shape(f"{op}: beta_t", beta_t, (b, hv), "[B, HV]")
     n = _check_levels(op, "level_scales_t", level_scales_t, (b, hv), "[B, HV, L]")
     levels, position = _check_state(op, "state", state, (b, hv, n, kd, vd))
-    _check_enough_levels(op, "level_scales_t", n, _concrete_int(position), 1)
-    f32 = lambda x: None if x is None else x.astype(jnp.float32)  # noqa: E731
-    q_t = repeat_heads(f32(q_t) * default_scale(scale, kd), hv, axis=1)
-    o_t, levels = _step(q_t, repeat_heads(f32(k_t), hv, axis=1), f32(v_t), f32(g_t), f32(beta_t),
-                        f32(level_scales_t), levels, jnp.asarray(position, jnp.int32))
-    return o_t.astype(v_t.dtype), FenwickState(levels, jnp.asarray(position, jnp.int32) + 1)
+    _check_enough_levels(op, "level_scales_t", n, concrete_int(position), 1)
+    position = jnp.asarray(position, jnp.int32)
+    o_t, levels = _step(q32, k32, v32, to_f32(g_t), to_f32(beta_t), to_f32(level_scales_t), levels, position)
+    return o_t.astype(v_t.dtype), FenwickState(levels, position + 1)
 
 
 def log_linear_attention_masked(q, k, v, *, g, level_scales, scale=None):
     """The Mamba-2 variant (beta=None, scalar g `[B, T, HV]`) materialised from position 0:
     o = ((Q K^T) * D * Lambda) V with D[t, s] = exp(G_t - G_s) (s <= t) and Lambda[t, s] = lambda_t^{l(t, s)}.
-    O(T^2): an independent check of the recurrences."""
+    O(T^2): an independent check of the recurrences. Returns o in v's dtype."""
     op = "log_linear_attention_masked"
-    b, t, h, kd, hv, vd = check_qkv(q, k, v, op)
-    g = gated.check_gate(op, g, b, t, hv, kd, per_channel=False)[..., 0]
+    q, k, v32, dims = prepare_qkv(op, q, k, v, scale=scale)
+    b, t, _, _, hv, _ = dims
+    g = check_gate(op, g, dims, per_channel=False)[..., 0]
     _check_enough_levels(op, "level_scales", _check_levels(op, "level_scales", level_scales, (b, t, hv),
                                                             "[B, T, HV, L]"), 0, t)
-    q = repeat_heads(q.astype(jnp.float32) * default_scale(scale, kd), hv)
-    k = repeat_heads(k.astype(jnp.float32), hv)
-    cum = jnp.moveaxis(jnp.cumsum(g.astype(jnp.float32), axis=1), 1, 2)  # [B, HV, T]
+    cum = jnp.moveaxis(jnp.cumsum(to_f32(g), axis=1), 1, 2)  # [B, HV, T]
     causal = jnp.tril(jnp.ones((t, t), bool))
     decay = jnp.exp(jnp.where(causal, cum[..., :, None] - cum[..., None, :], -jnp.inf))
     times = jnp.arange(t)
-    lam = jnp.take_along_axis(jnp.moveaxis(level_scales.astype(jnp.float32), 1, 2),
+    lam = jnp.take_along_axis(jnp.moveaxis(to_f32(level_scales), 1, 2),
                               fenwick_level(times[:, None], times[None, :])[None, None], axis=-1)
     scores = jnp.einsum("bthk,bshk->bhts", q, k) * decay * lam
-    return jnp.einsum("bhts,bshv->bthv", scores, v.astype(jnp.float32)).astype(v.dtype)
+    return jnp.einsum("bhts,bshv->bthv", scores, v32).astype(v.dtype)

@@ -4,7 +4,7 @@ selective_scan (Mamba, diagonal A `[D, N]`, per channel d and state n):
     h_t[d, n] = exp(dt_t[d] A[d, n]) h_{t-1}[d, n] + dt_t[d] B_t[n] u_t[d]
     y_t[d]    = sum_n C_t[n] h_t[d, n] + D[d] u_t[d]
   u, dt `[B, T, D]` (dt > 0, already softplus-ed by the layer), B, C `[B, T, N]`, state `[B, D, N]`.
-  An elementwise first-order recurrence: it runs on `scan.linear_recurrence` in log space.
+  An elementwise first-order recurrence: it runs on `first_order.linear_recurrence` in log space.
 
 ssd (Mamba-2, one scalar decay per head, B/C shared by groups of heads):
     h_t = exp(A dt_t) h_{t-1} + dt_t B_t x_t^T      (h `[N, P]` per head)
@@ -14,15 +14,15 @@ ssd (Mamba-2, one scalar decay per head, B/C shared by groups of heads):
   scale 1, so it runs on the chunked machinery of `gated.py` (intra-chunk matmuls with the masked
   relative decay, one pass over chunk states).
 
-impl: "reference" | "scan" | "chunk" (default). States in float32; y in the input dtype.
+impl: "reference" | "scan" | "chunk" (default); ssd also "pallas" | "auto". States in float32; y (and
+each step's y_t) in the dtype of the value input: x for ssd, u for selective_scan (docs/conventions.md).
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from hybrid_jax.ops import gated
-from hybrid_jax.ops import first_order
-from hybrid_jax.ops._common import check_floating, check_rank, check_shape, resolve_impl
+from hybrid_jax.ops import first_order, gated
+from hybrid_jax.ops._common import check_floating, check_rank, check_shape, check_time, resolve_impl, to_f32
 
 
 def _check_selective(u, dt, A, B, C, D, op):
@@ -36,14 +36,22 @@ def _check_selective(u, dt, A, B, C, D, op):
     check_shape(f"{op}: B", B, (b, t, n), "[B, T, N]")
     check_shape(f"{op}: C", C, (b, t, n), "[B, T, N]")
     check_shape(f"{op}: D", D, (d,), "[D]")
+    check_time(op, t, u=u, dt=dt)
     return b, t, d, n
 
 
 def _selective_inputs(u, dt, A, B):
-    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    log_decay = f32(dt)[..., None] * f32(A)  # [B, T, D, N]
-    write = (f32(dt) * f32(u))[..., None] * f32(B)[..., None, :]
+    log_decay = to_f32(dt)[..., None] * to_f32(A)  # [B, T, D, N]
+    write = (to_f32(dt) * to_f32(u))[..., None] * to_f32(B)[..., None, :]
     return log_decay, write
+
+
+def _skip(y, D, value, *, head_dim: bool = False):
+    """y + D * value in float32, D over value's channels (selective_scan: its last axis) or, with
+    `head_dim`, its heads (ssd: `[.., H, P]`). D None: no skip connection."""
+    if D is None:
+        return y
+    return y + to_f32(D).reshape(D.shape + ((1,) if head_dim else ())) * to_f32(value)
 
 
 def selective_scan(u, dt, A, B, C, *, D=None, initial_state=None, output_final_state=False,
@@ -55,9 +63,7 @@ def selective_scan(u, dt, A, B, C, *, D=None, initial_state=None, output_final_s
     log_decay, write = _selective_inputs(u, dt, A, B)
     h, final = first_order.linear_recurrence(log_decay, write, initial_state=initial_state,
                                              log_a=True, impl=impl, chunk_size=chunk_size)
-    y = jnp.einsum("btdn,btn->btd", h, C.astype(jnp.float32))
-    if D is not None:
-        y = y + D.astype(jnp.float32) * u.astype(jnp.float32)
+    y = _skip(jnp.einsum("btdn,btn->btd", h, to_f32(C)), D, u)
     return y.astype(u.dtype), (final if output_final_state else None)
 
 
@@ -67,10 +73,8 @@ def selective_scan_step(u_t, dt_t, A, B_t, C_t, state, *, D=None):
                                   "selective_scan_step")
     check_shape("selective_scan_step: state", state, (b, d, n), "[B, D, N]")
     log_decay, write = _selective_inputs(u_t, dt_t, A, B_t)
-    state = jnp.exp(log_decay) * state.astype(jnp.float32) + write
-    y = jnp.einsum("bdn,bn->bd", state, C_t.astype(jnp.float32))
-    if D is not None:
-        y = y + D.astype(jnp.float32) * u_t.astype(jnp.float32)
+    state = jnp.exp(log_decay) * to_f32(state) + write
+    y = _skip(jnp.einsum("bdn,bn->bd", state, to_f32(C_t)), D, u_t)
     return y.astype(u_t.dtype), state
 
 
@@ -85,28 +89,25 @@ def _check_ssd(x, dt, A, B, C, D, op):
     if B.shape[:2] != (b, t) or h % B.shape[2]:
         raise ValueError(f"{op}: B and C must be [B, T, G, N] with B={b}, T={t} and heads H={h} a "
                          f"multiple of groups G, got {tuple(B.shape)}")
+    check_time(op, t, x=x, dt=dt)
 
 
 def ssd(x, dt, A, B, C, *, D=None, initial_state=None, output_final_state=False, impl="chunk",
         chunk_size=64):
     """Mamba-2 SSD. Returns (y `[B, T, H, P]`, final state `[B, H, N, P]` float32 or None)."""
     _check_ssd(x, dt, A, B, C, D, "ssd")
-    dt32 = dt.astype(jnp.float32)
+    dt32 = to_f32(dt)
     y, final = gated.gated_op(
-        "ssd", C, B, dt32[..., None] * x.astype(jnp.float32), g=(dt32 * A.astype(jnp.float32))[..., None],
-        beta=None, scale=1.0, initial_state=initial_state, output_final_state=output_final_state,
-        impl=impl, chunk_size=chunk_size)
-    if D is not None:
-        y = y + D.astype(jnp.float32)[:, None] * x.astype(jnp.float32)
-    return y.astype(x.dtype), final
+        "ssd", C, B, dt32[..., None] * to_f32(x), g=dt32 * to_f32(A), per_channel=False, beta=None,
+        scale=1.0, initial_state=initial_state, output_final_state=output_final_state, impl=impl,
+        chunk_size=chunk_size)
+    return _skip(y, D, x, head_dim=True).astype(x.dtype), final
 
 
 def ssd_step(x_t, dt_t, A, B_t, C_t, state, *, D=None):
     """One decoding step: x_t `[B, H, P]`, dt_t `[B, H]`, B_t, C_t `[B, G, N]`, state `[B, H, N, P]`."""
     _check_ssd(x_t[:, None], dt_t[:, None], A, B_t[:, None], C_t[:, None], D, "ssd_step")
-    dt32 = dt_t.astype(jnp.float32)
-    y, state = gated.gated_step("ssd_step", C_t, B_t, dt32[..., None] * x_t.astype(jnp.float32), state,
-                                g_t=(dt32 * A.astype(jnp.float32))[..., None], scale=1.0)
-    if D is not None:
-        y = y + D.astype(jnp.float32)[:, None] * x_t.astype(jnp.float32)
-    return y.astype(x_t.dtype), state
+    dt32 = to_f32(dt_t)
+    y, state = gated.gated_step("ssd_step", C_t, B_t, dt32[..., None] * to_f32(x_t), state,
+                                g_t=dt32 * to_f32(A), per_channel=False, scale=1.0)
+    return _skip(y, D, x_t, head_dim=True).astype(x_t.dtype), state

@@ -1,8 +1,8 @@
 r"""Pallas Triton kernels (GPU, written for H100 / H200) for the sequential pass over chunks.
 
 Inputs are the per-chunk terms of `pallas_kernels.chunk_math` in the kernel layout (`kernel_operands`):
-Qg = Q * Gam, A = Tril(Aqk), Kt = K * exp(G_C - G), Ubar and W (delta only) as `[BH, N*C, .]`, and
-Gam_C as a `[K, 1]` column per chunk. One program per (head, V tile of BV columns); the state tile
+Qg = Q * Gam (`q_decayed`), A = Tril(Aqk) (`attn`), Kt = K * exp(G_C - G) (`k_to_end`), Ubar (`u_bar`)
+and W (`w`, delta only) as `[BH, N*C, .]`, and Gam_C (`chunk_decay`) as a `[K, 1]` column per chunk. One program per (head, V tile of BV columns); the state tile
 S `[K, BV]` float32 stays in registers for the whole sequence, which the program walks chunk by chunk
 (a fori_loop over its head's whole-sequence blocks; Triton pipelines the next chunk's loads).
 
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.chunk_math import ChunkTerms, kernel_operands
+from pallas_kernels.chunk_math import ChunkTerms, backward_operands, forward_pass_operands
 
 
 def _dot(a, b):
@@ -65,12 +65,12 @@ def _forward_kernel(*refs, names, n_chunks, chunk, emit_states):
         rows = _rows(c, chunk)
         if emit_states:
             r["out"][_rows(c, k_dim), :] = s
-        u = r["ubar"][rows, :]
+        u = r["u_bar"][rows, :]
         if "w" in r:
             u = u - _dot(r["w"][rows, :], s)
         if not emit_states:
-            r["out"][rows, :] = _dot(r["qg"][rows, :], s) + _dot(r["attn"][rows, :], u)
-        return r["gam"][_rows(c, k_dim), :] * s + _dot_t(r["kt"][rows, :], u)
+            r["out"][rows, :] = _dot(r["q_decayed"][rows, :], s) + _dot(r["attn"][rows, :], u)
+        return r["chunk_decay"][_rows(c, k_dim), :] * s + _dot_t(r["k_to_end"][rows, :], u)
 
     r["final"][...] = jax.lax.fori_loop(0, n_chunks, step, r["s0"][...])
 
@@ -84,9 +84,9 @@ def _backward_kernel(*refs, names, n_chunks, chunk):
         rows = _rows(c, chunk)
         r["leaving_grad"][_rows(c, k_dim), :] = ds
         do = r["do"][rows, :]
-        ds_new = r["gam"][_rows(c, k_dim), :] * ds + _dot_t(r["qg"][rows, :], do)
+        ds_new = r["chunk_decay"][_rows(c, k_dim), :] * ds + _dot_t(r["q_decayed"][rows, :], do)
         if "w" in r:
-            du = _dot_t(r["attn"][rows, :], do) + _dot(r["kt"][rows, :], ds)
+            du = _dot_t(r["attn"][rows, :], do) + _dot(r["k_to_end"][rows, :], ds)
             ds_new = ds_new - _dot_t(r["w"][rows, :], du)
         return ds_new
 
@@ -101,22 +101,23 @@ PIPELINE_BYTES = 96 * 1024
 
 def _call(kernel, operands, outputs, *, chunk, grid, block_v, interpret, name):
     """pallas_call over grid (BH, V / BV). `operands` / `outputs` map names (the kernel's ref names) to
-    (array or output shape, v_tiled); every block spans its head's whole time axis, V-tiled or whole."""
+    (array or output shape, block kind of `chunk_math.forward_pass_operands`); every block spans its
+    head's whole time axis, V-tiled ("chunk_v", "head_v") or whole ("chunk")."""
 
-    def spec(shape, v_tiled):
-        if v_tiled:
+    def spec(shape, kind):
+        if kind != "chunk":
             return pl.BlockSpec((None, shape[1], block_v), lambda b, j: (b, 0, j))
         return pl.BlockSpec((None,) + tuple(shape[1:]), lambda b, j: (b, 0, 0))
 
-    chunk_bytes = 4 * chunk * sum(block_v if v_tiled else x.shape[-1] for x, v_tiled in operands.values())
+    chunk_bytes = 4 * chunk * sum(x.shape[-1] if kind == "chunk" else block_v for x, kind in operands.values())
     params = plgpu.CompilerParams(num_warps=4, num_stages=2 if 2 * chunk_bytes <= PIPELINE_BYTES else 1)
     f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
     return pl.pallas_call(
         functools.partial(kernel, names=tuple(operands) + tuple(outputs)),
         out_shape=[f32(shape) for shape, _ in outputs.values()],
         grid=grid,
-        in_specs=[spec(x.shape, v_tiled) for x, v_tiled in operands.values()],
-        out_specs=[spec(shape, v_tiled) for shape, v_tiled in outputs.values()],
+        in_specs=[spec(x.shape, kind) for x, kind in operands.values()],
+        out_specs=[spec(shape, kind) for shape, kind in outputs.values()],
         compiler_params=params,
         interpret=interpret,
         name=name,
@@ -125,18 +126,9 @@ def _call(kernel, operands, outputs, *, chunk, grid, block_v, interpret, name):
 
 def forward_pass(terms: ChunkTerms, s0, *, emit_states, block_v, interpret):
     """(O `[BH, N*C, V]` or, with emit_states, the entering states `[BH, N*K, V]`; final state `[BH, K, V]`)."""
-    qg, attn, kt, gam, ubar, w = kernel_operands(terms)
-    bh, t_pad, k_dim = kt.shape
-    chunk, v_dim = attn.shape[-1], ubar.shape[-1]
-    operands = {"kt": (kt, False), "gam": (gam, False), "ubar": (ubar, True), "s0": (s0, True)}
-    if w is not None:
-        operands["w"] = (w, False)
-    if not emit_states:
-        operands.update(qg=(qg, False), attn=(attn, False))
-    out_rows = t_pad // chunk * k_dim if emit_states else t_pad
-    outputs = {"out": ((bh, out_rows, v_dim), True), "final": ((bh, k_dim, v_dim), True)}
-    kernel = functools.partial(_forward_kernel, n_chunks=t_pad // chunk, chunk=chunk,
-                               emit_states=emit_states)
+    operands, outputs, n = forward_pass_operands(terms, s0, emit_states=emit_states)
+    chunk, (bh, _, v_dim) = terms.attn.shape[-1], outputs["final"][0]
+    kernel = functools.partial(_forward_kernel, n_chunks=n, chunk=chunk, emit_states=emit_states)
     return _call(kernel, operands, outputs, chunk=chunk, grid=(bh, v_dim // block_v), block_v=block_v,
                  interpret=interpret,
                  name="gated_entering_states_gpu" if emit_states else "gated_state_pass_fwd_gpu")
@@ -144,14 +136,8 @@ def forward_pass(terms: ChunkTerms, s0, *, emit_states, block_v, interpret):
 
 def backward(terms: ChunkTerms, d_o, d_final, *, block_v: int, interpret: bool):
     """(cotangent of the state leaving each chunk `[BH, N, K, V]`, d initial state `[BH, K, V]`)."""
-    qg, attn, kt, gam, _, w = kernel_operands(terms)
-    bh, t_pad, k_dim = qg.shape
-    chunk, v_dim = attn.shape[-1], d_o.shape[-1]
-    n = t_pad // chunk
-    operands = {"qg": (qg, False), "gam": (gam, False), "do": (d_o, True), "d_final": (d_final, True)}
-    if w is not None:
-        operands.update(attn=(attn, False), kt=(kt, False), w=(w, False))
-    outputs = {"leaving_grad": ((bh, n * k_dim, v_dim), True), "d_initial": ((bh, k_dim, v_dim), True)}
+    operands, outputs, n = backward_operands(terms, d_o, d_final)
+    chunk, (bh, k_dim, v_dim) = terms.attn.shape[-1], d_final.shape
     kernel = functools.partial(_backward_kernel, n_chunks=n, chunk=chunk)
     leaving_grad, d_initial = _call(kernel, operands, outputs, chunk=chunk, grid=(bh, v_dim // block_v),
                                     block_v=block_v, interpret=interpret, name="gated_state_pass_bwd_gpu")

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.chunk_math import ChunkTerms, kernel_operands
+from pallas_kernels.chunk_math import ChunkTerms, backward_operands, forward_pass_operands
 
 
 def _dot(a, b):
@@ -50,12 +50,12 @@ def _forward_kernel(*refs, names, n_chunks, emit_states):
     s = r["s"][...]
     if emit_states:
         r["out"][...] = s
-    u = r["ubar"][...]
+    u = r["u_bar"][...]
     if "w" in r:
         u = u - _dot(r["w"][...], s)
     if not emit_states:
-        r["out"][...] = _dot(r["qg"][...], s) + _dot(r["attn"][...], u)
-    s_next = r["gam"][...] * s + _dot_t(r["kt"][...], u)
+        r["out"][...] = _dot(r["q_decayed"][...], s) + _dot(r["attn"][...], u)
+    s_next = r["chunk_decay"][...] * s + _dot_t(r["k_to_end"][...], u)
     r["s"][...] = s_next
 
     @pl.when(c == n_chunks - 1)
@@ -74,9 +74,9 @@ def _backward_kernel(*refs, names, n_chunks):
     ds = r["ds"][...]
     r["leaving_grad"][...] = ds
     do = r["do"][...]
-    ds_new = r["gam"][...] * ds + _dot_t(r["qg"][...], do)
+    ds_new = r["chunk_decay"][...] * ds + _dot_t(r["q_decayed"][...], do)
     if "w" in r:
-        du = _dot_t(r["attn"][...], do) + _dot(r["kt"][...], ds)
+        du = _dot_t(r["attn"][...], do) + _dot(r["k_to_end"][...], ds)
         ds_new = ds_new - _dot_t(r["w"][...], du)
     r["ds"][...] = ds_new
 
@@ -87,8 +87,9 @@ def _backward_kernel(*refs, names, n_chunks):
 
 def _call(kernel, operands, outputs, *, state, grid, block_v, reverse, interpret, name):
     """pallas_call over grid (BH, V / BV, N). `operands` / `outputs` map the kernel's ref names to
-    (array or output shape, kind): "chunk" (this chunk's rows, whole last dim), "chunk_v" (this
-    chunk's rows, one V tile) or "head_v" (a `[K, BV]` block of the head, the same for every chunk).
+    (array or output shape, block kind of `chunk_math.forward_pass_operands`): "chunk" (this chunk's
+    rows, whole last dim), "chunk_v" (this chunk's rows, one V tile) or "head_v" (a `[K, BV]` block
+    of the head, the same for every chunk).
     `reverse` walks the chunks from the last to the first. The `[K, BV]` VMEM scratch that carries the
     state (or its cotangent) across grid steps is the kernel's ref named `state`."""
     bh, n_v, n = grid
@@ -102,7 +103,7 @@ def _call(kernel, operands, outputs, *, state, grid, block_v, reverse, interpret
             return pl.BlockSpec((None, rows, block_v), lambda b, j, c: (b, at(c), j))
         return pl.BlockSpec((None, shape[1], block_v), lambda b, j, c: (b, 0, j))
 
-    k_dim = operands["gam"][0].shape[1] // n
+    k_dim = operands["chunk_decay"][0].shape[1] // n
     f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
     extra = {"interpret": pltpu.InterpretParams()} if interpret else {}
     return pl.pallas_call(
@@ -120,17 +121,8 @@ def _call(kernel, operands, outputs, *, state, grid, block_v, reverse, interpret
 
 def forward_pass(terms: ChunkTerms, s0, *, emit_states, block_v, interpret):
     """(O `[BH, N*C, V]` or, with emit_states, the entering states `[BH, N*K, V]`; final state `[BH, K, V]`)."""
-    qg, attn, kt, gam, ubar, w = kernel_operands(terms)
-    bh, t_pad, k_dim = kt.shape
-    chunk, v_dim = attn.shape[-1], ubar.shape[-1]
-    n = t_pad // chunk
-    operands = {"kt": (kt, "chunk"), "gam": (gam, "chunk"), "ubar": (ubar, "chunk_v"), "s0": (s0, "head_v")}
-    if w is not None:
-        operands["w"] = (w, "chunk")
-    if not emit_states:
-        operands.update(qg=(qg, "chunk"), attn=(attn, "chunk"))
-    out_rows = n * k_dim if emit_states else t_pad
-    outputs = {"out": ((bh, out_rows, v_dim), "chunk_v"), "final": ((bh, k_dim, v_dim), "head_v")}
+    operands, outputs, n = forward_pass_operands(terms, s0, emit_states=emit_states)
+    bh, _, v_dim = outputs["final"][0]
     kernel = functools.partial(_forward_kernel, n_chunks=n, emit_states=emit_states)
     return _call(kernel, operands, outputs, grid=(bh, v_dim // block_v, n), block_v=block_v,
                  state="s", reverse=False, interpret=interpret,
@@ -139,15 +131,8 @@ def forward_pass(terms: ChunkTerms, s0, *, emit_states, block_v, interpret):
 
 def backward(terms: ChunkTerms, d_o, d_final, *, block_v: int, interpret: bool):
     """(cotangent of the state leaving each chunk `[BH, N, K, V]`, d initial state `[BH, K, V]`)."""
-    qg, attn, kt, gam, _, w = kernel_operands(terms)
-    bh, t_pad, k_dim = qg.shape
-    chunk, v_dim = attn.shape[-1], d_o.shape[-1]
-    n = t_pad // chunk
-    operands = {"qg": (qg, "chunk"), "gam": (gam, "chunk"), "do": (d_o, "chunk_v"),
-                "d_final": (d_final, "head_v")}
-    if w is not None:
-        operands.update(attn=(attn, "chunk"), kt=(kt, "chunk"), w=(w, "chunk"))
-    outputs = {"leaving_grad": ((bh, n * k_dim, v_dim), "chunk_v"), "d_initial": ((bh, k_dim, v_dim), "head_v")}
+    operands, outputs, n = backward_operands(terms, d_o, d_final)
+    bh, k_dim, v_dim = d_final.shape
     kernel = functools.partial(_backward_kernel, n_chunks=n)
     leaving_grad, d_initial = _call(kernel, operands, outputs, grid=(bh, v_dim // block_v, n),
                                     block_v=block_v, state="ds", reverse=True, interpret=interpret,

@@ -170,19 +170,3 @@ def check_against_reference(name, impl, shape: Shape, *, chunk_size=16, with_sta
         if not with_state and jax.tree_util.keystr(path).startswith("[2]"):
             continue
         assert_close(g, g_ref, 10 * rtol, f"{name}/{impl} grad {jax.tree_util.keystr(path)}")
-
-
-def check_steps_against_reference(name, step_fn, shape: Shape = Shape(time=9)):
-    """Applies the one-token `step_fn(q_t, k_t, v_t, state, **{g_t, beta_t})` T times from a random
-    state and compares every output and the final state with the reference recurrence."""
-    spec = SPECS[name]
-    (q, k, v), kw = spec.make(jax.random.PRNGKey(1), shape, jnp.float32)
-    state = _normal(jax.random.PRNGKey(2), spec.state_shape(shape))
-    o_ref, final_ref = spec.fn(q, k, v, **kw, initial_state=state, output_final_state=True,
-                               impl="reference")
-    outs = []
-    for t in range(shape.time):
-        o_t, state = step_fn(q[:, t], k[:, t], v[:, t], state, **{f"{n}_t": x[:, t] for n, x in kw.items()})
-        outs.append(o_t)
-    assert_close(jnp.stack(outs, 1), o_ref, what=f"{name} steps")
-    assert_close(state, final_ref, what=f"{name} final state")

@@ -1,4 +1,5 @@
-"""selective_scan (Mamba S6) and ssd (Mamba-2): every impl equals the reference; steps; SSD == GLA."""
+"""selective_scan (Mamba S6) and ssd (Mamba-2): every impl equals the reference; SSD == GLA (the steps:
+test_steps.py)."""
 import jax
 import jax.numpy as jnp
 import pytest
@@ -24,31 +25,6 @@ def test_matches_reference(name, impl, shape, with_state):
 def test_chunk_any_length(time, name):
     check_against_reference(name, "chunk", Shape(batch=1, time=time, heads=1, value_heads=2),
                             grads=False)
-
-
-def test_steps_equal_reference():
-    shape = Shape(time=7)
-    (x, dt, a, b, c), kw = mixers.make_ssd(jax.random.PRNGKey(1), shape, jnp.float32)
-    state = jax.random.normal(jax.random.PRNGKey(2), mixers.SPECS["ssd"].state_shape(shape))
-    y_ref, s_ref = ssm.ssd(x, dt, a, b, c, **kw, initial_state=state, output_final_state=True,
-                           impl="reference")
-    ys = []
-    for t in range(shape.time):
-        y, state = ssm.ssd_step(x[:, t], dt[:, t], a, b[:, t], c[:, t], state, **kw)
-        ys.append(y)
-    assert_close(jnp.stack(ys, 1), y_ref, what="ssd steps")
-    assert_close(state, s_ref, what="ssd state")
-
-    (u, dt, a, b, c), kw = mixers.make_selective(jax.random.PRNGKey(3), shape, jnp.float32)
-    state = jax.random.normal(jax.random.PRNGKey(4), mixers.SPECS["selective_scan"].state_shape(shape))
-    y_ref, s_ref = ssm.selective_scan(u, dt, a, b, c, **kw, initial_state=state, output_final_state=True,
-                                      impl="reference")
-    ys = []
-    for t in range(shape.time):
-        y, state = ssm.selective_scan_step(u[:, t], dt[:, t], a, b[:, t], c[:, t], state, **kw)
-        ys.append(y)
-    assert_close(jnp.stack(ys, 1), y_ref, what="selective_scan steps")
-    assert_close(state, s_ref, what="selective_scan state")
 
 
 def test_ssd_is_gla_with_scalar_decay():

@@ -9,9 +9,7 @@ import pytest
 
 import pallas_kernels
 from pallas_kernels import api
-from pallas_kernels.chunk_math import KernelConfig
-from pallas_kernels.delta import delta_recurrence
-from pallas_kernels.gla import gla_recurrence
+from pallas_kernels.chunk_math import KernelConfig, chunked_recurrence
 
 B, T, H = 1, 40, 2
 
@@ -87,12 +85,12 @@ def _abstract_target(backend):
 def test_compiled_kernels_lower(backend, k_dim, v_dim, block_v, delta):
     """Forward and gradient lower to Triton / Mosaic custom calls (lowering rules, block shapes)."""
     mesh_context, platform = _abstract_target(backend)
-    bh, t_pad, chunk = 2, 3 * 64, 64
+    bh, n, chunk = 2, 3, 64
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
-    inputs = (f32(bh, t_pad, k_dim), f32(bh, t_pad, k_dim), f32(bh, t_pad, v_dim), f32(bh, t_pad, k_dim))
-    inputs += (f32(bh, t_pad),) if delta else ()
+    qk, g = f32(bh, n, chunk, k_dim), f32(bh, n, chunk, k_dim)
+    inputs = (qk, qk, f32(bh, n, chunk, v_dim), g) + ((f32(bh, n, chunk),) if delta else ())
     s0 = f32(bh, k_dim, v_dim)
-    run = delta_recurrence if delta else gla_recurrence
+    run = chunked_recurrence
     config = KernelConfig(chunk, backend, False, block_v)
 
     def loss(inputs, s0):

@@ -10,6 +10,7 @@ This module imports nothing of the project, so `ops`, `nn`, `config` and `train`
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, NoReturn, Sequence
 
 
@@ -23,19 +24,25 @@ def fail(key: str, message: str) -> NoReturn:
 
 
 def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """A Python or numpy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def require_int(value: Any, name: str, *, minimum: int = 1, below: int | None = None) -> int:
+    """`value` is an int >= minimum (and < below, if given); returns it as a Python int."""
+    if not is_int(value) or value < minimum or (below is not None and value >= below):
+        bound = f"in [{minimum}, {below})" if below is not None else f">= {minimum}"
+        fail(name, f"must be an int {bound}, got {value!r}")
+    return int(value)
 
 
 def check_int(section, key: str, *, minimum: int = 1, prefix: str = "") -> int:
     """`section[key]` is an int >= minimum; returns it."""
-    value = section[key]
-    if not is_int(value) or value < minimum:
-        fail(key_path(prefix, key), f"must be an int >= {minimum}, got {value!r}")
-    return value
+    return require_int(section[key], key_path(prefix, key), minimum=minimum)
 
 
 def check_optional_int(section, key: str, *, minimum: int = 1, prefix: str = "") -> int | None:

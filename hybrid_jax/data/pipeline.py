@@ -34,6 +34,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from hybrid_jax.checks import require_int
 from hybrid_jax.data.sources import Source, resolve_source
 from hybrid_jax.data.tokenizers import Tokenizer, get_tokenizer
 
@@ -244,19 +245,6 @@ class Datasets(NamedTuple):
     stats: DataStats
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _checked_seed(seed) -> int:
-    is_integer = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
-    if not (is_integer and 0 <= seed <= _MAX_SEED):
-        raise ValueError(f"seed must be an integer in [0, {_MAX_SEED}], got {seed!r}")
-    return int(seed)
-
-
 def _resolve_shards(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
     if shard_index is None and shard_count is None:
         import jax
@@ -264,11 +252,8 @@ def _resolve_shards(shard_index: int | None, shard_count: int | None) -> tuple[i
         return jax.process_index(), jax.process_count()
     if shard_index is None or shard_count is None:
         raise ValueError("give both shard_index and shard_count, or neither (then jax decides)")
-    shard_count = _positive_int(shard_count, "shard_count")
-    is_integer = isinstance(shard_index, (int, np.integer)) and not isinstance(shard_index, bool)
-    if not (is_integer and 0 <= shard_index < shard_count):
-        raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index!r}")
-    return int(shard_index), shard_count
+    shard_count = require_int(shard_count, "shard_count")
+    return require_int(shard_index, "shard_index", minimum=0, below=shard_count), shard_count
 
 
 def make_datasets(data_config: Mapping | ml_collections.ConfigDict | None = None, *,
@@ -289,9 +274,9 @@ def make_datasets(data_config: Mapping | ml_collections.ConfigDict | None = None
     """
     config = _checked_config(data_config)
     source = resolve_source(config["source"])
-    seq_len = _positive_int(seq_len, "seq_len")
-    batch_size = _positive_int(batch_size, "batch_size")
-    seed = _checked_seed(seed)
+    seq_len = require_int(seq_len, "seq_len")
+    batch_size = require_int(batch_size, "batch_size")
+    seed = require_int(seed, "seed", minimum=0, below=_MAX_SEED + 1)
     shard_index, shard_count = _resolve_shards(shard_index, shard_count)
     if batch_size % shard_count:
         raise ValueError(
@@ -323,7 +308,7 @@ def make_datasets(data_config: Mapping | ml_collections.ConfigDict | None = None
         """A fresh in-order pass over this shard's validation batches (the first `max_batches`)."""
         dataset = val_batches_all
         if max_batches is not None:
-            dataset = dataset[: _positive_int(max_batches, "max_batches")]
+            dataset = dataset[: require_int(max_batches, "max_batches")]
         return iter(dataset.to_iter_dataset(_READ_OPTIONS))
 
     return Datasets(train_iter, val_batches, tokenizer, stats)

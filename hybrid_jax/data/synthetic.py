@@ -19,11 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _check_positive(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+from hybrid_jax.checks import require_int
 
 
 def mqar_batch(
@@ -48,21 +44,7 @@ def mqar_batch(
       {"inputs": int32 [B, T], "targets": int32 [B, T] (0 where unmasked),
        "mask": float32 [B, T], 1 exactly at the N query positions of each row}.
     """
-    batch = _check_positive(batch, "batch")
-    seq_len = _check_positive(seq_len, "seq_len")
-    vocab_size = _check_positive(vocab_size, "vocab_size")
-    num_pairs = _check_positive(num_kv_pairs, "num_kv_pairs")
-    if seq_len < 3 * num_pairs:
-        raise ValueError(
-            f"seq_len ({seq_len}) must be at least 3 * num_kv_pairs ({3 * num_pairs}): "
-            "2 tokens per pair of context plus one per query"
-        )
-    num_keys = vocab_size // 2 - 1  # key ids 1 .. V/2 - 1; 0 is the filler
-    if num_pairs > num_keys:
-        raise ValueError(
-            f"vocab_size ({vocab_size}) too small for {num_pairs} distinct keys: needs "
-            f"vocab_size >= {2 * (num_pairs + 1)}"
-        )
+    batch, seq_len, vocab_size, num_pairs = _checked_sizes(batch, seq_len, vocab_size, num_kv_pairs)
     if not power_a > 0:
         raise ValueError(f"power_a must be > 0, got {power_a!r}")
     rng = np.random.default_rng(rng)
@@ -71,7 +53,7 @@ def mqar_batch(
         """[batch, count] distinct draws from [low, high) per row."""
         return np.argsort(rng.random((batch, high - low)), axis=1)[:, :count] + low
 
-    keys = distinct(num_pairs, 1, 1 + num_keys)
+    keys = distinct(num_pairs, 1, vocab_size // 2)  # key ids 1 .. V/2 - 1; 0 is the filler
     values = distinct(num_pairs, vocab_size // 2, vocab_size)
 
     context_len = 2 * num_pairs
@@ -92,3 +74,20 @@ def mqar_batch(
     mask = np.zeros((batch, seq_len), np.float32)
     mask[rows, query_positions] = 1.0
     return {"inputs": inputs, "targets": targets, "mask": mask}
+
+
+def _checked_sizes(batch, seq_len, vocab_size, num_kv_pairs) -> tuple[int, int, int, int]:
+    sizes = [require_int(value, name) for value, name in
+             ((batch, "batch"), (seq_len, "seq_len"), (vocab_size, "vocab_size"), (num_kv_pairs, "num_kv_pairs"))]
+    _, seq_len, vocab_size, num_pairs = sizes
+    if seq_len < 3 * num_pairs:
+        raise ValueError(
+            f"seq_len ({seq_len}) must be at least 3 * num_kv_pairs ({3 * num_pairs}): "
+            "2 tokens per pair of context plus one per query"
+        )
+    if num_pairs > vocab_size // 2 - 1:
+        raise ValueError(
+            f"vocab_size ({vocab_size}) too small for {num_pairs} distinct keys: needs "
+            f"vocab_size >= {2 * (num_pairs + 1)}"
+        )
+    return tuple(sizes)

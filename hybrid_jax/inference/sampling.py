@@ -19,20 +19,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def _is_number(x, kinds=(int, float)) -> bool:
-    return isinstance(x, kinds) and not isinstance(x, bool)
+from hybrid_jax.checks import is_int, is_number
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, vocab_limit: int | None = None) -> None:
     """ValueError naming the first bad option."""
-    if not _is_number(temperature) or not temperature >= 0:
+    if not is_number(temperature) or not temperature >= 0:
         raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
-    if top_k is not None and (not _is_number(top_k, int) or top_k < 1):
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
+    if top_p is not None and (not is_number(top_p) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
-    if vocab_limit is not None and (not _is_number(vocab_limit, int) or vocab_limit < 1):
+    if vocab_limit is not None and (not is_int(vocab_limit) or vocab_limit < 1):
         raise ValueError(f"vocab_limit must be None or an int >= 1, got {vocab_limit!r}")
 
 

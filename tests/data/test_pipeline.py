@@ -114,7 +114,7 @@ def test_batch_and_split_size_errors(arange_source):
         build(arange_source, batch_size=4, shard_count=3)
     with pytest.raises(ValueError, match="validation split.*fewer than one batch of 32"):
         build(arange_source, batch_size=32)
-    with pytest.raises(ValueError, match="seq_len must be a positive integer"):
+    with pytest.raises(ValueError, match="seq_len: must be an int >= 1"):
         build(arange_source, seq_len=0)
 
 

@@ -52,5 +52,5 @@ def test_errors():
         mqar_batch(0, 2, 3 * N - 1, V, N)
     with pytest.raises(ValueError, match="vocab_size .* too small"):
         mqar_batch(0, 2, T, 2 * N, N)
-    with pytest.raises(ValueError, match="num_kv_pairs must be a positive integer"):
+    with pytest.raises(ValueError, match="num_kv_pairs: must be an int >= 1"):
         mqar_batch(0, 2, T, V, 0)

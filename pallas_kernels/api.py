@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.chunk_math import KernelConfig, chunked_recurrence, from_chunks, to_chunks
-from pallas_kernels.front_end import check_rank, check_shape, check_time, to_f32
+from pallas_kernels.front_end import check_isolated, check_rank, check_shape, check_time, to_f32
 # Both backends load with this module, which loads on the first kernel call (never with hybrid_jax):
 # Pallas interpret mode imports the Mosaic TPU modules lazily, which registers a config option and so
 # changes JAX's tracing context; importing both here, before any kernel is traced, keeps that change
@@ -157,13 +157,17 @@ def _kernel_chunks(x, chunk, d_pad=None):
     return x.reshape((-1,) + x.shape[2:])
 
 
-def gated_recurrence(q, k, v, g, beta, state, *, chunk_size, backend=None, interpret=None, block_v=None):
+def gated_recurrence(q, k, v, g, beta, state, *, chunk_size, backend=None, interpret=None, block_v=None,
+                     isolated=None):
     """The gated (delta) recurrence on Pallas kernels.
 
     q, k `[B, T, H, K]` (heads expanded, q scaled), v `[B, T, H, V]`, g `[B, T, H, K or 1]` or None,
     beta `[B, T, H]` or None (None: the non-delta form), state `[B, H, K, V]`; computed in float32.
     backend: "gpu" | "tpu" | None (the platform of jax.devices()[0]); interpret: None runs interpret
-    mode when that platform is not the backend's; block_v: V tile per program (see module docstring).
+    mode when that platform is not the backend's; block_v: V tile per program (see module docstring);
+    isolated `[B, T, H]` bool or None: tokens that read and do not write, honoured by the chunk terms
+    (`chunk_math.isolate`: identity steps for the state pass, their own reads on the diagonal), so the
+    kernels themselves are unchanged.
     Returns (o `[B, T, H, V]` float32, final state `[B, H, K, V]` float32); differentiable.
     """
     plan = _plan(q, k, v, g, beta, state, chunk_size, backend, interpret, block_v)
@@ -175,8 +179,10 @@ def gated_recurrence(q, k, v, g, beta, state, *, chunk_size, backend=None, inter
     per_channel = g.shape[-1] != 1
     inputs = (_kernel_chunks(q, chunk, plan.k_pad), _kernel_chunks(k, chunk, plan.k_pad),
               _kernel_chunks(v, chunk, plan.v_pad), _kernel_chunks(g, chunk, plan.k_pad if per_channel else None))
-    if beta is not None:
-        inputs += (_kernel_chunks(beta[..., None], chunk)[..., 0],)
+    if beta is not None or isolated is not None:
+        inputs += (None if beta is None else _kernel_chunks(beta[..., None], chunk)[..., 0],)
+    if check_isolated("gated_recurrence", isolated, (b, t, h), layout="[B, T, H]") is not None:
+        inputs += (_kernel_chunks(isolated[..., None].astype(jnp.float32), chunk)[..., 0],)
     s0 = jnp.pad(to_f32(state), [(0, 0), (0, 0), (0, plan.k_pad - k_dim), (0, plan.v_pad - v_dim)])
     o, final = chunked_recurrence(plan.config, inputs, s0.reshape(b * h, plan.k_pad, plan.v_pad))
     o = from_chunks(o.reshape((b, h) + o.shape[1:]), t)[..., :v_dim]

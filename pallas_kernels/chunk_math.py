@@ -22,6 +22,10 @@ exp(G_r - G_m) (both factors <= 1, one matmul); diagonal blocks are explicit s x
 A sequence shorter than a chunk is one chunk, rounded up to whole sub-chunks under a per-channel
 decay (`chunk_length`). The derivations are in the repository's docs/chunked_algorithms.md.
 
+Isolated tokens (read, do not write; `isolate`): identity steps (k = g = beta = 0) of the terms every
+other row and the state pass see, reading S_{i-1} through q'_i = (q_i - b_i (q_i . k_i) k_i) exp(g_i)
+and their own write through the diagonal of Tril(Aqk); the kernels need no change.
+
 Gradients (`chunked_recurrence`): the forward runs the terms in XLA and the forward kernel. The
 backward recomputes the terms under `jax.vjp`, re-runs the forward kernel to recover the state
 entering each chunk, runs the reverse kernel for the state cotangents
@@ -150,11 +154,50 @@ def decayed_products(xs: tuple[jax.Array, ...], y: jax.Array, G: jax.Array) -> t
     return tuple(products)
 
 
-def chunk_terms(q, k, v, g, beta=None) -> ChunkTerms:
+def isolate(q, k, g, beta, isolated):
+    """The inputs of the carried recurrence when the tokens where `isolated` `[.., C]` is nonzero read
+    but do not write, and what each isolated row adds on its own diagonal.
+
+    An isolated token i reads one step applied to S = S_{i-1}, o_i = q_i^T [(I - b_i k_i k_i^T)
+    Diag(exp g_i) S + b_i k_i v_i^T] (b_i = 1 and no Householder factor without the delta rule):
+
+        o_i = q'_i^T S + d_i u_i,   q'_i = (q_i - b_i (q_i . k_i) k_i) * exp(g_i),   d_i = q_i . k_i,
+
+    u_i = b_i v_i (delta) or v_i. For the carried state and every other row it is the identity step
+    k = g = beta = 0; since that step leaves S_{i-1} in place, the chunk form reads S_{i-1} at row i
+    through q'_i. Returns (q', k', g', beta', d `[.., C]`, the mask as bool)."""
+    iso = isolated.astype(bool)
+    qk = jnp.sum(q * k, axis=-1)
+    q_read = q if beta is None else q - (beta * qk)[..., None] * k
+    q = jnp.where(iso[..., None], q_read * jnp.exp(g), q)
+    k = jnp.where(iso[..., None], 0.0, k)
+    g = jnp.where(iso[..., None], 0.0, g)
+    beta = None if beta is None else jnp.where(iso, 0.0, beta)
+    return q, k, g, beta, jnp.where(iso, qk, 0.0), iso
+
+
+def chunk_terms(q, k, v, g, beta=None, isolated=None) -> ChunkTerms:
     """Each chunk's terms from chunked q, k `[.., N, C, K]`, v `[.., N, C, V]`, g `[.., N, C, K or 1]`
-    (or None: no decay) and beta `[.., N, C]` (None: the non-delta form)."""
+    (or None: no decay), beta `[.., N, C]` (None: the non-delta form) and `isolated` `[.., N, C]`
+    (None, or a mask, bool or 0/1 float, of the tokens that read and do not write: `isolate`).
+
+    Isolated rows are identity steps of the carried recurrence (so they reach no other row and no
+    state), read S_{i-1} through q'_i, and add d_i u_i through the diagonal of Tril(Aqk), with
+    Ubar_i = b_i v_i in the delta form (Tm's row i is 0 there, so W_i = 0 and U_i = Ubar_i)."""
     if g is None:
         g = jnp.zeros(k.shape[:-1] + (1,), k.dtype)
+    if isolated is not None:
+        beta_in = beta
+        q, k, g, beta, diag, iso = isolate(q, k, g, beta, isolated)
+    terms = _chunk_terms(q, k, v, g, beta)
+    if isolated is None:
+        return terms
+    u_bar = terms.u_bar if beta is None else jnp.where(iso[..., None], beta_in[..., None] * v, terms.u_bar)
+    eye = jnp.eye(q.shape[-2], dtype=terms.attn.dtype)
+    return terms._replace(attn=terms.attn + diag[..., None] * eye, u_bar=u_bar)
+
+
+def _chunk_terms(q, k, v, g, beta) -> ChunkTerms:
     G = jnp.cumsum(g, axis=-2)
     gam = jnp.exp(G)
     k_to_end = k * jnp.exp(G[..., -1:, :] - G)
@@ -254,8 +297,9 @@ def _forward(config: KernelConfig, inputs, s0):
 def chunked_recurrence(config: KernelConfig, inputs, s0):
     """The differentiable chunked recurrence on the state-pass kernels.
 
-    inputs (q, k, v, g) or (q, k, v, g, beta), chunked `[BH, N, C, .]` (beta `[BH, N, C]`; g with a
-    last dim of K or 1), s0 `[BH, K, V]`. Returns (o `[BH, N, C, V]`, final state `[BH, K, V]`).
+    inputs (q, k, v, g), (q, k, v, g, beta) or (q, k, v, g, beta or None, isolated), chunked
+    `[BH, N, C, .]` (beta and the 0/1 float mask isolated `[BH, N, C]`; g with a last dim of K or 1),
+    s0 `[BH, K, V]`. Returns (o `[BH, N, C, V]`, final state `[BH, K, V]`).
     """
     return _forward(config, inputs, s0)
 

@@ -83,6 +83,23 @@ def check_gate(op: str, g: jax.Array, dims: Dims, *, per_channel: bool | None) -
     return g[..., None] if g.ndim == 3 else g
 
 
+def check_isolated(op: str, isolated, shape: Sequence[int], *, name: str = "isolated",
+                   layout: str = "[B, T]") -> jax.Array | None:
+    """Checks a candidate-isolation mask: a bool array of shape `layout` = `shape` (None passes).
+
+    Isolated tokens read the state but never write into what other tokens read (the repository's
+    docs/conventions.md, "Isolated tokens")."""
+    if isolated is None:
+        return None
+    isolated = jnp.asarray(isolated)
+    shape = tuple(int(n) for n in shape)
+    if isolated.dtype != jnp.bool_:
+        raise ValueError(f"{op}: {name} must be a bool array of shape {layout} = {shape}, "
+                         f"got dtype {isolated.dtype}")
+    check_shape(f"{op}: {name}", isolated, shape, f"{layout} (bool)")
+    return isolated
+
+
 def to_f32(x: jax.Array | None) -> jax.Array | None:
     return None if x is None else x.astype(jnp.float32)
 

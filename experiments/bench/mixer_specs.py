@@ -22,6 +22,12 @@ the chunked code computes them). With N = ceil(T / C) chunks of C positions and 
 * ssd: the non-delta chunk/scan/reference count with a scalar decay, K = N, V = P, plus D x (TP).
 * selective_scan: per (t, channel, state) element, reference 8 (log decay, write, exp, update,
   readout), chunk 12 (adds the in-chunk cumulative decay, its exp and the carry fix-up), scan 14.
+* rg_lru (x, gates `[B, T, H, D]`): per (t, channel) element, the gates to (log a, write) 8 (log a,
+  exp, 2 log a, expm1, sqrt, the two products of the write), then the update 2: reference 10,
+  chunk 14, scan 16 (the same extras as selective_scan).
+* block_sparse (top_k = 8 blocks of 64 keys): the selection scores every pooled key, 2 T NB D with
+  NB = ceil(T / 64), plus 4 D per (query, key) pair attended: the (top_k + 1) 64 gathered keys of a
+  query (chunk; the masked part of its own block included) or all T keys (reference, dense masked).
 
 Forward + backward is counted as 3x the forward (the backward of a matmul is two matmuls).
 `estimate_bytes` is a coarse upper guess of the live float32 intermediates, used only to skip
@@ -42,11 +48,14 @@ import jax.numpy as jnp
 from hybrid_jax import ops
 from hybrid_jax.ops import attention, gated, ssm
 from hybrid_jax.ops import first_order
+from hybrid_jax.ops.rg_lru import SUPPORTED as RG_LRU_IMPLS  # the package's `rg_lru` is the op
+from hybrid_jax.ops.sparse_attention import SUPPORTED as SPARSE_IMPLS
 from pallas_kernels.chunk_math import chunk_length, sub_chunk_length  # how the chunk form cuts T
 
 SSM_STATE = 16  # Mamba-1 state size per channel
 SOFTMAX_BLOCK = 128
 BACKWARD_FLOP_FACTOR = 3
+SPARSE_BLOCK, SPARSE_TOP_K = 64, 8  # block-sparse attention: keys per block, earlier blocks each query reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +150,16 @@ def _inputs_selective(key, d, dtype):
     return u, dt, a, b, c
 
 
+def _inputs_rg_lru(key, d, dtype):
+    kx, ki, kr, ka = jax.random.split(key, 4)
+    shape = (d.batch, d.time, d.heads, d.head_dim)
+    x = _normal(kx, shape, dtype)
+    gate_x, gate_a = (jax.nn.sigmoid(jax.random.normal(k, shape)).astype(dtype) for k in (ki, kr))
+    # Lambda with base decay a0 = exp(-softplus(Lambda)) in [0.9, 0.999], as the layer initialises it.
+    a0 = jax.random.uniform(ka, shape[2:], minval=0.9, maxval=0.999)
+    return x, gate_x, gate_a, jnp.log(jnp.expm1(-jnp.log(a0)))
+
+
 # ----------------------------------------------------------------------------- FLOPs
 
 
@@ -196,6 +215,17 @@ def _selective_flops(d: Dims, impl: str) -> float:
     return float(per_element * d.batch * d.time * d.heads * d.head_dim * SSM_STATE)
 
 
+def _rg_lru_flops(d: Dims, impl: str) -> float:
+    per_element = {"reference": 10, "chunk": 14, "scan": 16}[impl]
+    return float(per_element * d.batch * d.time * d.heads * d.head_dim)
+
+
+def _block_sparse_flops(d: Dims, impl: str) -> float:
+    keys = d.time if impl == "reference" else (SPARSE_TOP_K + 1) * SPARSE_BLOCK
+    per_query = 2 * math.ceil(d.time / SPARSE_BLOCK) * d.head_dim + 4 * keys * d.head_dim
+    return float(d.batch * d.heads * d.time * per_query)
+
+
 # ----------------------------------------------------------------------------- memory guesses
 
 F32 = 4
@@ -233,6 +263,21 @@ def _softmax_bytes(d: Dims, impl: str, backward: bool) -> float:
 def _selective_bytes(d: Dims, impl: str, backward: bool) -> float:
     elements = d.batch * d.time * d.heads * d.head_dim * SSM_STATE
     return elements * F32 * {"reference": 3, "chunk": 5, "scan": 6}[impl] * (3 if backward else 1)
+
+
+def _rg_lru_bytes(d: Dims, impl: str, backward: bool) -> float:
+    # four inputs, log a, the write and the states (chunk and scan: local states and decays too)
+    elements = d.batch * d.time * d.heads * d.head_dim
+    return elements * F32 * {"reference": 7, "chunk": 9, "scan": 10}[impl] * (3 if backward else 1)
+
+
+def _block_sparse_bytes(d: Dims, impl: str, backward: bool) -> float:
+    if impl == "reference":  # the dense masked form holds T x T logits like softmax's reference
+        return _softmax_bytes(d, impl, backward)
+    # One query block's gathered keys, values and logits, plus per-token indices and statistics.
+    block = SPARSE_BLOCK * (SPARSE_TOP_K + 1) * SPARSE_BLOCK * (2 * d.head_dim + 1)
+    live = d.batch * d.heads * (block + d.time * (2 * SPARSE_TOP_K + 4 * d.head_dim)) * F32
+    return (3 if backward else 1) * (_input_bytes(d) + live)
 
 
 # ----------------------------------------------------------------------------- the registry
@@ -325,6 +370,24 @@ def _build_registry() -> dict[str, MixerSpec]:
             )[0],
             flops=_selective_flops,
             estimate_bytes=_selective_bytes,
+        ),
+        MixerSpec(
+            name="rg_lru",
+            impls=_impl_names(RG_LRU_IMPLS),
+            make_inputs=_inputs_rg_lru,
+            apply=lambda impl, c, x, gx, ga, lam: ops.rg_lru(x, gx, ga, lam, impl=impl, chunk_size=c)[0],
+            flops=_rg_lru_flops,
+            estimate_bytes=_rg_lru_bytes,
+        ),
+        MixerSpec(
+            name="block_sparse",
+            impls=_impl_names(SPARSE_IMPLS),
+            make_inputs=_inputs_qkv,
+            apply=lambda impl, c, q, k, v: ops.block_sparse_attention(
+                q, k, v, block_size=SPARSE_BLOCK, top_k=SPARSE_TOP_K, impl=impl
+            ),
+            flops=_block_sparse_flops,
+            estimate_bytes=_block_sparse_bytes,
         ),
         MixerSpec(
             name="softmax",

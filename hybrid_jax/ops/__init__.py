@@ -3,7 +3,7 @@ space, state layout `[B, HV, K, V]`, impl names) are in the repository's docs/co
 
 The one output-dtype rule: every op and every `*_step` returns its output in the dtype of its value
 input -- v for the attention-like ops (linear attention, GLA, the delta rule family, log-linear
-attention; softmax attention, where q, k and v must share one dtype), x for `ssd`, u for
+attention; softmax attention, where q, k and v must share one dtype), x for `ssd` and `rg_lru`, u for
 `selective_scan`. States are float32 whatever the inputs; `linear_recurrence` returns float32.
 
 Importing this package loads no Triton or Mosaic module: the Pallas kernels load when an impl
@@ -30,12 +30,22 @@ from hybrid_jax.ops.log_linear import (
     log_linear_attention_step,
     num_levels,
 )
+from hybrid_jax.ops.rg_lru import rg_lru, rg_lru_step
+from hybrid_jax.ops.sparse_attention import (
+    block_keys_update,
+    block_sparse_attention,
+    block_sparse_attention_step,
+    block_token_attention,
+    pool_block_keys,
+)
 from hybrid_jax.ops.ssm import selective_scan, selective_scan_step, ssd, ssd_step
 
 __all__ = [
-    "FenwickState", "Impl", "delta_rule", "delta_rule_step", "empty_fenwick_state", "fenwick_level",
+    "FenwickState", "Impl", "block_keys_update", "block_sparse_attention", "block_sparse_attention_step",
+    "block_token_attention", "delta_rule", "delta_rule_step", "empty_fenwick_state", "fenwick_level",
     "gated_delta_rule", "gated_delta_rule_step", "gla", "gla_step", "kda", "kda_step", "kv_cache_update",
     "linear_attention", "linear_attention_step", "linear_recurrence", "log_linear_attention",
-    "log_linear_attention_masked", "log_linear_attention_step", "num_levels", "selective_scan",
-    "selective_scan_step", "softmax_attention", "softmax_attention_step", "ssd", "ssd_step",
+    "log_linear_attention_masked", "log_linear_attention_step", "num_levels", "pool_block_keys", "rg_lru",
+    "rg_lru_step", "selective_scan", "selective_scan_step", "softmax_attention", "softmax_attention_step",
+    "ssd", "ssd_step",
 ]

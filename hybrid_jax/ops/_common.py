@@ -15,6 +15,7 @@ from pallas_kernels.front_end import (
     Dims,
     check_floating,
     check_gate,
+    check_isolated,
     check_qkv,
     check_rank,
     check_shape,
@@ -26,8 +27,8 @@ from pallas_kernels.front_end import (
 )
 
 __all__ = [
-    "Dims", "Impl", "check_chunk_size", "check_floating", "check_gate", "check_qkv", "check_rank",
-    "check_shape", "check_time", "default_scale", "pad_time", "prepare_qkv", "repeat_heads",
+    "Dims", "Impl", "check_chunk_size", "check_floating", "check_gate", "check_isolated", "check_qkv",
+    "check_rank", "check_shape", "check_time", "default_scale", "pad_time", "prepare_qkv", "repeat_heads",
     "resolve_impl", "to_f32",
 ]
 

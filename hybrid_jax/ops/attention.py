@@ -34,6 +34,9 @@ Softmax statistics are float32 whatever the input dtype; matmuls take the input 
 accumulation. q, k and v must share one dtype, and `o` comes back in it: v's dtype, the output rule of
 every op in `hybrid_jax.ops` (docs/conventions.md).
 
+`isolated` `[B, Tk]` (candidate isolation): the key of an isolated position is allowed only for the
+query at that position; every impl adds it to the mask.
+
 Decoding: `kv_cache_update` writes one token per batch row into `[B, S, HKV, D]` caches, and
 `softmax_attention_step` attends one query token to the first `length` cache entries.
 """
@@ -48,6 +51,7 @@ import numpy as np
 from hybrid_jax.ops._common import (
     Impl,
     check_floating,
+    check_isolated,
     check_rank,
     check_shape,
     check_time,
@@ -86,19 +90,28 @@ def _query_positions(tq: int, tk: int) -> np.ndarray:
     return np.arange(tk - tq, tk)
 
 
+def _isolate(allowed, iso, q_pos, k_pos):
+    """`allowed` with the keys of isolated tokens (iso `[B, Tk]`, or a key block of it) visible only to
+    their own query: `[B, Tq, Tk]` (`allowed` itself when iso is None)."""
+    if iso is None:
+        return allowed
+    return allowed & (~iso[:, None, :] | (k_pos == q_pos))
+
+
 # ---------------------------------------------------------------------------------------------
 # reference
 
 
-def softmax_attention_reference(q, k, v, *, scale: float, causal: bool, window: int | None):
+def softmax_attention_reference(q, k, v, *, scale: float, causal: bool, window: int | None, isolated=None):
     """Full float32 logits and a masked softmax: the ground truth."""
     heads, tq, tk = q.shape[2], q.shape[1], k.shape[1]
     v_dtype = v.dtype
     k = repeat_heads(k.astype(_F32), heads)
     v = repeat_heads(v.astype(_F32), heads)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(_F32), k) * scale
-    allowed = _allowed(_query_positions(tq, tk)[:, None], np.arange(tk)[None, :], causal=causal, window=window)
-    weights = _masked_softmax(logits, allowed)
+    q_pos, k_pos = _query_positions(tq, tk)[:, None], np.arange(tk)[None, :]
+    allowed = _isolate(_allowed(q_pos, k_pos, causal=causal, window=window), isolated, q_pos, k_pos)
+    weights = _masked_softmax(logits, allowed if isolated is None else allowed[:, None])
     return jnp.einsum("bhqk,bkhv->bqhv", weights, v).astype(v_dtype)
 
 
@@ -113,25 +126,32 @@ def _key_blocks(x: jax.Array, block: int) -> jax.Array:
     return jnp.moveaxis(x.reshape(b, n, t // block, block, d), 2, 0)
 
 
-def _block_logits(q, k_blk, start, tk, scale, causal, window):
+def _blocks(k, v, iso, block):
+    """What the flash scans visit: key blocks, value blocks, isolated-key blocks `[Tk / block, B, block]`
+    (or None) and each block's first key position."""
+    tk = k.shape[2]
+    iso_blocks = None if iso is None else jnp.moveaxis(pad_time(iso, block).reshape(iso.shape[0], -1, block), 1, 0)
+    return _key_blocks(k, block), _key_blocks(v, block), iso_blocks, jnp.arange(0, tk + (-tk) % block, block)
+
+
+def _block_logits(q, k_blk, start, tk, scale, causal, window, iso_blk=None):
     """Masked float32 logits [B, N, G, Tq, block] of all queries against one key block."""
     tq, block = q.shape[3], k_blk.shape[2]
     logits = jnp.einsum("bngqd,bnkd->bngqk", q, k_blk, preferred_element_type=_F32) * scale
-    k_pos = start + jnp.arange(block)
-    allowed = _allowed(_query_positions(tq, tk)[:, None], k_pos[None, :], causal=causal, window=window)
-    allowed = allowed & (k_pos < tk)[None, :]
-    return jnp.where(allowed, logits, -jnp.inf)
+    q_pos, k_pos = _query_positions(tq, tk)[:, None], (start + jnp.arange(block))[None, :]
+    allowed = _allowed(q_pos, k_pos, causal=causal, window=window) & (k_pos < tk)
+    allowed = _isolate(allowed, iso_blk, q_pos, k_pos)
+    return jnp.where(allowed if iso_blk is None else allowed[:, None, None], logits, -jnp.inf)
 
 
-def _flash_forward(q, k, v, scale, causal, window, block):
-    tk = k.shape[2]
+def _flash_forward(q, k, v, iso, scale, causal, window, block):
     stats_shape = q.shape[:4]
-    starts = jnp.arange(0, tk + (-tk) % block, block)
+    tk = k.shape[2]
 
     def visit_block(carry, inputs):
         row_max, denom, acc = carry
-        k_blk, v_blk, start = inputs
-        logits = _block_logits(q, k_blk, start, tk, scale, causal, window)
+        k_blk, v_blk, iso_blk, start = inputs
+        logits = _block_logits(q, k_blk, start, tk, scale, causal, window, iso_blk)
         new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
         # Rows that have seen no allowed key yet keep max = -inf; shift them by 0 instead.
         shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
@@ -146,9 +166,7 @@ def _flash_forward(q, k, v, scale, causal, window, block):
         jnp.zeros(stats_shape, _F32),
         jnp.zeros(stats_shape + (v.shape[-1],), _F32),
     )
-    (row_max, denom, acc), _ = jax.lax.scan(
-        visit_block, init, (_key_blocks(k, block), _key_blocks(v, block), starts)
-    )
+    (row_max, denom, acc), _ = jax.lax.scan(visit_block, init, _blocks(k, v, iso, block))
     seen = denom > 0
     o = acc / jnp.where(seen, denom, 1.0)[..., None]
     # Fully masked rows get L = 0: their logits are all -inf, so recomputed weights are exactly 0.
@@ -156,26 +174,26 @@ def _flash_forward(q, k, v, scale, causal, window, block):
     return o.astype(q.dtype), logsumexp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _flash_attention(q, k, v, scale, causal, window, block):
-    return _flash_forward(q, k, v, scale, causal, window, block)[0]
+# `iso` (the isolated keys `[B, Tk]` bool, or None) is an input without a cotangent (bwd returns None).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _flash_attention(q, k, v, iso, scale, causal, window, block):
+    return _flash_forward(q, k, v, iso, scale, causal, window, block)[0]
 
 
-def _flash_attention_fwd(q, k, v, scale, causal, window, block):
-    o, logsumexp = _flash_forward(q, k, v, scale, causal, window, block)
-    return o, (q, k, v, o, logsumexp)
+def _flash_attention_fwd(q, k, v, iso, scale, causal, window, block):
+    o, logsumexp = _flash_forward(q, k, v, iso, scale, causal, window, block)
+    return o, (q, k, v, iso, o, logsumexp)
 
 
 def _flash_attention_bwd(scale, causal, window, block, residuals, do):
-    q, k, v, o, logsumexp = residuals
+    q, k, v, iso, o, logsumexp = residuals
     tk = k.shape[2]
-    starts = jnp.arange(0, tk + (-tk) % block, block)
     delta = jnp.sum(do.astype(_F32) * o.astype(_F32), axis=-1)  # D_i = dO_i . O_i = sum_j P_ij dP_ij
     do = do.astype(v.dtype)
 
     def visit_block(dq, inputs):
-        k_blk, v_blk, start = inputs
-        logits = _block_logits(q, k_blk, start, tk, scale, causal, window)
+        k_blk, v_blk, iso_blk, start = inputs
+        logits = _block_logits(q, k_blk, start, tk, scale, causal, window, iso_blk)
         weights = jnp.exp(logits - logsumexp[..., None])
         dv_blk = jnp.einsum("bngqk,bngqv->bnkv", weights.astype(do.dtype), do, preferred_element_type=_F32)
         dweights = jnp.einsum("bngqv,bnkv->bngqk", do, v_blk, preferred_element_type=_F32)
@@ -184,22 +202,21 @@ def _flash_attention_bwd(scale, causal, window, block, residuals, do):
         dk_blk = jnp.einsum("bngqk,bngqd->bnkd", dlogits, q, preferred_element_type=_F32)
         return dq, (dk_blk, dv_blk)
 
-    dq, (dk, dv) = jax.lax.scan(
-        visit_block, jnp.zeros(q.shape, _F32), (_key_blocks(k, block), _key_blocks(v, block), starts)
-    )
+    dq, (dk, dv) = jax.lax.scan(visit_block, jnp.zeros(q.shape, _F32), _blocks(k, v, iso, block))
 
     def unblock(x, like):  # [Tk / block, B, N, block, D] -> [B, N, Tk, D]
         x = jnp.moveaxis(x, 0, 2)
         b, n, nb, blk, d = x.shape
         return x.reshape(b, n, nb * blk, d)[:, :, :tk].astype(like.dtype)
 
-    return dq.astype(q.dtype), unblock(dk, k), unblock(dv, v)
+    return dq.astype(q.dtype), unblock(dk, k), unblock(dv, v), None
 
 
 _flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
 
 
-def softmax_attention_chunk(q, k, v, *, scale: float, causal: bool, window: int | None, block_size: int = 128):
+def softmax_attention_chunk(q, k, v, *, scale: float, causal: bool, window: int | None, block_size: int = 128,
+                            isolated=None):
     """Blocked online softmax over key blocks with an O(T)-memory custom VJP (see the module doc)."""
     b, tq, heads, dk = q.shape
     kv_heads = k.shape[2]
@@ -207,7 +224,7 @@ def softmax_attention_chunk(q, k, v, *, scale: float, causal: bool, window: int 
     q_grouped = q.reshape(b, tq, kv_heads, groups, dk).transpose(0, 2, 3, 1, 4)
     k_grouped, v_grouped = (jnp.swapaxes(x, 1, 2) for x in (k, v))
     block = min(block_size, k.shape[1])
-    o = _flash_attention(q_grouped, k_grouped, v_grouped, scale, causal, window, block)
+    o = _flash_attention(q_grouped, k_grouped, v_grouped, isolated, scale, causal, window, block)
     return o.transpose(0, 3, 1, 2, 4).reshape(b, tq, heads, v.shape[-1])
 
 
@@ -215,7 +232,7 @@ def softmax_attention_chunk(q, k, v, *, scale: float, causal: bool, window: int 
 # xla
 
 
-def softmax_attention_xla(q, k, v, *, scale: float, causal: bool, window: int | None):
+def softmax_attention_xla(q, k, v, *, scale: float, causal: bool, window: int | None, isolated=None):
     """`jax.nn.dot_product_attention`, with our bottom-right aligned mask where Tq != Tk."""
     if k.shape[-1] != v.shape[-1]:
         raise ValueError(
@@ -223,9 +240,12 @@ def softmax_attention_xla(q, k, v, *, scale: float, causal: bool, window: int | 
             f"head dims, got K={k.shape[-1]} and V={v.shape[-1]}; use impl='chunk'"
         )
     tq, tk = q.shape[1], k.shape[1]
-    allowed = _allowed(_query_positions(tq, tk)[:, None], np.arange(tk)[None, :], causal=causal, window=window)
+    q_pos, k_pos = _query_positions(tq, tk)[:, None], np.arange(tk)[None, :]
+    allowed = _allowed(q_pos, k_pos, causal=causal, window=window)
     options = {}
-    if tq == tk:
+    if isolated is not None:  # a per-row mask [B, 1, Tq, Tk]; every query keeps its own key
+        options["mask"] = _isolate(jnp.asarray(allowed), isolated, q_pos, k_pos)[:, None]
+    elif tq == tk:
         # Square case: let JAX build the (top-left aligned = ours) masks itself.
         options["is_causal"] = causal
         if window is not None:
@@ -263,12 +283,15 @@ def _check_same_dtype(op: str, **arrays: jax.Array) -> None:
         raise ValueError(f"{op}: {', '.join(dtypes)} must share one dtype, got {listed}")
 
 
-def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, impl="chunk", block_size=128):
+def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, isolated=None, impl="chunk",
+                      block_size=128):
     """Softmax attention: q `[B, Tq, H, K]`, k `[B, Tk, HKV, K]`, v `[B, Tk, HKV, V]` -> o `[B, Tq, H, V]`.
 
     Queries sit at the last Tq of the Tk key positions; `window=W` limits each query at position p
     to keys p-W+1 .. p (and up to p+W-1 when not causal). `scale` defaults to K ** -0.5.
     `impl` is "reference", "chunk" (default) or "xla"; `block_size` is the chunk key-block length.
+    `isolated` `[B, Tk]` bool: the key of an isolated position is visible only to the query at that
+    same position (candidate isolation; every query still sees its own key).
     q, k, v share one dtype; o comes back in it.
     """
     op = "softmax_attention"
@@ -287,13 +310,13 @@ def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, impl="ch
     _check_window(window, op)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"{op}: block_size must be an int >= 1, got {block_size!r}")
-    scale = default_scale(scale, dk)
-    causal = bool(causal)
+    options = dict(scale=default_scale(scale, dk), causal=bool(causal), window=window,
+                   isolated=check_isolated(op, isolated, (b, tk), layout="[B, Tk]"))
     if choice is Impl.REFERENCE:
-        return softmax_attention_reference(q, k, v, scale=scale, causal=causal, window=window)
+        return softmax_attention_reference(q, k, v, **options)
     if choice is Impl.XLA:
-        return softmax_attention_xla(q, k, v, scale=scale, causal=causal, window=window)
-    return softmax_attention_chunk(q, k, v, scale=scale, causal=causal, window=window, block_size=block_size)
+        return softmax_attention_xla(q, k, v, **options)
+    return softmax_attention_chunk(q, k, v, **options, block_size=block_size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ Layout: q, k `[B, T, H, K]` (keys are expected L2-normalised by the layer), v `[
 beta `[B, T, HV]`, HV % H == 0 (docs/conventions.md). impl: "reference" | "scan" (associative scan over
 (transition, write) pairs, O(T log T K^3)) | "chunk" (default) | "pallas" | "auto". Returns (o in v's
 dtype, final state `[B, HV, K, V]` float32 or None); each `*_step` returns (o_t in v_t's dtype, state).
+`isolated` `[B, T]` (`isolated_t` `[B]` for a step): tokens that read, never write (docs/conventions.md).
 """
 from __future__ import annotations
 
@@ -24,41 +25,42 @@ from hybrid_jax.ops import gated
 
 
 def delta_rule(q, k, v, *, beta, scale=None, initial_state=None, output_final_state=False,
-               impl="chunk", chunk_size=64):
+               isolated=None, impl="chunk", chunk_size=64):
     """DeltaNet: the delta rule without decay."""
     return gated.gated_op("delta_rule", q, k, v, g=None, beta=beta, scale=scale,
                           initial_state=initial_state, output_final_state=output_final_state,
-                          impl=impl, chunk_size=chunk_size)
+                          impl=impl, chunk_size=chunk_size, isolated=isolated)
 
 
 def gated_delta_rule(q, k, v, *, g, beta, scale=None, initial_state=None, output_final_state=False,
-                     impl="chunk", chunk_size=64):
+                     isolated=None, impl="chunk", chunk_size=64):
     """Gated DeltaNet: one scalar log decay per head and token, g `[B, T, HV]`."""
     return gated.gated_op("gated_delta_rule", q, k, v, g=g, per_channel=False, beta=beta, scale=scale,
                           initial_state=initial_state, output_final_state=output_final_state,
-                          impl=impl, chunk_size=chunk_size)
+                          impl=impl, chunk_size=chunk_size, isolated=isolated)
 
 
-def kda(q, k, v, *, g, beta, scale=None, initial_state=None, output_final_state=False, impl="chunk",
-        chunk_size=64):
+def kda(q, k, v, *, g, beta, scale=None, initial_state=None, output_final_state=False, isolated=None,
+        impl="chunk", chunk_size=64):
     """Kimi Delta Attention: channel-wise log decay g `[B, T, HV, K]`."""
     return gated.gated_op("kda", q, k, v, g=g, per_channel=True, beta=beta, scale=scale,
                           initial_state=initial_state, output_final_state=output_final_state,
-                          impl=impl, chunk_size=chunk_size)
+                          impl=impl, chunk_size=chunk_size, isolated=isolated)
 
 
-def delta_rule_step(q_t, k_t, v_t, state, *, beta_t, scale=None):
+def delta_rule_step(q_t, k_t, v_t, state, *, beta_t, scale=None, isolated_t=None):
     """One decoding step: q_t, k_t `[B, H, K]`, v_t `[B, HV, V]`, beta_t `[B, HV]`, state `[B, HV, K, V]`."""
-    return gated.gated_step("delta_rule_step", q_t, k_t, v_t, state, beta_t=beta_t, scale=scale)
+    return gated.gated_step("delta_rule_step", q_t, k_t, v_t, state, beta_t=beta_t, scale=scale,
+                            isolated_t=isolated_t)
 
 
-def gated_delta_rule_step(q_t, k_t, v_t, state, *, g_t, beta_t, scale=None):
+def gated_delta_rule_step(q_t, k_t, v_t, state, *, g_t, beta_t, scale=None, isolated_t=None):
     """One decoding step of Gated DeltaNet; g_t `[B, HV]`."""
     return gated.gated_step("gated_delta_rule_step", q_t, k_t, v_t, state, g_t=g_t, per_channel=False,
-                            beta_t=beta_t, scale=scale)
+                            beta_t=beta_t, scale=scale, isolated_t=isolated_t)
 
 
-def kda_step(q_t, k_t, v_t, state, *, g_t, beta_t, scale=None):
+def kda_step(q_t, k_t, v_t, state, *, g_t, beta_t, scale=None, isolated_t=None):
     """One decoding step of KDA; g_t `[B, HV, K]`."""
     return gated.gated_step("kda_step", q_t, k_t, v_t, state, g_t=g_t, per_channel=True, beta_t=beta_t,
-                            scale=scale)
+                            scale=scale, isolated_t=isolated_t)

@@ -17,13 +17,23 @@ Three algorithms, one result:
                with P_t the decay from the chunk start to t. Depth C + T / C instead of T.
 
 All three compute in float32 and return `h` (every step) in float32 plus the final state.
+`isolated` steps (read, do not write) run as identity steps a = 1, b = 0 in every impl; their reads
+a_t h_{t-1} + b_t are formed from the carried states afterwards (`read_isolated`).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from hybrid_jax.ops._common import Impl, check_chunk_size, check_time, pad_time, resolve_impl, to_f32
+from hybrid_jax.ops._common import (
+    Impl,
+    check_chunk_size,
+    check_isolated,
+    check_time,
+    pad_time,
+    resolve_impl,
+    to_f32,
+)
 
 SUPPORTED = (Impl.REFERENCE, Impl.SCAN, Impl.CHUNK)
 
@@ -97,8 +107,28 @@ def linear_recurrence_chunk(a, b, h0, *, log_a=False, chunk_size=64):
     return hs, final
 
 
-def linear_recurrence(a, b, *, initial_state=None, log_a=False, impl="chunk", chunk_size=64):
-    """h_t = a_t * h_{t-1} + b_t over axis 1; returns (h `[B, T, ...]` float32, h_{T-1} `[B, ...]`)."""
+def isolate_steps(a, b, isolated, *, log_a=False):
+    """(a, b) with the steps where `isolated` (a bool mask over a leading part of a's shape, from
+    `[B, T]`) is True replaced by the identity step a = 1 (log a = 0), b = 0."""
+    mask = isolated.reshape(isolated.shape + (1,) * (a.ndim - isolated.ndim))
+    return jnp.where(mask, 0.0 if log_a else 1.0, a), jnp.where(mask, 0.0, b)
+
+
+def read_isolated(hs, a, b, h0, isolated, *, log_a=False):
+    """The carried states `hs` `[B, T, ...]` of the identity-stepped recurrence, with each isolated
+    step t replaced by what it reads: a_t * h_{t-1} + b_t, h_{t-1} the carried state before it."""
+    mask = isolated.reshape(isolated.shape + (1,) * (a.ndim - isolated.ndim))
+    before = jnp.concatenate([h0[:, None], hs[:, :-1]], axis=1)
+    return jnp.where(mask, _as_decay(a, log_a) * before + b, hs)
+
+
+def linear_recurrence(a, b, *, initial_state=None, log_a=False, isolated=None, impl="chunk", chunk_size=64):
+    """h_t = a_t * h_{t-1} + b_t over axis 1; returns (h `[B, T, ...]` float32, h_{T-1} `[B, ...]`).
+
+    `isolated` (bool, `[B, T]` or any leading part of a's shape from `[B, T]`): those steps read and
+    do not write: h_t = a_t * h_{t-1} + b_t is returned at t, but h_{t-1} is passed on to t + 1
+    (and to the final state). Every impl runs the recurrence with identity steps there (a = 1, b = 0)
+    and then forms the isolated reads from the carried states (`read_isolated`)."""
     choice = resolve_impl(impl, "linear_recurrence", SUPPORTED)
     if a.shape != b.shape:
         raise ValueError(f"linear_recurrence: a and b must have the same shape [B, T, ...], got "
@@ -116,6 +146,16 @@ def linear_recurrence(a, b, *, initial_state=None, log_a=False, impl="chunk", ch
             raise ValueError(f"linear_recurrence: initial_state must have shape [B, ...] = {state_shape}, "
                              f"got {tuple(initial_state.shape)}")
         h0 = to_f32(initial_state)
+    if isolated is None:
+        return _run(choice, a, b, h0, log_a, chunk_size)
+    isolated = jnp.asarray(isolated)
+    lead = a.shape[:max(isolated.ndim, 2)]
+    check_isolated("linear_recurrence", isolated, lead, layout="[B, T] (or a leading part of a's shape)")
+    hs, final = _run(choice, *isolate_steps(a, b, isolated, log_a=log_a), h0, log_a, chunk_size)
+    return read_isolated(hs, a, b, h0, isolated, log_a=log_a), final
+
+
+def _run(choice, a, b, h0, log_a, chunk_size):
     if choice is Impl.REFERENCE:
         return linear_recurrence_reference(a, b, h0, log_a=log_a)
     if choice is Impl.SCAN:

@@ -29,6 +29,12 @@ float32. Algorithms (docs/chunked_algorithms.md gives the derivations):
   chunk is one chunk, padded to whole sub-chunks under a per-channel decay
   (`pallas_kernels.chunk_math.chunk_length`).
 
+Isolated tokens (`isolated` `[B, T]`, candidate isolation, docs/conventions.md) read one step from
+S_{t-1} and pass S_{t-1} on: the reference keeps the old state at them, the associative scans put the
+identity element there and form the isolated reads from the carried states afterwards, and the
+chunked form makes them identity steps of every other row's terms with their own read on the
+diagonal (`pallas_kernels.chunk_math.isolate`).
+
 The chunk algebra itself (`ChunkTerms`, cutting time into chunks, the decayed products, the WY
 transform) lives in `pallas_kernels.chunk_math`, shared with the kernels, which may not import this
 package. Outputs come back in v's dtype (the rule of `hybrid_jax.ops`).
@@ -45,6 +51,7 @@ from hybrid_jax.ops._common import (
     Impl,
     check_chunk_size,
     check_gate,
+    check_isolated,
     check_shape,
     prepare_qkv,
     resolve_impl,
@@ -53,17 +60,19 @@ from hybrid_jax.ops._common import (
 from pallas_kernels import chunk_math
 from pallas_kernels.chunk_math import ChunkTerms, from_chunks, to_chunks
 
-__all__ = ["SUPPORTED", "ChunkTerms", "chunk_outputs", "chunk_terms", "gated_op", "gated_step", "propagate",
-           "recurrence_chunk", "recurrence_reference", "recurrence_scan", "recurrence_step"]
+__all__ = ["SUPPORTED", "ChunkTerms", "chunk_outputs", "chunk_terms", "gated_op", "gated_step", "per_head",
+           "propagate", "recurrence_chunk", "recurrence_reference", "recurrence_scan", "recurrence_step"]
 
 
 def _decay(g_t: jax.Array | None, k_dim: int) -> jax.Array | None:
     return None if g_t is None else jnp.exp(jnp.broadcast_to(g_t, g_t.shape[:-1] + (k_dim,)))
 
 
-def recurrence_step(q_t, k_t, v_t, g_t, beta_t, state):
+def recurrence_step(q_t, k_t, v_t, g_t, beta_t, state, iso_t=None):
     """One token: q_t, k_t `[B, H, K]`, v_t `[B, H, V]`, g_t `[B, H, K or 1]` or None, beta_t `[B, H]`
-    or None, state `[B, H, K, V]`. Returns (o_t `[B, H, V]`, new state)."""
+    or None, state `[B, H, K, V]`, iso_t `[B, H]` bool or None. Returns (o_t `[B, H, V]`, new state);
+    an isolated token reads the stepped state and passes `state` on unchanged."""
+    carried = state
     decay = _decay(g_t, k_t.shape[-1])
     if decay is not None:
         state = decay[..., None] * state
@@ -73,57 +82,68 @@ def recurrence_step(q_t, k_t, v_t, g_t, beta_t, state):
         recalled = jnp.einsum("bhk,bhkv->bhv", k_t, state)
         write = beta_t[..., None] * (v_t - recalled)
     state = state + k_t[..., :, None] * write[..., None, :]
-    return jnp.einsum("bhk,bhkv->bhv", q_t, state), state
+    o_t = jnp.einsum("bhk,bhkv->bhv", q_t, state)
+    return o_t, (state if iso_t is None else jnp.where(iso_t[..., None, None], carried, state))
 
 
-def recurrence_reference(q, k, v, g, beta, state):
+def recurrence_reference(q, k, v, g, beta, state, iso=None):
     """The exact recurrence, token by token (lax.scan over T). Returns (o `[B,T,H,V]`, final state)."""
     time_major = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)  # noqa: E731
 
     def step(s, inputs):
-        q_t, k_t, v_t, g_t, beta_t = inputs
-        o_t, s = recurrence_step(q_t, k_t, v_t, g_t, beta_t, s)
+        q_t, k_t, v_t, g_t, beta_t, iso_t = inputs
+        o_t, s = recurrence_step(q_t, k_t, v_t, g_t, beta_t, s, iso_t)
         return s, o_t
 
-    final, o = jax.lax.scan(step, state, tuple(map(time_major, (q, k, v, g, beta))))
+    final, o = jax.lax.scan(step, state, tuple(map(time_major, (q, k, v, g, beta, iso))))
     return jnp.moveaxis(o, 0, 1), final
 
 
-def recurrence_scan(q, k, v, g, beta, state):
-    """jax.lax.associative_scan over the recurrence (materialises every state: a check, not a fast path)."""
+def recurrence_scan(q, k, v, g, beta, state, iso=None):
+    """jax.lax.associative_scan over the recurrence (materialises every state: a check, not a fast path).
+
+    Isolated tokens enter the scan as identity elements (I, 0); each then reads M_t S_{t-1} + X_t."""
     k_dim = k.shape[-1]
     decay = _decay(g, k_dim)
     if beta is None:
         a = jnp.ones(k.shape + (1,), k.dtype) if decay is None else decay[..., None]
         x = k[..., :, None] * v[..., None, :]
         states, final = first_order.linear_recurrence(
-            jnp.broadcast_to(a, x.shape), x, initial_state=state, impl=Impl.SCAN
+            jnp.broadcast_to(a, x.shape), x, initial_state=state, impl=Impl.SCAN, isolated=iso
         )
-    else:
-        eye = jnp.eye(k_dim, dtype=k.dtype)
-        householder = eye - beta[..., None, None] * k[..., :, None] * k[..., None, :]
-        m = householder if decay is None else householder * decay[..., None, :]
-        x = beta[..., None, None] * k[..., :, None] * v[..., None, :]
-        x = x.at[:, 0].add(jnp.einsum("bhij,bhjv->bhiv", m[:, 0], state))
+        return jnp.einsum("bthk,bthkv->bthv", q, states), final
+    eye = jnp.eye(k_dim, dtype=k.dtype)
+    householder = eye - beta[..., None, None] * k[..., :, None] * k[..., None, :]
+    m_read = householder if decay is None else householder * decay[..., None, :]
+    x_read = beta[..., None, None] * k[..., :, None] * v[..., None, :]
+    m, x = m_read, x_read
+    if iso is not None:
+        m, x = jnp.where(iso[..., None, None], eye, m), jnp.where(iso[..., None, None], 0.0, x)
+    x = x.at[:, 0].add(jnp.einsum("bhij,bhjv->bhiv", m[:, 0], state))
 
-        def combine(left, right):
-            m1, x1 = left
-            m2, x2 = right
-            return m2 @ m1, m2 @ x1 + x2
+    def combine(left, right):
+        m1, x1 = left
+        m2, x2 = right
+        return m2 @ m1, m2 @ x1 + x2
 
-        _, states = jax.lax.associative_scan(combine, (m, x), axis=1)
-        final = states[:, -1]
+    _, states = jax.lax.associative_scan(combine, (m, x), axis=1)
+    final = states[:, -1]
+    if iso is not None:  # isolated: one step from the carried state before them
+        before = jnp.concatenate([state[:, None], states[:, :-1]], axis=1)
+        read = jnp.einsum("bthij,bthjv->bthiv", m_read, before) + x_read
+        states = jnp.where(iso[..., None, None], read, states)
     return jnp.einsum("bthk,bthkv->bthv", q, states), final
 
 
 # ----------------------------------------------------------------------------- chunked form
 
 
-def chunk_terms(q, k, v, g, beta, chunk_size) -> ChunkTerms:
+def chunk_terms(q, k, v, g, beta, chunk_size, iso=None) -> ChunkTerms:
     """Cuts `[B, T, H, .]` inputs into chunks (padding with identity steps) and forms each chunk's
-    terms, `[B, H, N, C, .]`."""
+    terms, `[B, H, N, C, .]`; `iso` `[B, T, H]` bool marks the isolated tokens (`chunk_math.isolate`)."""
     chunked = lambda x: None if x is None else to_chunks(x, chunk_size)  # noqa: E731
-    return chunk_math.chunk_terms(chunked(q), chunked(k), chunked(v), chunked(g), chunked(beta))
+    iso = None if iso is None else iso.astype(q.dtype)
+    return chunk_math.chunk_terms(chunked(q), chunked(k), chunked(v), chunked(g), chunked(beta), chunked(iso))
 
 
 def propagate(terms: ChunkTerms, state, *, u_bar=None):
@@ -160,11 +180,12 @@ def chunk_outputs(terms: ChunkTerms, entering, *, u_bar=None):
     return terms.q_decayed @ entering + terms.attn @ u
 
 
-def recurrence_chunk(q, k, v, g, beta, state, *, chunk_size):
+def recurrence_chunk(q, k, v, g, beta, state, iso=None, *, chunk_size):
     """The chunked form (see the module docstring). Returns (o `[B,T,H,V]`, final state)."""
     t = q.shape[1]
     per_channel = g is not None and g.shape[-1] != 1
-    terms = chunk_terms(q, k, v, g, beta, chunk_math.chunk_length(t, chunk_size, per_channel=per_channel))
+    chunk = chunk_math.chunk_length(t, chunk_size, per_channel=per_channel)
+    terms = chunk_terms(q, k, v, g, beta, chunk, iso)
     entering, final = propagate(terms, state)
     return from_chunks(chunk_outputs(terms, entering), t), final
 
@@ -191,12 +212,18 @@ def _pallas_or_chunk(op, args, chunk_size):
     return Impl.PALLAS
 
 
+def per_head(isolated, value_heads):
+    """`[B, T]` (or `[B]`) mask -> `[B, T, HV]` (`[B, HV]`), the layout of beta."""
+    return None if isolated is None else jnp.broadcast_to(isolated[..., None], isolated.shape + (value_heads,))
+
+
 def gated_op(op, q, k, v, *, g, beta, scale, initial_state, output_final_state, impl, chunk_size,
-             per_channel=None):
+             per_channel=None, isolated=None):
     """Runs one of the family's algorithms on the public inputs, after the front end.
 
     q, k `[B, T, H, K]`; v `[B, T, HV, V]`; g `[B, T, HV]` or `[B, T, HV, K]` (`per_channel`: False,
-    True, or None for either) or None; beta `[B, T, HV]` or None.
+    True, or None for either) or None; beta `[B, T, HV]` or None; isolated `[B, T]` bool or None
+    (tokens that read and do not write, docs/conventions.md).
     Returns (o `[B, T, HV, V]` in v's dtype, final state `[B, HV, K, V]` float32 or None).
     """
     q32, k32, v32, dims = prepare_qkv(op, q, k, v, scale=scale)
@@ -206,26 +233,29 @@ def gated_op(op, q, k, v, *, g, beta, scale, initial_state, output_final_state, 
     b, _, _, k_dim, hv, v_dim = dims
     check_shape(f"{op}: beta", beta, (b, dims.time, hv), "[B, T, HV]")
     check_shape(f"{op}: initial_state", initial_state, (b, hv, k_dim, v_dim), "[B, HV, K, V]")
+    iso = per_head(check_isolated(op, isolated, (b, dims.time)), hv)
     state = jnp.zeros((b, hv, k_dim, v_dim), jnp.float32) if initial_state is None else to_f32(initial_state)
     args = (q32, k32, v32, to_f32(g), to_f32(beta), state)
     if choice is Impl.AUTO:
         choice = _pallas_or_chunk(op, args, chunk_size)
     if choice is Impl.REFERENCE:
-        o, final = recurrence_reference(*args)
+        o, final = recurrence_reference(*args, iso)
     elif choice is Impl.SCAN:
-        o, final = recurrence_scan(*args)
+        o, final = recurrence_scan(*args, iso)
     elif choice is Impl.CHUNK:
-        o, final = recurrence_chunk(*args, chunk_size=chunk_size)
+        o, final = recurrence_chunk(*args, iso, chunk_size=chunk_size)
     else:
         from pallas_kernels import api  # loads the Triton / Mosaic kernels: only when they run
 
-        o, final = api.gated_recurrence(*args, chunk_size=chunk_size)
+        o, final = api.gated_recurrence(*args, chunk_size=chunk_size, isolated=iso)
     return o.astype(v.dtype), (final if output_final_state else None)
 
 
-def gated_step(op, q_t, k_t, v_t, state, *, g_t=None, beta_t=None, scale=None, per_channel=None):
+def gated_step(op, q_t, k_t, v_t, state, *, g_t=None, beta_t=None, scale=None, per_channel=None,
+               isolated_t=None):
     """Public one-token step: q_t, k_t `[B, H, K]`, v_t `[B, HV, V]`, state `[B, HV, K, V]`,
-    g_t `[B, HV]` or `[B, HV, K]` (`per_channel` as in `gated_op`) or None, beta_t `[B, HV]` or None.
+    g_t `[B, HV]` or `[B, HV, K]` (`per_channel` as in `gated_op`) or None, beta_t `[B, HV]` or None,
+    isolated_t `[B]` bool or None (an isolated token returns `state` unchanged).
     Returns (o_t in v_t's dtype, new state float32)."""
     q32, k32, v32, dims = prepare_qkv(op, q_t, k_t, v_t, scale=scale, step=True)
     if g_t is not None:
@@ -233,5 +263,7 @@ def gated_step(op, q_t, k_t, v_t, state, *, g_t=None, beta_t=None, scale=None, p
     b, _, _, k_dim, hv, v_dim = dims
     check_shape(f"{op}: state", state, (b, hv, k_dim, v_dim), "[B, HV, K, V]")
     check_shape(f"{op}: beta_t", beta_t, (b, hv), "[B, HV]")
-    o_t, state = recurrence_step(q32, k32, v32, to_f32(g_t), to_f32(beta_t), to_f32(state))
+    iso_t = check_isolated(op, isolated_t, (b,), name="isolated_t", layout="[B]")
+    o_t, state = recurrence_step(q32, k32, v32, to_f32(g_t), to_f32(beta_t), to_f32(state),
+                                 per_head(iso_t, hv))
     return o_t.astype(v_t.dtype), state

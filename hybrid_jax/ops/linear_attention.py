@@ -11,7 +11,8 @@ Layout: q, k `[B, T, H, K]`, v `[B, T, HV, V]` with HV % H == 0 (q/k shared by e
 heads); g follows v's heads. impl: "reference" (token recurrence), "scan" (associative scan over
 K x V states), "chunk" (intra-chunk matmuls + one pass over chunk states; the default), "pallas",
 "auto". All compute in float32 and return o in v's dtype and the final state `[B, HV, K, V]` in
-float32; the steps return (o_t in v_t's dtype, new state). Conventions: docs/conventions.md.
+float32; the steps return (o_t in v_t's dtype, new state). `isolated` `[B, T]` / `isolated_t` `[B]`:
+tokens that read the state but never write to it. Conventions: docs/conventions.md.
 """
 from __future__ import annotations
 
@@ -19,25 +20,28 @@ from hybrid_jax.ops import gated
 
 
 def linear_attention(q, k, v, *, scale=None, initial_state=None, output_final_state=False,
-                     impl="chunk", chunk_size=64):
+                     isolated=None, impl="chunk", chunk_size=64):
     """Causal linear attention. Returns (o `[B, T, HV, V]`, final state `[B, HV, K, V]` or None)."""
     return gated.gated_op("linear_attention", q, k, v, g=None, beta=None, scale=scale,
                           initial_state=initial_state, output_final_state=output_final_state,
-                          impl=impl, chunk_size=chunk_size)
+                          impl=impl, chunk_size=chunk_size, isolated=isolated)
 
 
-def linear_attention_step(q_t, k_t, v_t, state, *, scale=None):
+def linear_attention_step(q_t, k_t, v_t, state, *, scale=None, isolated_t=None):
     """One decoding step: q_t, k_t `[B, H, K]`, v_t `[B, HV, V]`, state `[B, HV, K, V]`."""
-    return gated.gated_step("linear_attention_step", q_t, k_t, v_t, state, scale=scale)
+    return gated.gated_step("linear_attention_step", q_t, k_t, v_t, state, scale=scale,
+                            isolated_t=isolated_t)
 
 
-def gla(q, k, v, *, g, scale=None, initial_state=None, output_final_state=False, impl="chunk",
-        chunk_size=64):
+def gla(q, k, v, *, g, scale=None, initial_state=None, output_final_state=False, isolated=None,
+        impl="chunk", chunk_size=64):
     """Gated linear attention with log decay g `[B, T, HV, K]` or `[B, T, HV]`."""
     return gated.gated_op("gla", q, k, v, g=g, beta=None, scale=scale, initial_state=initial_state,
-                          output_final_state=output_final_state, impl=impl, chunk_size=chunk_size)
+                          output_final_state=output_final_state, impl=impl, chunk_size=chunk_size,
+                          isolated=isolated)
 
 
-def gla_step(q_t, k_t, v_t, state, *, g_t, scale=None):
+def gla_step(q_t, k_t, v_t, state, *, g_t, scale=None, isolated_t=None):
     """One decoding step of GLA; g_t `[B, HV, K]` or `[B, HV]`."""
-    return gated.gated_step("gla_step", q_t, k_t, v_t, state, g_t=g_t, scale=scale)
+    return gated.gated_step("gla_step", q_t, k_t, v_t, state, g_t=g_t, scale=scale,
+                            isolated_t=isolated_t)

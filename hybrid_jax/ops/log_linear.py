@@ -32,6 +32,9 @@ docs/chunked_algorithms.md):
   merges slots 0..z plus the chunk's own writes into slot z (z = trailing ones of the chunk index);
   the state entering a chunk is read as (Q Gam - Tril(Aqk) W) S, weighted by lambda^{log2(C) + 1 + i}.
   Cost O(T C (K + V) + T log(T / C) K V): O(T log T).
+* isolated tokens (`isolated` `[B, T]`): positions like any other (levels merge as usual) whose
+  transition and write reach only their own read: identity steps of the chunk terms
+  (`gated.chunk_terms`), of the segmented scans (`_segmented`) and of the token recurrence;
 * an initial state at any position P: the sequence is placed at offset P mod C inside its first chunk
   (a dynamic offset when P is traced, costing one more chunk); the first chunk reads the incoming
   levels token by token at level max(l, l(t, P - 1)), and after it they join the stack.
@@ -48,6 +51,7 @@ from hybrid_jax.ops._common import (
     Impl,
     check_chunk_size,
     check_gate,
+    check_isolated,
     check_rank,
     check_shape,
     prepare_qkv,
@@ -82,24 +86,29 @@ def empty_fenwick_state(batch, value_heads, levels, key_dim, value_dim) -> Fenwi
 _levels_step = jax.vmap(gated.recurrence_step, in_axes=(None, None, 2, None, None, 2), out_axes=2)
 
 
-def _step(q_t, k_t, v_t, g_t, beta_t, lam_t, levels, position):
+def _step(q_t, k_t, v_t, g_t, beta_t, lam_t, levels, position, iso_t=None):
+    """One token; an isolated one (iso_t `[B, HV]`) reads the stepped levels and carries the merged
+    levels on without its transition or write (the merge depends on the position only)."""
     target = jnp.where(position > 0, fenwick_level(position, position - 1), 0)
     levels = merge_down(levels, target)
     values = jnp.zeros(levels.shape[:3] + v_t.shape[-1:], v_t.dtype).at[:, :, 0].set(v_t)
-    reads, levels = _levels_step(q_t, k_t, values, g_t, beta_t, levels)
-    return jnp.einsum("bhl,bhlv->bhv", lam_t, reads), levels
+    reads, stepped = _levels_step(q_t, k_t, values, g_t, beta_t, levels)
+    if iso_t is not None:
+        stepped = jnp.where(iso_t[:, :, None, None, None], levels, stepped)
+    return jnp.einsum("bhl,bhlv->bhv", lam_t, reads), stepped
 
 
-def _reference(q, k, v, g, beta, lam, levels, position):
+def _reference(q, k, v, g, beta, lam, levels, position, iso=None):
     time_major = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)  # noqa: E731
 
     def body(levels, inputs):
-        j, q_t, k_t, v_t, g_t, beta_t, lam_t = inputs
-        o_t, levels = _step(q_t, k_t, v_t, g_t, beta_t, lam_t, levels, position + j)
+        j, q_t, k_t, v_t, g_t, beta_t, lam_t, iso_t = inputs
+        o_t, levels = _step(q_t, k_t, v_t, g_t, beta_t, lam_t, levels, position + j, iso_t)
         return levels, o_t
 
     steps = jnp.arange(q.shape[1], dtype=jnp.int32)
-    levels, o = jax.lax.scan(body, levels, (steps,) + tuple(map(time_major, (q, k, v, g, beta, lam))))
+    inputs = (steps,) + tuple(map(time_major, (q, k, v, g, beta, lam, iso)))
+    levels, o = jax.lax.scan(body, levels, inputs)
     return jnp.moveaxis(o, 0, 1), levels
 
 
@@ -117,7 +126,26 @@ def _pair_scan(m, x):
     return jax.lax.associative_scan(combine, (m, x), axis=1)
 
 
-def _scan(q, k, v, g, beta, lam, levels, position):
+def _segmented(m, x, write, restart, iso):
+    """One level's segmented recurrence s_t = m_t s_{t-1} + x_t, restarted where `restart` [T] and
+    fed only where `write` [T]: ((transition from the segment start, state) as read at each t,
+    the same as carried past t). They differ at isolated t (`iso` `[B, T, H]`), which reads one step
+    from the carried pair before it and carries that pair on (the identity, or 0 at a restart)."""
+    as_time = lambda flags: flags[None, :, None, None, None]  # noqa: E731  [T] against [B, T, H, K, .]
+    m_r, x_r = jnp.where(as_time(restart), 0.0, m), jnp.where(as_time(write), x, 0.0)
+    if iso is None:
+        pair = _pair_scan(m_r, x_r)
+        return pair, pair
+    mask = iso[..., None, None]
+    eye = jnp.where(as_time(restart), 0.0, jnp.eye(m.shape[-1]))
+    p_c, s_c = _pair_scan(jnp.where(mask, eye, m_r), jnp.where(mask, 0.0, x_r))
+    p_before = jnp.concatenate([jnp.broadcast_to(jnp.eye(m.shape[-1]), p_c[:, :1].shape), p_c[:, :-1]], 1)
+    s_before = jnp.concatenate([jnp.zeros_like(s_c[:, :1]), s_c[:, :-1]], 1)
+    read = (jnp.where(mask, m_r @ p_before, p_c), jnp.where(mask, m_r @ s_before + x_r, s_c))
+    return read, (p_c, s_c)
+
+
+def _scan(q, k, v, g, beta, lam, levels, position, iso=None):
     b, t, h, kd = q.shape
     vd, n_levels = v.shape[-1], lam.shape[-1]
     times = position + jnp.arange(t, dtype=jnp.int32)
@@ -134,18 +162,23 @@ def _scan(q, k, v, g, beta, lam, levels, position):
     half = jnp.left_shift(1, jnp.arange(n_levels - 1))[:, None]
     in_left = jnp.concatenate([(times & half) == 0, jnp.zeros((1, t), bool)])
     restart = jnp.concatenate([(times & (2 * half - 1)) == 0, jnp.zeros((1, t), bool)])
-    as_time = lambda flags: flags[None, :, None, None, None]  # noqa: E731  [T] against [B, T, H, K, .]
-    segmented = lambda write, restart: _pair_scan(jnp.where(as_time(restart), 0.0, m),  # noqa: E731
-                                                  jnp.where(as_time(write), x, 0.0))
-    from_start, states = jax.vmap(segmented)(in_left, restart)
-    # A query in the left half of its block finds its block-mates at lower levels.
-    states = jnp.where(in_left[:-1, None, :, None, None, None], 0.0, states[:-1])
-    per_level = jnp.moveaxis(jnp.concatenate([x[None], states]), 0, 3)  # [B, T, H, L, K, V]
-    carried = jnp.einsum("bthij,bhljv->bthliv", from_start[-1], levels)  # incoming levels at each token
+    reads, carries = jax.vmap(lambda write, restart: _segmented(m, x, write, restart, iso))(in_left, restart)
+
+    def assemble(pair, own):
+        """(every level's state `[B, T, H, L, K, V]`, the incoming levels carried to each token)."""
+        from_start, states = pair
+        # A query in the left half of its block finds its block-mates at lower levels.
+        states = jnp.where(in_left[:-1, None, :, None, None, None], 0.0, states[:-1])
+        per_level = jnp.moveaxis(jnp.concatenate([own[None], states]), 0, 3)
+        return per_level, jnp.einsum("bthij,bhljv->bthliv", from_start[-1], levels)
+
+    per_level, carried = assemble(reads, x)
     read_level = carried_levels(times, position, n_levels)  # [T, L]
     lam_carried = jnp.take_along_axis(lam, read_level[None, :, None], axis=-1)
     o = (jnp.einsum("bthk,bthl,bthlkv->bthv", q, lam, per_level)
          + jnp.einsum("bthk,bthl,bthlkv->bthv", q, lam_carried, carried))
+    if iso is not None:  # the state passed on skips every isolated token's transition and write
+        per_level, carried = assemble(carries, jnp.where(iso[..., None, None], 0.0, x))
     final = per_level[:, -1] + jnp.einsum("lm,bhlkv->bhmkv", one_hot(read_level[-1], n_levels),
                                           carried[:, -1])
     return o, final
@@ -188,12 +221,14 @@ def _check_state(op, name, state, shape):
 
 
 def log_linear_attention(q, k, v, *, g, level_scales, beta=None, scale=None, initial_state=None,
-                         output_final_state=False, impl="chunk", chunk_size=64):
+                         output_final_state=False, isolated=None, impl="chunk", chunk_size=64):
     """Log-linear attention over the gated (beta=None) or gated-delta / KDA (beta `[B, T, HV]`) transition.
 
     q, k `[B, T, H, K]`, v `[B, T, HV, V]`, g `[B, T, HV]` or `[B, T, HV, K]`, level_scales
     `[B, T, HV, L]` (lambda of each query), initial_state a `FenwickState` (its position P may be
     traced). L >= ceil(log2(P + T)) + 1 is checked when P is concrete (under jit: L >= ceil(log2 T) + 1).
+    isolated `[B, T]` bool: those tokens read (their own transition and write at level 0 included) and
+    do not write; they still count as positions, so the Fenwick levels of all others are unchanged.
     impl "reference" | "scan" | "chunk" (chunk_size a power of two). Returns (o in v's dtype, the
     final `FenwickState` or None).
     """
@@ -210,7 +245,8 @@ def log_linear_attention(q, k, v, *, g, level_scales, beta=None, scale=None, ini
     else:
         levels, position = _check_state(op, "initial_state", initial_state, (b, hv, n, kd, vd))
     _check_enough_levels(op, "level_scales", n, concrete_int(position), t)
-    args = (q32, k32, v32, to_f32(g), to_f32(beta), to_f32(level_scales), levels, position)
+    iso = gated.per_head(check_isolated(op, isolated, (b, t)), hv)
+    args = (q32, k32, v32, to_f32(g), to_f32(beta), to_f32(level_scales), levels, position, iso)
     if choice is Impl.REFERENCE:
         o, final = _reference(*args)
     elif choice is Impl.SCAN:
@@ -221,9 +257,11 @@ def log_linear_attention(q, k, v, *, g, level_scales, beta=None, scale=None, ini
     return o.astype(v.dtype), state
 
 
-def log_linear_attention_step(q_t, k_t, v_t, state, *, g_t, level_scales_t, beta_t=None, scale=None):
+def log_linear_attention_step(q_t, k_t, v_t, state, *, g_t, level_scales_t, beta_t=None, scale=None,
+                              isolated_t=None):
     """One decoding token: q_t, k_t `[B, H, K]`, v_t `[B, HV, V]`, g_t `[B, HV]` or `[B, HV, K]`,
-    level_scales_t `[B, HV, L]`, beta_t `[B, HV]` or None. Returns (o_t in v_t's dtype, new FenwickState)."""
+    level_scales_t `[B, HV, L]`, beta_t `[B, HV]` or None, isolated_t `[B]` bool or None (the position
+    advances, the levels are only merged). Returns (o_t in v_t's dtype, new FenwickState)."""
     op = "log_linear_attention_step"
     q32, k32, v32, dims = prepare_qkv(op, q_t, k_t, v_t, scale=scale, step=True)
     b, _, _, kd, hv, vd = dims
@@ -233,7 +271,9 @@ def log_linear_attention_step(q_t, k_t, v_t, state, *, g_t, level_scales_t, beta
     levels, position = _check_state(op, "state", state, (b, hv, n, kd, vd))
     _check_enough_levels(op, "level_scales_t", n, concrete_int(position), 1)
     position = jnp.asarray(position, jnp.int32)
-    o_t, levels = _step(q32, k32, v32, to_f32(g_t), to_f32(beta_t), to_f32(level_scales_t), levels, position)
+    iso_t = gated.per_head(check_isolated(op, isolated_t, (b,), name="isolated_t", layout="[B]"), hv)
+    o_t, levels = _step(q32, k32, v32, to_f32(g_t), to_f32(beta_t), to_f32(level_scales_t), levels, position,
+                        iso_t)
     return o_t.astype(v_t.dtype), FenwickState(levels, position + 1)
 
 

@@ -84,15 +84,17 @@ class _ChunkOperators(NamedTuple):
     own: jax.Array  # the chunk's own writes at its end                       [.., K, V]
 
 
-def _chunk_operators(q, k, v, g, beta, c) -> _ChunkOperators:
-    """Per-chunk linear maps from gated.py's machinery: `[B, N * C, H, ...]` inputs, chunks of c."""
+def _chunk_operators(q, k, v, g, beta, c, iso=None) -> _ChunkOperators:
+    """Per-chunk linear maps from gated.py's machinery: `[B, N * C, H, ...]` inputs, chunks of c.
+    Isolated tokens (`iso`, `chunk_math.isolate`) are identity steps of every map but their own row of
+    `transfer` and `read`."""
     b, nc, h, kd = k.shape
     vd, n = v.shape[-1], nc // c
     if beta is None:
-        terms, tm = gated.chunk_terms(q, k, v, g, None, c), None
+        terms, tm = gated.chunk_terms(q, k, v, g, None, c, iso), None
     else:  # values [V | I_C] in every chunk make the terms carry Tm itself: u_bar = [Tm V | Tm]
         eye = jnp.broadcast_to(jnp.tile(jnp.eye(c), (n, 1))[None, :, None], (b, nc, h, c))
-        terms = gated.chunk_terms(q, k, jnp.concatenate([v, eye], -1), g, beta, c)
+        terms = gated.chunk_terms(q, k, jnp.concatenate([v, eye], -1), g, beta, c, iso)
         tm = terms.u_bar[..., vd:]
         terms = terms._replace(u_bar=terms.u_bar[..., :vd])
     transfer = terms.attn if tm is None else terms.attn @ tm
@@ -170,16 +172,17 @@ def _final_levels(ops: _ChunkOperators, values, entering, levels_in, layout: _La
                               _advance(ops.transition[:, :, 0][:, :, None], levels_in))
 
 
-def log_linear_chunk(q, k, v, g, beta, lam, levels_in, position, *, chunk_size):
+def log_linear_chunk(q, k, v, g, beta, lam, levels_in, position, iso=None, *, chunk_size):
     """The chunked form on float32 inputs `[B, T, HV, .]` (q scaled, heads expanded), incoming levels
-    `[B, HV, L, K, V]` at `position` (an int or a traced int32). Returns (o `[B, T, HV, V]`, levels)."""
+    `[B, HV, L, K, V]` at `position` (an int or a traced int32), isolated tokens `iso` `[B, T, HV]`
+    bool or None. Returns (o `[B, T, HV, V]`, levels)."""
     t = q.shape[1]
     layout = _layout(t, chunk_size, position)
     position = jnp.asarray(position, jnp.int32)
     length = layout.n_chunks * layout.chunk
     q, k, v, g, lam = (_place(x, layout.offset, length) for x in (q, k, v, g, lam))
-    beta = None if beta is None else _place(beta, layout.offset, length)
-    ops = _chunk_operators(q, k, v, g, beta, layout.chunk)
+    beta, iso = (None if x is None else _place(x, layout.offset, length) for x in (beta, iso))
+    ops = _chunk_operators(q, k, v, g, beta, layout.chunk, iso)
     values, lam = to_chunks(v, layout.chunk), to_chunks(lam, layout.chunk)  # lam: [B, H, N, C, L]
 
     o = _in_chunk_outputs(ops, lam, values)

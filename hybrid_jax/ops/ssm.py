@@ -16,13 +16,22 @@ ssd (Mamba-2, one scalar decay per head, B/C shared by groups of heads):
 
 impl: "reference" | "scan" | "chunk" (default); ssd also "pallas" | "auto". States in float32; y (and
 each step's y_t) in the dtype of the value input: x for ssd, u for selective_scan (docs/conventions.md).
+Both take `isolated` `[B, T]` (steps: `isolated_t` `[B]`): tokens that read the state and never write.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 
 from hybrid_jax.ops import first_order, gated
-from hybrid_jax.ops._common import check_floating, check_rank, check_shape, check_time, resolve_impl, to_f32
+from hybrid_jax.ops._common import (
+    check_floating,
+    check_isolated,
+    check_rank,
+    check_shape,
+    check_time,
+    resolve_impl,
+    to_f32,
+)
 
 
 def _check_selective(u, dt, A, B, C, D, op):
@@ -55,27 +64,33 @@ def _skip(y, D, value, *, head_dim: bool = False):
 
 
 def selective_scan(u, dt, A, B, C, *, D=None, initial_state=None, output_final_state=False,
-                   impl="chunk", chunk_size=64):
-    """Mamba S6. Returns (y `[B, T, D]`, final state `[B, D, N]` float32 or None)."""
+                   isolated=None, impl="chunk", chunk_size=64):
+    """Mamba S6. Returns (y `[B, T, D]`, final state `[B, D, N]` float32 or None). `isolated` `[B, T]`
+    bool: those tokens read exp(dt_t A) h_{t-1} + dt_t B_t u_t but pass h_{t-1} on unchanged."""
     b, t, d, n = _check_selective(u, dt, A, B, C, D, "selective_scan")
     resolve_impl(impl, "selective_scan", first_order.SUPPORTED)
     check_shape("selective_scan: initial_state", initial_state, (b, d, n), "[B, D, N]")
+    isolated = check_isolated("selective_scan", isolated, (b, t))
     log_decay, write = _selective_inputs(u, dt, A, B)
-    h, final = first_order.linear_recurrence(log_decay, write, initial_state=initial_state,
-                                             log_a=True, impl=impl, chunk_size=chunk_size)
+    h, final = first_order.linear_recurrence(log_decay, write, initial_state=initial_state, log_a=True,
+                                             isolated=isolated, impl=impl, chunk_size=chunk_size)
     y = _skip(jnp.einsum("btdn,btn->btd", h, to_f32(C)), D, u)
     return y.astype(u.dtype), (final if output_final_state else None)
 
 
-def selective_scan_step(u_t, dt_t, A, B_t, C_t, state, *, D=None):
-    """One decoding step: u_t, dt_t `[B, D]`, B_t, C_t `[B, N]`, state `[B, D, N]`."""
-    b, _, d, n = _check_selective(u_t[:, None], dt_t[:, None], A, B_t[:, None], C_t[:, None], D,
-                                  "selective_scan_step")
-    check_shape("selective_scan_step: state", state, (b, d, n), "[B, D, N]")
+def selective_scan_step(u_t, dt_t, A, B_t, C_t, state, *, D=None, isolated_t=None):
+    """One decoding step: u_t, dt_t `[B, D]`, B_t, C_t `[B, N]`, state `[B, D, N]`; isolated_t `[B]`
+    bool: those rows read the stepped state and return `state` unchanged."""
+    op = "selective_scan_step"
+    b, _, d, n = _check_selective(u_t[:, None], dt_t[:, None], A, B_t[:, None], C_t[:, None], D, op)
+    check_shape(f"{op}: state", state, (b, d, n), "[B, D, N]")
+    isolated_t = check_isolated(op, isolated_t, (b,), name="isolated_t", layout="[B]")
     log_decay, write = _selective_inputs(u_t, dt_t, A, B_t)
-    state = jnp.exp(log_decay) * to_f32(state) + write
-    y = _skip(jnp.einsum("bdn,bn->bd", state, to_f32(C_t)), D, u_t)
-    return y.astype(u_t.dtype), state
+    stepped = jnp.exp(log_decay) * to_f32(state) + write
+    y = _skip(jnp.einsum("bdn,bn->bd", stepped, to_f32(C_t)), D, u_t)
+    if isolated_t is not None:
+        stepped = jnp.where(isolated_t[:, None, None], to_f32(state), stepped)
+    return y.astype(u_t.dtype), stepped
 
 
 def _check_ssd(x, dt, A, B, C, D, op):
@@ -92,22 +107,24 @@ def _check_ssd(x, dt, A, B, C, D, op):
     check_time(op, t, x=x, dt=dt)
 
 
-def ssd(x, dt, A, B, C, *, D=None, initial_state=None, output_final_state=False, impl="chunk",
-        chunk_size=64):
-    """Mamba-2 SSD. Returns (y `[B, T, H, P]`, final state `[B, H, N, P]` float32 or None)."""
+def ssd(x, dt, A, B, C, *, D=None, initial_state=None, output_final_state=False, isolated=None,
+        impl="chunk", chunk_size=64):
+    """Mamba-2 SSD. Returns (y `[B, T, H, P]`, final state `[B, H, N, P]` float32 or None); `isolated`
+    `[B, T]` bool as in `gated.gated_op`."""
     _check_ssd(x, dt, A, B, C, D, "ssd")
     dt32 = to_f32(dt)
     y, final = gated.gated_op(
         "ssd", C, B, dt32[..., None] * to_f32(x), g=dt32 * to_f32(A), per_channel=False, beta=None,
         scale=1.0, initial_state=initial_state, output_final_state=output_final_state, impl=impl,
-        chunk_size=chunk_size)
+        chunk_size=chunk_size, isolated=isolated)
     return _skip(y, D, x, head_dim=True).astype(x.dtype), final
 
 
-def ssd_step(x_t, dt_t, A, B_t, C_t, state, *, D=None):
-    """One decoding step: x_t `[B, H, P]`, dt_t `[B, H]`, B_t, C_t `[B, G, N]`, state `[B, H, N, P]`."""
+def ssd_step(x_t, dt_t, A, B_t, C_t, state, *, D=None, isolated_t=None):
+    """One decoding step: x_t `[B, H, P]`, dt_t `[B, H]`, B_t, C_t `[B, G, N]`, state `[B, H, N, P]`,
+    isolated_t `[B]` bool or None."""
     _check_ssd(x_t[:, None], dt_t[:, None], A, B_t[:, None], C_t[:, None], D, "ssd_step")
     dt32 = to_f32(dt_t)
     y, state = gated.gated_step("ssd_step", C_t, B_t, dt32[..., None] * to_f32(x_t), state,
-                                g_t=dt32 * to_f32(A), per_channel=False, scale=1.0)
+                                g_t=dt32 * to_f32(A), per_channel=False, scale=1.0, isolated_t=isolated_t)
     return _skip(y, D, x_t, head_dim=True).astype(x_t.dtype), state

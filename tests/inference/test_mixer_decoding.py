@@ -9,6 +9,7 @@ from hybrid_jax.nn import MIXERS, build_mixer, mixer_config
 from hybrid_jax.nn.kv_cache import KVCache
 from hybrid_jax.nn.linear_mixer import RecurrentCache
 from hybrid_jax.nn.mla import LatentCache
+from hybrid_jax.nn.sparse_attention import BlockSparseCache
 from hybrid_jax.ops.log_linear import FenwickState
 from tests.inference.helpers import B, RAGGED, TOTAL, check_decoding, init_fast
 
@@ -18,6 +19,9 @@ D_MODEL = 32
 VARIANTS = {
     "attention": ("attention", dict(num_heads=4, num_kv_heads=2, rope_fraction=0.5, qk_norm=True)),
     "attention_window": ("attention", dict(num_heads=4, num_kv_heads=1, window=3)),  # ring buffer of 3
+    # 11 tokens in blocks of 2: decoding selects 2 of up to 4 earlier blocks and completes blocks.
+    "block_sparse": ("block_sparse", dict(num_heads=4, num_kv_heads=2, block_size=2, top_k=2)),
+    "nsa": ("nsa", dict(num_heads=4, num_kv_heads=2, block_size=2, top_k=2, window=3)),  # ring buffer of 3
     "mla_rope": ("mla", dict(num_heads=2, q_lora_rank=8, kv_lora_rank=8, qk_nope_head_dim=8,
                              qk_rope_head_dim=4, v_head_dim=6)),
     "mla_nope": ("mla", dict(num_heads=2, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=0, v_head_dim=8)),
@@ -35,6 +39,8 @@ VARIANTS = {
                                                                   chunk_size=4)),
     "loglinear_kda": ("loglinear_kda", dict(num_heads=2, num_v_heads=4, gate_low_rank_dim=4, max_seq_len=64,
                                             chunk_size=4)),
+    "rg_lru": ("rg_lru", dict(num_heads=2, expand=1.5, chunk_size=4)),
+    "qla": ("qla", dict(num_heads=2, chunk_size=4)),  # (no candidates here: tests/nn/test_qla.py has them)
 }
 
 
@@ -53,6 +59,12 @@ def test_prefill_then_decode_equals_forward(name):
     if kind == "attention":
         capacity = min(TOTAL, overrides.get("window") or TOTAL)
         assert isinstance(cache, KVCache) and cache.k.shape[:2] == (B, capacity)
+    elif kind in ("block_sparse", "nsa"):  # slots for max_len rounded up to whole blocks, one pooled key each
+        sparse = cache if kind == "block_sparse" else cache.sparse
+        assert isinstance(sparse, BlockSparseCache) and sparse.k.shape[:2] == (B, 12)
+        assert sparse.block_keys.shape == (B, 6, 2, 8) and sparse.block_keys.dtype == jnp.float32
+        if kind == "nsa":  # the window's ring, a compressed token per block, the open block's sources
+            assert [c.k.shape[1] for c in cache[1:]] == [3, 6, 2]
     elif kind == "mla":
         assert isinstance(cache, LatentCache)
         assert cache.latent.shape == (B, TOTAL, 1, overrides["kv_lora_rank"] + overrides["qk_rope_head_dim"])

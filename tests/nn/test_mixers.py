@@ -19,6 +19,9 @@ SMALL = {
     ),
     "mamba2": dict(head_dim=16, state_dim=16, chunk_size=4),
     "loglinear_mamba2": dict(head_dim=16, state_dim=16, chunk_size=4),
+    "block_sparse": dict(num_heads=4, num_kv_heads=2, block_size=2, top_k=2),  # T = 12: 6 blocks, 2 read
+    "nsa": dict(num_heads=4, num_kv_heads=2, block_size=2, top_k=2, window=3),
+    "rg_lru": dict(num_heads=4, chunk_size=4),
 }
 for _kind in sorted(MIXERS):
     if _kind not in SMALL and "chunk_size" in get_mixer(_kind).default_config():

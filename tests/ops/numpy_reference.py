@@ -19,16 +19,27 @@ def _grouped(x, heads, axis=2):
     return np.repeat(x, heads // x.shape[axis], axis=axis)
 
 
-def gated_loop(q, k, v, state, *, g=None, beta=None, scale=None):
+def _keep_if_isolated(isolated, t, carried, stepped):
+    """The state passed on after token t: `carried` (the one before it) where the token is isolated
+    (`isolated` `[B, T]` bool: it reads `stepped` but does not write), else `stepped`."""
+    if isolated is None:
+        return stepped
+    mask = np.asarray(isolated)[:, t].reshape((-1,) + (1,) * (stepped.ndim - 1))
+    return np.where(mask, carried, stepped)
+
+
+def gated_loop(q, k, v, state, *, g=None, beta=None, scale=None, isolated=None):
     """S_t = Diag(exp g_t) S_{t-1} + k_t v_t^T (beta None) or
     S_t = (I - b_t k_t k_t^T) Diag(exp g_t) S_{t-1} + b_t k_t v_t^T, o_t = S_t^T (scale q_t).
-    q, k `[B, T, H, K]`, v `[B, T, HV, V]`, g `[B, T, HV]` / `[B, T, HV, K]` / None, beta `[B, T, HV]`."""
+    q, k `[B, T, H, K]`, v `[B, T, HV, V]`, g `[B, T, HV]` / `[B, T, HV, K]` / None, beta `[B, T, HV]`.
+    `isolated` `[B, T]` bool: those tokens output o_t but pass S_{t-1} on (read, do not write)."""
     q, k, v, s, g, beta = map(_f64, (q, k, v, state, g, beta))
     hv, k_dim = v.shape[2], q.shape[-1]
     q = _grouped(q, hv) * (k_dim**-0.5 if scale is None else scale)
     k = _grouped(k, hv)
     outs = []
     for t in range(q.shape[1]):
+        carried = s
         if g is not None:
             decay = np.exp(g[:, t]) if g.ndim == 4 else np.exp(g[:, t])[..., None] * np.ones(k_dim)
             s = decay[..., :, None] * s
@@ -39,31 +50,34 @@ def gated_loop(q, k, v, state, *, g=None, beta=None, scale=None):
             write = beta[:, t][..., None] * (v[:, t] - recalled)
         s = s + k[:, t][..., :, None] * write[..., None, :]
         outs.append(np.einsum("bhk,bhkv->bhv", q[:, t], s))
+        s = _keep_if_isolated(isolated, t, carried, s)
     return np.stack(outs, 1), s
 
 
-def selective_loop(u, dt, A, B, C, state, *, D=None):
+def selective_loop(u, dt, A, B, C, state, *, D=None, isolated=None):
     """h_t[d, n] = exp(dt_t[d] A[d, n]) h_{t-1}[d, n] + dt_t[d] B_t[n] u_t[d]; y_t[d] = C_t . h_t[d] + D[d] u_t[d]."""
     u, dt, A, B, C, h, D = map(_f64, (u, dt, A, B, C, state, D))
     outs = []
     for t in range(u.shape[1]):
-        h = np.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * B[:, t, None, :]
-        y = np.einsum("bdn,bn->bd", h, C[:, t])
+        stepped = np.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * B[:, t, None, :]
+        y = np.einsum("bdn,bn->bd", stepped, C[:, t])
         outs.append(y if D is None else y + D * u[:, t])
+        h = _keep_if_isolated(isolated, t, h, stepped)
     return np.stack(outs, 1), h
 
 
-def ssd_loop(x, dt, A, B, C, state, *, D=None):
+def ssd_loop(x, dt, A, B, C, state, *, D=None, isolated=None):
     """Per head h (group h // (H / G)): h_t = exp(A dt_t) h_{t-1} + dt_t B_t x_t^T; y_t = h_t^T C_t + D x_t."""
     x, dt, A, B, C, h, D = map(_f64, (x, dt, A, B, C, state, D))
     heads = x.shape[2]
     B, C = _grouped(B, heads), _grouped(C, heads)
     outs = []
     for t in range(x.shape[1]):
-        h = (np.exp(A * dt[:, t])[..., None, None] * h
-             + dt[:, t, :, None, None] * B[:, t, :, :, None] * x[:, t, :, None, :])
-        y = np.einsum("bhnp,bhn->bhp", h, C[:, t])
+        stepped = (np.exp(A * dt[:, t])[..., None, None] * h
+                   + dt[:, t, :, None, None] * B[:, t, :, :, None] * x[:, t, :, None, :])
+        y = np.einsum("bhnp,bhn->bhp", stepped, C[:, t])
         outs.append(y if D is None else y + D[:, None] * x[:, t])
+        h = _keep_if_isolated(isolated, t, h, stepped)
     return np.stack(outs, 1), h
 
 
@@ -84,10 +98,11 @@ def softmax_decode_loop(q, k, v, *, window=None, scale=None):
     return np.stack(outs, 1)
 
 
-def log_linear_loop(q, k, v, levels, position, *, g, level_scales, beta=None, scale=None):
+def log_linear_loop(q, k, v, levels, position, *, g, level_scales, beta=None, scale=None, isolated=None):
     """Fenwick levels, token by token from absolute position P: before token t > 0, levels 0 .. z
     (z = trailing one-bits of t - 1) merge into level z + 1; every level takes the token's transition;
-    the token writes at level 0; o_t = sum_l lambda_t^l (S^(l))^T (scale q_t)."""
+    the token writes at level 0; o_t = sum_l lambda_t^l (S^(l))^T (scale q_t). An isolated token
+    (`isolated` `[B, T]`) passes the merged levels on without its transition and write."""
     q, k, v, s, g, beta, lam = map(_f64, (q, k, v, levels, g, beta, level_scales))
     hv, k_dim = v.shape[2], q.shape[-1]
     q = _grouped(q, hv) * (k_dim**-0.5 if scale is None else scale)
@@ -101,6 +116,7 @@ def log_linear_loop(q, k, v, levels, position, *, g, level_scales, beta=None, sc
                 z += 1
             s[:, :, z + 1] += s[:, :, :z + 1].sum(axis=2)
             s[:, :, :z + 1] = 0.0
+        carried = s.copy()
         decay = np.exp(g[:, j]) if g.ndim == 4 else np.exp(g[:, j])[..., None] * np.ones(k_dim)
         s = decay[:, :, None, :, None] * s
         kj = k[:, j][:, :, None]  # [B, HV, 1, K]: the same key for every level
@@ -110,4 +126,20 @@ def log_linear_loop(q, k, v, levels, position, *, g, level_scales, beta=None, sc
         gain = 1.0 if beta is None else beta[:, j][..., None, None]
         s[:, :, 0] += gain * k[:, j][..., :, None] * v[:, j][..., None, :]
         outs.append(np.einsum("bhl,bhk,bhlkv->bhv", lam[:, j], q[:, j], s))
+        s = _keep_if_isolated(isolated, j, carried, s)
     return np.stack(outs, 1), s
+
+
+def rg_lru_loop(x, gate_x, gate_a, a_param, state, *, c=8.0, isolated=None):
+    """RG-LRU per channel: a_t = sigmoid(-Lambda) ** (c r_t), y_t = h_t = a_t h_{t-1} + sqrt(1 - a_t^2)
+    (i_t x_t). x, gate_x (i), gate_a (r) `[B, T, *C]`, a_param (Lambda) `C`, state `[B, *C]`;
+    isolated tokens output h_t but pass h_{t-1} on."""
+    x, i, r, lam, h = map(_f64, (x, gate_x, gate_a, a_param, state))
+    base = 1.0 / (1.0 + np.exp(lam))
+    outs = []
+    for t in range(x.shape[1]):
+        a = base ** (c * r[:, t])
+        stepped = a * h + np.sqrt(1.0 - a**2) * i[:, t] * x[:, t]
+        outs.append(stepped)
+        h = _keep_if_isolated(isolated, t, h, stepped)
+    return np.stack(outs, 1), h

@@ -12,7 +12,9 @@ PRIMITIVES = {
     "gated_delta_rule", "gated_delta_rule_step", "kda", "kda_step", "selective_scan", "selective_scan_step",
     "ssd", "ssd_step", "softmax_attention", "softmax_attention_step", "kv_cache_update",
     "log_linear_attention", "log_linear_attention_step", "log_linear_attention_masked", "linear_recurrence",
-    "FenwickState", "empty_fenwick_state", "fenwick_level", "num_levels", "Impl",
+    "FenwickState", "empty_fenwick_state", "fenwick_level", "num_levels", "Impl", "rg_lru", "rg_lru_step",
+    "block_sparse_attention", "block_sparse_attention_step", "block_keys_update", "pool_block_keys",
+    "block_token_attention",
 }
 
 
@@ -42,7 +44,9 @@ def _empty_calls():
         "log_linear_attention": lambda: ops.log_linear_attention(q, q, val, g=gate,
                                                                  level_scales=_zeros(b, 0, h, 3)),
         "softmax_attention": lambda: ops.softmax_attention(q, q, q),
+        "block_sparse_attention": lambda: ops.block_sparse_attention(q, q, q),
         "linear_recurrence": lambda: ops.linear_recurrence(_zeros(b, 0, 3), _zeros(b, 0, 3)),
+        "rg_lru": lambda: ops.rg_lru(_zeros(b, 0, 3), _zeros(b, 0, 3), _zeros(b, 0, 3), _zeros(3)),
         "gated_recurrence": lambda: pallas_kernels.gated_recurrence(q, q, val, None, None, _zeros(b, h, k, v),
                                                                     chunk_size=16),
     }
@@ -84,9 +88,15 @@ def _dtype_calls(value_dtype):
                                                                  level_scales=_zeros(b, t, h, 3))[0],
         "log_linear_attention_step": lambda: ops.log_linear_attention_step(
             q[:, 0], q[:, 0], v[:, 0], fenwick, g_t=gate[:, 0], level_scales_t=_zeros(b, h, 3))[0],
+        "rg_lru": lambda: ops.rg_lru(v, _zeros(*v.shape), _zeros(*v.shape), _zeros(h, d))[0],
+        "rg_lru_step": lambda: ops.rg_lru_step(v[:, 0], _zeros(b, h, d), _zeros(b, h, d), _zeros(h, d),
+                                               _zeros(b, h, d))[0],
         # softmax attention: q, k and v must share one dtype, so all three take the value dtype
         "softmax_attention": lambda: ops.softmax_attention(v, v, v)[0],
         "softmax_attention_step": lambda: ops.softmax_attention_step(v[:, 0], v, v, length=jnp.array([t]))[0],
+        "block_sparse_attention": lambda: ops.block_sparse_attention(v, v, v, block_size=2)[0],
+        "block_sparse_attention_step": lambda: ops.block_sparse_attention_step(
+            v[:, 0], v, v, _zeros(b, 1, h, d), length=jnp.array([t]), block_size=t, top_k=1)[0],
     }
 
 

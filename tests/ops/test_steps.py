@@ -118,3 +118,28 @@ def test_numpy_loops_can_disagree():
     right = npref.gated_loop(q, k, v, state0, **kw)[0]
     wrong = npref.gated_loop(q, k, v, state0, g=2 * kw["g"], beta=kw["beta"])[0]
     assert np.max(np.abs(right - wrong)) > 1e-2
+
+
+@pytest.mark.parametrize("with_isolated", [False, True])
+def test_rg_lru_steps(with_isolated):
+    """rg_lru_step token by token, and rg_lru(impl="reference"), == the float64 loop (per-head channels;
+    with isolated tokens: row 0's tokens 1 and 2, row 1's token 3)."""
+    keys = jax.random.split(jax.random.PRNGKey(7), 4)
+    shape = (2, SHAPE.time, 2, 3)  # [B, T, H, P]
+    x = jax.random.normal(keys[0], shape)
+    gate_x, gate_a = (jax.nn.sigmoid(jax.random.normal(k, shape)) for k in keys[1:3])
+    a_param = jax.random.normal(keys[3], shape[2:])
+    state0 = _state((2,) + shape[2:])
+    isolated = jnp.zeros((2, SHAPE.time), bool).at[0, 1:3].set(True).at[1, 3].set(True)
+    isolated = isolated if with_isolated else None
+    expected = npref.rg_lru_loop(x, gate_x, gate_a, a_param, state0, isolated=isolated)
+    state, outs = state0, []
+    for t in range(SHAPE.time):
+        flags = None if isolated is None else isolated[:, t]
+        y_t, state = ops.rg_lru_step(x[:, t], gate_x[:, t], gate_a[:, t], a_param, state, isolated_t=flags)
+        outs.append(y_t)
+    _check("rg_lru steps", outs, state, expected)
+    y, final = ops.rg_lru(x, gate_x, gate_a, a_param, initial_state=state0, output_final_state=True,
+                          isolated=isolated, impl="reference")
+    assert_close(y, expected[0], what="rg_lru reference")
+    assert_close(final, expected[1], what="rg_lru reference final state")

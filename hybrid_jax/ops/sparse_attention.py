@@ -1,0 +1,326 @@
+r"""Block-sparse causal attention: each query attends to its top-k key blocks plus its own block.
+
+The selected-block attention of MoBA (Lu et al. 2025, "Mixture of Block Attention") and of the
+selected branch of NSA (Yuan et al. 2025, "Native Sparse Attention"). Keys are cut into blocks of
+`block_size` = Bs positions, block c holding keys c Bs .. c Bs + Bs - 1. With q `[B, T, H, K]`,
+k `[B, T, HKV, K]`, v `[B, T, HKV, V]` and query head h reading key/value head n = h // (H / HKV):
+
+    kbar_{c,n}   = mean_{j in block c} k_{j,n}                                   (pooled block keys)
+    score_{t,n,c} = (sum_{h in group n} q_{t,h}) . kbar_{c,n}      for the complete blocks c < c(t)
+    I_{t,n}      = the top_k blocks by score_{t,n,.}  (all of them when c(t) <= top_k)
+    allowed(t, j) = [j // Bs in I_{t,n}]  |  [j // Bs == c(t) and j <= t]
+    o_{t,h}      = sum_j softmax_j(scale q_{t,h} . k_{j,n} | allowed(t, j)) v_{j,n}
+
+where c(t) = t // Bs is the query's own block. Every query therefore reads at most
+(top_k + 1) Bs keys. Three choices, and why:
+
+* **Per-query selection** (as MoBA and NSA). Selecting once per query block from its pooled queries
+  would let a query's block choice depend on later queries of its block: not causal.
+* **Shared by a group** (NSA): the H / HKV query heads reading one key/value head sum their scores,
+  so they select the same blocks and a kernel loads each selected block once per group.
+* **Candidates are complete blocks before the query's own**, so a pooled key never summarises a
+  key the query may not see, and the own block is always attended causally.
+
+The selection is discrete: no gradient flows through it (as in MoBA and NSA's selected branch); q
+and k learn through the attention over the selected keys.
+
+Implementations (`impl`), both with the same selection (`select_blocks`), equal up to float32
+rounding forward and backward:
+
+* `REFERENCE`  the dense T x T float32 logits under the materialised mask `allowed`.
+* `CHUNK`      the gathered-block form: a lax.scan over query blocks; each query gathers its
+               top_k + 1 key blocks and attends over those (top_k + 1) Bs keys only, so compute is
+               O(T (top_k + 1) Bs) and, with the step rematerialised in the backward pass, memory is
+               O(T) plus one query block's gathered keys, never T x T.
+
+Selecting costs T x T / Bs score products (the pooled keys), as in MoBA's gate.
+
+`block_token_attention` is NSA's compressed branch: attention over one (compressed) key/value
+token per complete block before the query's own, T x T / Bs logits.
+
+Decoding: the cache holds the keys, the values and the pooled keys of the complete blocks
+(`pool_block_keys` from a prompt, `block_keys_update` after each token), so a step scores
+S / Bs pooled keys and attends over (top_k + 1) Bs cached keys (`block_sparse_attention_step`).
+q, k and v share one dtype; o comes back in it (docs/conventions.md); scores and softmax
+statistics are float32.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hybrid_jax.ops._common import Impl, check_floating, check_rank, check_shape, check_time, default_scale
+from hybrid_jax.ops._common import pad_time, repeat_heads, resolve_impl
+from hybrid_jax.ops.attention import _check_grouped_heads, _check_same_dtype, _masked_softmax
+
+SUPPORTED = (Impl.REFERENCE, Impl.CHUNK)
+_F32 = jnp.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# pooled keys and the selection (shared by every impl and the step)
+
+
+def pool_block_keys(k: jax.Array, *, block_size: int) -> jax.Array:
+    """kbar `[B, ceil(T / Bs), HKV, K]` float32: the mean key of each block of k `[B, T, HKV, K]`.
+
+    A last partial block is averaged with zeros; no query scores it before it is complete."""
+    k = pad_time(k.astype(_F32), block_size, axis=1)
+    b, t, n, d = k.shape
+    return jnp.mean(k.reshape(b, t // block_size, block_size, n, d), axis=2)
+
+
+def _top_blocks(q_sum, block_keys, q_pos, *, block_size: int, top_k: int):
+    """Blocks selected for queries `q_sum` `[B, Tq, N, K]` (summed over each group's heads) at
+    positions `q_pos` `[B, Tq]`: (index, valid), each `[B, Tq, N, min(top_k, NB)]`."""
+    scores = jnp.einsum("btnd,bcnd->btnc", q_sum, block_keys, precision="highest")
+    candidate = jnp.arange(block_keys.shape[1]) < (q_pos // block_size)[:, :, None, None]
+    scores = jnp.where(candidate, scores, -jnp.inf)
+    # Fewer candidates than slots: the extra slots come back -inf and are marked invalid.
+    best, index = jax.lax.top_k(scores, min(top_k, block_keys.shape[1]))
+    return index.astype(jnp.int32), jnp.isfinite(best)
+
+
+def _group_sum(q: jax.Array, kv_heads: int) -> jax.Array:
+    """q `[..., H, K]` summed over the H / HKV heads of each group -> `[..., HKV, K]` float32."""
+    *lead, heads, d = q.shape
+    return jnp.sum(q.astype(_F32).reshape(*lead, kv_heads, heads // kv_heads, d), axis=-2)
+
+
+def select_blocks(q, k, *, block_size: int, top_k: int):
+    """The blocks each query reads besides its own: (index, valid) `[B, T, HKV, min(top_k, NB)]`.
+
+    Computed one query block at a time (lax.map), so the T x NB scores are never held at once."""
+    q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+    b, t = q.shape[:2]
+    block_keys = pool_block_keys(k, block_size=block_size)
+    q_sum = pad_time(_group_sum(q, k.shape[2]), block_size, axis=1)
+    nb = q_sum.shape[1] // block_size
+    q_sum = jnp.moveaxis(q_sum.reshape(b, nb, block_size, *q_sum.shape[2:]), 1, 0)
+
+    def one_block(inputs):
+        q_blk, start = inputs
+        q_pos = jnp.broadcast_to(start + jnp.arange(block_size), (b, block_size))
+        return _top_blocks(q_blk, block_keys, q_pos, block_size=block_size, top_k=top_k)
+
+    index, valid = jax.lax.map(one_block, (q_sum, jnp.arange(nb) * block_size))
+    unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, nb * block_size, *x.shape[3:])[:, :t]  # noqa: E731
+    return unblock(index), unblock(valid)
+
+
+# ---------------------------------------------------------------------------------------------
+# reference
+
+
+def block_sparse_attention_reference(q, k, v, *, scale: float, block_size: int, top_k: int):
+    """Dense float32 logits under the materialised block-sparse mask: the ground truth."""
+    t, heads = q.shape[1], q.shape[2]
+    index, valid = select_blocks(q, k, block_size=block_size, top_k=top_k)
+    key_block = np.arange(t) // block_size
+    own = (key_block[None, :] == key_block[:, None]) & (np.arange(t)[None, :] <= np.arange(t)[:, None])
+    # hit[b, t, n, s, j]: key j lies in the s-th selected block of query t, a valid one.
+    hit = (index[..., None] == key_block) & valid[..., None]  # [B, T, N, S, T]
+    allowed = jnp.any(hit, axis=3) | own[None, :, None, :]  # [B, T, N, T]
+    allowed = repeat_heads(jnp.swapaxes(allowed, 1, 2), heads, axis=1)  # [B, H, T, T]
+    k32, v32 = (repeat_heads(x.astype(_F32), heads) for x in (k, v))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(_F32), k32) * scale
+    return jnp.einsum("bhqk,bkhv->bqhv", _masked_softmax(logits, allowed), v32).astype(v.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# gathered blocks (impl="chunk") and the decoding step share `_attend_blocks`
+
+
+def _as_blocks(x: jax.Array, block_size: int) -> jax.Array:
+    """`[B, S, N, D]` (S a multiple of Bs) -> `[B, S / Bs, Bs, N, D]`, a free reshape."""
+    b, s, n, d = x.shape
+    return x.reshape(b, s // block_size, block_size, n, d)
+
+
+def _attend_blocks(q, k_blocks, v_blocks, slots, key_ok, scale):
+    """Queries q `[B, Tq, N, G, K]` over the key blocks `slots` `[B, Tq, N, S]` of k_blocks /
+    v_blocks `[B, NB, Bs, N, D]`, keys allowed where key_ok `[B, Tq, N, S, Bs]`: o `[B, Tq, N, G, V]`
+    float32. Gathers only the S Bs keys each query reads."""
+    b, tq, n, s = slots.shape
+    rows, heads = jnp.arange(b)[:, None, None, None], jnp.arange(n)[None, None, :, None]
+    k_sel = k_blocks[rows, slots, :, heads]  # [B, Tq, N, S, Bs, K]
+    v_sel = v_blocks[rows, slots, :, heads]
+    logits = jnp.einsum("btngd,btnsjd->btngsj", q, k_sel, preferred_element_type=_F32) * scale
+    flat = logits.shape[:4] + (-1,)
+    allowed = jnp.broadcast_to(key_ok[:, :, :, None], logits.shape).reshape(flat)
+    weights = _masked_softmax(logits.reshape(flat), allowed).reshape(logits.shape)
+    return jnp.einsum("btngsj,btnsjv->btngv", weights.astype(v_sel.dtype), v_sel, preferred_element_type=_F32)
+
+
+def _with_own_block(index, valid, q_pos, block_size):
+    """Slots `[..., S + 1]` = the selected blocks and the query's own block, with the allowed keys
+    `[..., S + 1, Bs]`: every key of a valid selected block, and own-block keys up to the query."""
+    own = (q_pos // block_size)[:, :, None, None]
+    slots = jnp.concatenate([index, jnp.broadcast_to(own, index.shape[:3] + (1,))], axis=-1)
+    causal = jnp.arange(block_size) <= (q_pos % block_size)[:, :, None, None, None]
+    selected = jnp.broadcast_to(valid[..., None], valid.shape + (block_size,))
+    own_ok = jnp.broadcast_to(causal, valid.shape[:3] + (1, block_size))
+    return slots, jnp.concatenate([selected, own_ok], axis=-2)
+
+
+def block_sparse_attention_chunk(q, k, v, *, scale: float, block_size: int, top_k: int):
+    """The gathered-block form (module docstring): a scan over query blocks, rematerialised."""
+    b, t, heads, dk = q.shape
+    kv_heads = k.shape[2]
+    index, valid = select_blocks(q, k, block_size=block_size, top_k=top_k)
+    k_blocks, v_blocks = (_as_blocks(pad_time(x, block_size, axis=1), block_size) for x in (k, v))
+    nb = k_blocks.shape[1]
+
+    def to_steps(x):  # [B, T, ...] -> [NB, B, Bs, ...], padded queries dropped at the end
+        x = pad_time(x, block_size, axis=1)
+        return jnp.moveaxis(x.reshape(b, nb, block_size, *x.shape[2:]), 1, 0)
+
+    q_steps = to_steps(q.reshape(b, t, kv_heads, heads // kv_heads, dk))
+
+    @jax.checkpoint  # the backward pass re-gathers one query block at a time instead of storing all
+    def step(_, inputs):
+        q_blk, index_blk, valid_blk, start = inputs
+        q_pos = jnp.broadcast_to(start + jnp.arange(block_size), (b, block_size))
+        slots, key_ok = _with_own_block(index_blk, valid_blk, q_pos, block_size)
+        return None, _attend_blocks(q_blk, k_blocks, v_blocks, slots, key_ok, scale)
+
+    xs = (q_steps, to_steps(index), to_steps(valid), jnp.arange(nb) * block_size)
+    _, o = jax.lax.scan(step, None, xs)
+    o = jnp.moveaxis(o, 0, 1).reshape(b, nb * block_size, heads, v.shape[-1])[:, :t]
+    return o.astype(v.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch and validation
+
+
+def _check_block_options(op: str, block_size, top_k) -> None:
+    for name, value in (("block_size", block_size), ("top_k", top_k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{op}: {name} must be an int >= 1, got {value!r}")
+
+
+def _check_heads_and_dtype(op: str, heads: int, kv_heads: int, **arrays) -> None:
+    for name, x in arrays.items():
+        check_floating(f"{op}: {name}", x)
+    _check_grouped_heads(heads, kv_heads, op)
+    _check_same_dtype(op, **arrays)
+
+
+def block_sparse_attention(q, k, v, *, block_size=64, top_k=8, scale=None, impl="chunk"):
+    """Causal block-sparse attention: q `[B, T, H, K]`, k `[B, T, HKV, K]`, v `[B, T, HKV, V]` ->
+    o `[B, T, H, V]`. Each query attends to its own block (causally) and to the `top_k` earlier
+    blocks of `block_size` keys whose mean key scores highest against its group's summed query.
+    `impl` is "reference" (dense masked) or "chunk" (gathered blocks, default); `scale` defaults
+    to K ** -0.5. q, k, v share one dtype; o comes back in it.
+    """
+    op = "block_sparse_attention"
+    choice = resolve_impl(impl, op, SUPPORTED)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_rank(f"{op}: {name}", x, 4, "[B, T, H, D]")
+    b, t, heads, dk = q.shape
+    kv_heads, dv = k.shape[2], v.shape[3]
+    check_shape(f"{op}: k", k, (b, t, kv_heads, dk), "[B, T, HKV, K] (B, T and K as in q)")
+    check_shape(f"{op}: v", v, (b, t, kv_heads, dv), "[B, T, HKV, V] (B, T, HKV as in k)")
+    check_time(op, t, q=q, k=k, v=v)
+    _check_heads_and_dtype(op, heads, kv_heads, q=q, k=k, v=v)
+    _check_block_options(op, block_size, top_k)
+    options = dict(scale=default_scale(scale, dk), block_size=block_size, top_k=top_k)
+    if choice is Impl.REFERENCE:
+        return block_sparse_attention_reference(q, k, v, **options)
+    return block_sparse_attention_chunk(q, k, v, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+
+
+def _check_cache(op: str, k_cache, block_keys, block_size: int) -> None:
+    b, s, kv_heads, dk = k_cache.shape
+    if s % block_size:
+        raise ValueError(f"{op}: the cache's {s} slots must be a multiple of block_size={block_size}")
+    check_shape(f"{op}: block_keys", block_keys, (b, s // block_size, kv_heads, dk),
+                "[B, S / block_size, HKV, K] (from k_cache)")
+
+
+def _check_length(op: str, length, batch: int) -> jax.Array:
+    length = jnp.asarray(length)
+    check_shape(f"{op}: length", length, (batch,), "[B]")
+    if not jnp.issubdtype(length.dtype, jnp.integer):
+        raise ValueError(f"{op}: length must be an integer array, got dtype {length.dtype}")
+    return length
+
+
+def block_keys_update(block_keys, k_cache, length, *, block_size: int):
+    """Pools the block that the token at position `length - 1` completes (row b: when
+    `length[b] % block_size == 0`) into block_keys `[B, S / Bs, HKV, K]`; returns block_keys.
+
+    k_cache `[B, S, HKV, K]` already holds that token's key; other rows are left unchanged."""
+    op = "block_keys_update"
+    check_rank(f"{op}: k_cache", k_cache, 4, "[B, S, HKV, K]")
+    _check_block_options(op, block_size, 1)
+    _check_cache(op, k_cache, block_keys, block_size)
+    length = _check_length(op, length, k_cache.shape[0])
+    rows, block = jnp.arange(k_cache.shape[0]), (length - 1) // block_size
+    pooled = jnp.mean(_as_blocks(k_cache, block_size)[rows, block].astype(_F32), axis=1)
+    done = jnp.where(length % block_size == 0, block, block_keys.shape[1])  # out of range: dropped
+    return block_keys.at[rows, done].set(pooled.astype(block_keys.dtype), mode="drop")
+
+
+def block_sparse_attention_step(q_t, k_cache, v_cache, block_keys, *, length, block_size, top_k, scale=None):
+    """One decoding step: q_t `[B, H, K]` at position `length - 1` against caches `[B, S, HKV, D]`
+    (S a multiple of block_size, the new token already written) and the pooled keys block_keys
+    `[B, S / block_size, HKV, K]` of the complete blocks -> o `[B, H, V]`, equal to that position's
+    row of `block_sparse_attention`. o comes back in the caches' dtype (which q_t shares)."""
+    op = "block_sparse_attention_step"
+    check_rank(f"{op}: q_t", q_t, 3, "[B, H, K]")
+    check_rank(f"{op}: k_cache", k_cache, 4, "[B, S, HKV, K]")
+    check_rank(f"{op}: v_cache", v_cache, 4, "[B, S, HKV, V]")
+    b, heads, dk = q_t.shape
+    s, kv_heads, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
+    check_shape(f"{op}: k_cache", k_cache, (b, s, kv_heads, dk), "[B, S, HKV, K] (B and K as in q_t)")
+    check_shape(f"{op}: v_cache", v_cache, (b, s, kv_heads, dv), "[B, S, HKV, V] (as k_cache)")
+    _check_heads_and_dtype(op, heads, kv_heads, q_t=q_t, k_cache=k_cache, v_cache=v_cache)
+    _check_block_options(op, block_size, top_k)
+    _check_cache(op, k_cache, block_keys, block_size)
+    q_pos = (_check_length(op, length, b) - 1)[:, None]
+    q_sum = _group_sum(q_t[:, None], kv_heads)
+    index, valid = _top_blocks(q_sum, block_keys.astype(_F32), q_pos, block_size=block_size, top_k=top_k)
+    slots, key_ok = _with_own_block(index, valid, q_pos, block_size)
+    q_grouped = q_t.reshape(b, 1, kv_heads, heads // kv_heads, dk)
+    k_blocks, v_blocks = _as_blocks(k_cache, block_size), _as_blocks(v_cache, block_size)
+    o = _attend_blocks(q_grouped, k_blocks, v_blocks, slots, key_ok, default_scale(scale, dk))
+    return o.reshape(b, heads, dv).astype(v_cache.dtype)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# one token per complete block (NSA's compressed branch)
+
+
+def block_token_attention(q, k_tokens, v_tokens, *, positions, block_size, scale=None):
+    """Attention over one key/value token per block (NSA's compressed branch): q `[B, Tq, H, K]` at
+    `positions` `[B, Tq]`, tokens k `[B, NB, HKV, K]`, v `[B, NB, HKV, V]` -> o `[B, Tq, H, V]`:
+
+        o_{t,h} = sum_{c < p_t // Bs} softmax_c(scale q_{t,h} . k_{c,n}) v_{c,n}
+
+    so a query reads the tokens of the complete blocks before its own (none: o = 0). T x NB logits,
+    as NSA's compressed attention. o comes back in v's dtype (q, k, v share one dtype)."""
+    op = "block_token_attention"
+    for name, x in (("q", q), ("k_tokens", k_tokens), ("v_tokens", v_tokens)):
+        check_rank(f"{op}: {name}", x, 4, "[B, T, H, D]")
+    b, tq, heads, dk = q.shape
+    nb, kv_heads, dv = k_tokens.shape[1], k_tokens.shape[2], v_tokens.shape[3]
+    check_shape(f"{op}: k_tokens", k_tokens, (b, nb, kv_heads, dk), "[B, NB, HKV, K] (B and K as in q)")
+    check_shape(f"{op}: v_tokens", v_tokens, (b, nb, kv_heads, dv), "[B, NB, HKV, V] (as k_tokens)")
+    positions = jnp.asarray(positions)
+    check_shape(f"{op}: positions", positions, (b, tq), "[B, Tq]")
+    _check_heads_and_dtype(op, heads, kv_heads, q=q, k_tokens=k_tokens, v_tokens=v_tokens)
+    _check_block_options(op, block_size, 1)
+    q_grouped = q.reshape(b, tq, kv_heads, heads // kv_heads, dk)
+    logits = jnp.einsum("btngd,bcnd->btngc", q_grouped, k_tokens, preferred_element_type=_F32)
+    allowed = jnp.arange(nb) < (positions // block_size)[:, :, None, None, None]
+    weights = _masked_softmax(logits * default_scale(scale, dk), allowed)
+    o = jnp.einsum("btngc,bcnv->btngv", weights.astype(v_tokens.dtype), v_tokens, preferred_element_type=_F32)
+    return o.reshape(b, tq, heads, dv).astype(v_tokens.dtype)

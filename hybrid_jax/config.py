@@ -38,19 +38,20 @@ from hybrid_jax.checks import (
     key_path,
 )
 from hybrid_jax.nn import MIXERS, mixer_config, resolve_mixer_config
+from hybrid_jax.nn.moe import FFN_KINDS, check_moe_config, default_moe_config
 
 ConfigDict = ml_collections.ConfigDict
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "save_dots")
-FFN_KINDS = ("swiglu", "none")
 TOKENIZERS = ("byte", "gpt2")  # or the path of a SentencePiece ".model" file
 PRESETS = ("tiny", "small", "base")
 
 # Mesh axes of the training loop; logical parameter axes map onto them (None = replicated).
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 DEFAULT_AXIS_RULES = (
-    ("batch", ("data", "fsdp")),
+    # Rows also split over the expert axis: expert parallelism reuses those devices for the rest.
+    ("batch", ("data", "fsdp", "expert")),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("heads", "tensor"),
@@ -58,7 +59,7 @@ DEFAULT_AXIS_RULES = (
     ("mlp", "tensor"),
     ("kv", None),
     ("latent", None),
-    ("expert", None),
+    ("expert", "expert"),
     ("norm", None),
     ("conv", None),
     ("layers", None),
@@ -81,6 +82,10 @@ def get_default_config() -> ConfigDict:
             "mixers": {"A": mixer("attention")},
             "ffn": "swiglu",
             "mlp_dim": 1536,
+            "moe": default_moe_config(),  # read when ffn = "moe" (hybrid_jax.nn.moe)
+            # Which layers are MoE when ffn = "moe": layer l >= first_dense_layers with l % every == offset
+            # (the others keep the dense SwiGLU of mlp_dim); `every` must divide the pattern period.
+            "moe_layers": {"first_dense_layers": 0, "every": 1, "offset": 0},
             "tie_embeddings": True,
             "norm_eps": 1e-6,
             "dtype": "float32",  # compute dtype; parameters stay float32
@@ -119,7 +124,7 @@ def get_default_config() -> ConfigDict:
             "worker_count": 0,
         }
     )
-    config.mesh = ConfigDict({"shape": (-1, 1, 1), "axes": MESH_AXES, "axis_rules": DEFAULT_AXIS_RULES})
+    config.mesh = ConfigDict({"shape": (-1, 1, 1, 1), "axes": MESH_AXES, "axis_rules": DEFAULT_AXIS_RULES})
     config.lock()
     return config
 
@@ -176,6 +181,31 @@ def _check_pattern(model_cfg) -> None:
              f"(model.pattern={pattern!r}); valid values are multiples of {len(pattern)}")
 
 
+def _check_moe_layers(model_cfg) -> None:
+    rule, prefix = model_cfg.moe_layers, "model.moe_layers"
+    check_int(rule, "first_dense_layers", minimum=0, prefix=prefix)
+    every = check_int(rule, "every", prefix=prefix)
+    check_int(rule, "offset", minimum=0, prefix=prefix)
+    period = len(model_cfg.pattern)
+    if period % every:  # MoE-ness must repeat with the pattern, or the period scan would need two bodies
+        fail(f"{prefix}.every", f"{every} must divide the pattern period {period} (model.pattern="
+             f"{model_cfg.pattern!r})")
+    if rule.offset >= every:
+        fail(f"{prefix}.offset", f"{rule.offset} must be < every ({every})")
+    if not any(kind == "moe" for kind in ffn_plan(model_cfg)):
+        fail(prefix, f"selects no MoE layer among the {model_cfg.num_layers} layers")
+
+
+def ffn_plan(model_cfg) -> list[str]:
+    """The feed-forward kind of every layer: "moe" where `model.moe_layers` selects it (ffn = "moe"),
+    the dense "swiglu" elsewhere; `model.ffn` itself when it is not "moe"."""
+    if model_cfg.ffn != "moe":
+        return [model_cfg.ffn] * model_cfg.num_layers
+    rule = model_cfg.moe_layers
+    return ["moe" if layer >= rule.first_dense_layers and layer % rule.every == rule.offset else "swiglu"
+            for layer in range(model_cfg.num_layers)]
+
+
 def validate_model(model_cfg) -> dict[str, ConfigDict]:
     """Checks the `model` section; returns the resolved mixer config of every letter."""
     _check_known_keys(model_cfg, get_default_config().model, "model")
@@ -183,8 +213,11 @@ def validate_model(model_cfg) -> dict[str, ConfigDict]:
         check_int(model_cfg, key, prefix="model")
     _check_pattern(model_cfg)
     check_choice(model_cfg, "ffn", FFN_KINDS, prefix="model")
-    if model_cfg.ffn == "swiglu":
+    if model_cfg.ffn in ("swiglu", "moe"):
         check_int(model_cfg, "mlp_dim", prefix="model")
+    if model_cfg.ffn == "moe":
+        check_moe_config(model_cfg.moe)
+        _check_moe_layers(model_cfg)
     check_choice(model_cfg, "dtype", COMPUTE_DTYPES, prefix="model")
     check_choice(model_cfg, "remat", REMAT_POLICIES, prefix="model")
     check_positive_number(model_cfg, "norm_eps", prefix="model")
@@ -358,6 +391,7 @@ __all__ = [
     "MIXERS",
     "PRESETS",
     "REMAT_POLICIES",
+    "ffn_plan",
     "get_default_config",
     "layer_pattern",
     "load_config",

@@ -6,6 +6,11 @@ Parameter counts come from the model itself, built abstractly with `nnx.eval_sha
 allocated, so base-size configs inspect in seconds). Cache bytes and FLOPs come from each mixer's
 `cache_bytes` / `flops_per_token` (hybrid_jax.nn.registry), the cache in bfloat16 (2 bytes).
 
+MoE layers (`model.ffn = "moe"`): a token runs only its top-k routed experts (plus the shared ones
+and the router), so the report gives the total parameters next to the active parameters per token
+(every routed expert counted k / E times), and FLOPs per token count the routed experts a token runs,
+not all E.
+
 For a hybrid (more than one mixer kind) the report compares its decode cache with the same depth
 built only from its global softmax layer (MLA if it has one, else full attention) — the comparison
 behind Kimi Linear's "up to 75% less KV cache" for a 3:1 KDA:MLA stack.
@@ -19,9 +24,10 @@ import sys
 
 from flax import nnx
 
-from hybrid_jax.config import load_config, resolved_mixers
+from hybrid_jax.config import ffn_plan, load_config, resolved_mixers
 from hybrid_jax.models import build_model
-from hybrid_jax.nn import SwiGLU, count_params, get_mixer
+from hybrid_jax.nn import count_params, get_mixer
+from hybrid_jax.nn.moe import ffn_active_params, ffn_flops_per_token
 
 CACHE_DTYPE_BYTES = 2  # bfloat16
 
@@ -32,7 +38,9 @@ class LayerRow:
     letter: str
     kind: str
     mixer_params: int
+    ffn_kind: str  # "swiglu", "moe" or "none"
     ffn_params: int  # FFN and both block norms
+    active_ffn_params: int  # of those, the ones a token uses (MoE: k of the E routed experts)
     cache_bytes: int
     flops_per_token: int
 
@@ -44,6 +52,7 @@ class Report:
     embedding_params: int
     head_params: int  # final norm (+ untied output projection)
     total_params: int
+    active_params: int  # per token: the routed experts a token does not run left out
     total_cache_bytes: int
     flops_per_token: int
     reference_kind: str | None  # the global softmax mixer the cache is compared with
@@ -75,24 +84,27 @@ def inspect_model(config, context: int) -> Report:
     model_cfg = config.model
     mixers = resolved_mixers(model_cfg)
     abstract = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0)))
-    d_model, periods = model_cfg.d_model, abstract.num_periods
-    ffn_flops = SwiGLU.flops_per_token(d_model, model_cfg.mlp_dim) if model_cfg.ffn == "swiglu" else 0
+    d_model, period = model_cfg.d_model, len(model_cfg.pattern)
+    blocks, scanned = abstract.period_blocks, abstract.num_periods - abstract.num_lead
 
     rows = []
-    for index, letter in enumerate(abstract.layer_letters):
-        block = abstract.periods.blocks[index % len(model_cfg.pattern)]
+    for index, (letter, ffn_kind) in enumerate(zip(abstract.layer_letters, ffn_plan(model_cfg))):
+        # Lead-period blocks hold one layer each; scanned blocks stack `scanned` copies.
+        lead_layers = abstract.num_lead * period
+        block = blocks[index] if index < lead_layers else blocks[lead_layers + index % period]
+        copies = 1 if index < lead_layers else scanned
         cfg = mixers[letter]
         mixer_cls = get_mixer(cfg.kind)
-        mixer_params = count_params(block.mixer) // periods  # stacked: every period holds one copy
+        mixer_params = count_params(block.mixer) // copies
+        ffn_params = count_params(block) // copies - mixer_params
+        norms = ffn_params - (count_params(block.ffn) // copies if block.ffn is not None else 0)
         rows.append(
             LayerRow(
-                index=index,
-                letter=letter,
-                kind=cfg.kind,
-                mixer_params=mixer_params,
-                ffn_params=count_params(block) // periods - mixer_params,
+                index=index, letter=letter, kind=cfg.kind, mixer_params=mixer_params, ffn_kind=ffn_kind,
+                ffn_params=ffn_params, active_ffn_params=norms + ffn_active_params(ffn_kind, model_cfg),
                 cache_bytes=mixer_cls.cache_bytes(cfg, d_model, context, CACHE_DTYPE_BYTES),
-                flops_per_token=mixer_cls.flops_per_token(cfg, d_model, context) + ffn_flops,
+                flops_per_token=mixer_cls.flops_per_token(cfg, d_model, context)
+                + ffn_flops_per_token(ffn_kind, model_cfg),
             )
         )
     embedding = count_params(abstract.embed)
@@ -111,6 +123,7 @@ def inspect_model(config, context: int) -> Report:
         embedding_params=embedding,
         head_params=head,
         total_params=count_params(abstract),
+        active_params=count_params(abstract) - sum(r.ffn_params - r.active_ffn_params for r in rows),
         total_cache_bytes=sum(row.cache_bytes for row in rows),
         flops_per_token=sum(row.flops_per_token for row in rows) + logits_flops,
         reference_kind=None if reference is None else reference.kind,
@@ -133,37 +146,43 @@ def _bytes(n: int) -> str:
 
 
 def format_report(report: Report, title: str = "") -> str:
-    header = ("layer", "mixer", "mixer params", "ffn+norm params", "cache/seq (bf16)", "FLOPs/token")
+    header = ("layer", "mixer", "mixer params", "ffn", "ffn+norm params", "active", "cache/seq (bf16)",
+              "FLOPs/token")
     body = [
         (
             str(r.index),
             f"{r.letter}:{r.kind}",
             f"{r.mixer_params:,}",
+            r.ffn_kind,
             f"{r.ffn_params:,}",
+            f"{r.active_ffn_params:,}",
             _bytes(r.cache_bytes),
             _human(r.flops_per_token),
         )
         for r in report.layers
     ]
-    body.append(("embed", "", f"{report.embedding_params:,}", "", "", ""))
+    body.append(("embed", "", f"{report.embedding_params:,}", "", "", "", "", ""))
     logits_flops = report.flops_per_token - sum(r.flops_per_token for r in report.layers)
-    body.append(("head", "norm + logits", f"{report.head_params:,}", "", "", _human(logits_flops)))
+    body.append(("head", "norm + logits", f"{report.head_params:,}", "", "", "", "", _human(logits_flops)))
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
 
     def line(row) -> str:  # text columns left-aligned, numbers right-aligned
         return "  ".join(
-            cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))
+            cell.ljust(w) if i in (0, 1, 3) else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))
         )
 
     out = [title] if title else []
     out += [line(header), "-" * len(line(header)), *map(line, body), ""]
     out.append(f"total parameters        {report.total_params:,} ({_human(report.total_params)})")
+    if report.active_params != report.total_params:
+        out.append(f"active parameters/token {report.active_params:,} ({_human(report.active_params)}; "
+                   "routed experts: the top-k a token runs)")
     out.append(
         f"decode cache / sequence {_bytes(report.total_cache_bytes)} at context {report.context:,} (bf16)"
     )
     out.append(
         f"forward FLOPs / token   {_human(report.flops_per_token)} (mean over a {report.context:,}-token causal "
-        f"sequence; training ~3x)"
+        f"sequence, routed experts: the top-k only; training ~3x)"
     )
     if report.reference_kind is not None:
         label = f"KV cache vs all-{report.reference_kind}"

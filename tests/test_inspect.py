@@ -63,3 +63,19 @@ def test_hybrid_cache_saving_against_all_mla(tmp_path, capsys):
 def test_bad_config_is_reported(capsys):
     assert main(["--config", "no/such/config.py:tiny"]) == 2
     assert "error: config file 'no/such/config.py' not found" in capsys.readouterr().err
+
+
+def test_moe_report_counts_active_parameters_and_routed_flops():
+    config = load_config(str(ROOT / "experiments/configs/kimi_linear_moe.py") + ":tiny")
+    report = inspect_model(config, context=64)
+    moe, d = config.model.moe, config.model.d_model
+    expert = 3 * d * moe.mlp_dim
+    assert [r.ffn_kind for r in report.layers] == ["swiglu", "moe", "moe", "moe"]  # first layer dense
+    total = count_params(nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(0))))
+    assert report.total_params == total
+    idle = (moe.num_experts - moe.experts_per_token) * expert  # routed experts a token does not run
+    assert report.active_params == total - 3 * idle
+    dense, routed = report.layers[0], report.layers[1]
+    assert routed.ffn_params - routed.active_ffn_params == idle
+    # k + shared experts of width mlp_dim / 3 and the router: the dense FFN's FLOPs plus 2 d E.
+    assert routed.flops_per_token - dense.flops_per_token == 2 * d * moe.num_experts

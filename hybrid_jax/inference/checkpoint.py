@@ -6,7 +6,8 @@ A run of `python -m hybrid_jax.train` (hybrid_jax.train.loop) leaves
     <workdir>/checkpoints/<step>/state/           {"step", "params", "opt_state"} (orbax PyTree)
     <workdir>/checkpoints/<step>/data_iter/       grain iterator positions
 
-Decoding needs only the parameters, so `load_model` restores the "params" subtree of the `state`
+Decoding needs only the parameters (and, for MoE models with auxiliary-loss-free balancing, the
+"buffers" subtree: the routing biases), so `load_model` restores those subtrees of the `state`
 item (an orbax partial restore: the optimiser moments, twice the size of the model, are never
 read) onto one device, into the model that `config.model` builds.
 """
@@ -23,6 +24,7 @@ from flax import nnx
 from hybrid_jax.config import validate_model
 from hybrid_jax.models import build_model
 from hybrid_jax.models.hybrid_lm import HybridLM
+from hybrid_jax.nn.moe import ExpertBias
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -48,10 +50,13 @@ def load_model(workdir: str, step: int | None = None) -> tuple[HybridLM, ml_coll
     if not os.path.isdir(directory):
         raise ValueError(f"--workdir {workdir!r} has no {CHECKPOINT_DIR}/ folder: the run saved no checkpoint")
     abstract = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+    graphdef, abstract_params, abstract_buffers = nnx.split(abstract, nnx.Param, ExpertBias)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                                     nnx.to_pure_dict(abstract_params))}
+    on_device = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)  # noqa: E731
+    target = {"params": jax.tree.map(on_device, nnx.to_pure_dict(abstract_params))}
+    buffers = nnx.to_pure_dict(abstract_buffers)
+    if buffers:
+        target["buffers"] = jax.tree.map(on_device, buffers)
     manager = ocp.CheckpointManager(directory)
     try:
         steps = sorted(manager.all_steps())
@@ -66,7 +71,9 @@ def load_model(workdir: str, step: int | None = None) -> tuple[HybridLM, ml_coll
     finally:
         manager.close()
     nnx.replace_by_pure_dict(abstract_params, restored[STATE_ITEM]["params"])
-    return nnx.merge(graphdef, abstract_params), config, step
+    if buffers:
+        nnx.replace_by_pure_dict(abstract_buffers, restored[STATE_ITEM]["buffers"])
+    return nnx.merge(graphdef, abstract_params, abstract_buffers), config, step
 
 
 __all__ = ["load_model", "load_run_config"]

@@ -89,7 +89,7 @@ def cache_bytes(cache: DecodeCache) -> int:
     and conv histories in the compute dtype, recurrent states in float32), positions excluded. With
     `model.dtype = "bfloat16"` this is the accounting of `hybrid_jax.inspect` / `Mixer.cache_bytes`."""
     batch = cache.position.shape[0]
-    leaves = [leaf for leaf in jax.tree.leaves(cache.layers) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    leaves = [leaf for leaf in jax.tree.leaves((cache.lead, cache.layers)) if jnp.issubdtype(leaf.dtype, jnp.floating)]
     total = sum(int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize for leaf in leaves)
     return total // batch
 

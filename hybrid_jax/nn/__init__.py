@@ -4,8 +4,9 @@ Importing this package imports every module in `MIXER_MODULES`, whose `@register
 fill `MIXERS`. A new mixer module is added by appending its name to `MIXER_MODULES` (see
 `hybrid_jax.nn.registry` for the interface).
 
-The modules form a star: a mixer layer module (attention, mla, linear_attention, mamba, delta)
-imports only shared modules, never another mixer layer module (tests/nn/test_layout.py checks it):
+The modules form a star: a mixer layer module (attention, mla, linear_attention, mamba, delta,
+rg_lru, sparse_attention, qla) imports only shared modules, never another mixer layer module
+(tests/nn/test_layout.py checks it):
 
     common        logical_param (axes + weight-decay role), Dense, Embed, activations
     registry      the Mixer interface and the kind -> class registry
@@ -15,6 +16,7 @@ imports only shared modules, never another mixer layer module (tests/nn/test_lay
     log_linear    LogLinearMixin: Fenwick-tree states for a linear mixer (no layer of its own)
     initializers  dt_bias / A_log initialisers
     conv, norms, rope, mlp   ShortConv and ConvProjection, RMSNorm variants, RoPE, SwiGLU
+    moe, routing  the feed-forward kinds (FFN_KINDS, build_ffn), the MoE layer and its routing
 """
 
 import importlib
@@ -31,6 +33,7 @@ from hybrid_jax.nn.common import (
 )
 from hybrid_jax.nn.conv import ShortConv
 from hybrid_jax.nn.mlp import SwiGLU
+from hybrid_jax.nn.moe import FFN_KINDS, ExpertBias, MoE, build_ffn
 from hybrid_jax.nn.norms import GatedRMSNorm, RMSNorm, l2_normalize, rms_normalize
 from hybrid_jax.nn.registry import (
     MIXERS,
@@ -50,6 +53,9 @@ MIXER_MODULES: tuple[str, ...] = (
     "linear_attention",
     "mamba",
     "delta",
+    "rg_lru",
+    "sparse_attention",
+    "qla",
 )
 
 for _name in MIXER_MODULES:
@@ -60,15 +66,19 @@ __all__ = [
     "ACTIVATIONS",
     "Dense",
     "Embed",
+    "ExpertBias",
+    "FFN_KINDS",
     "GatedRMSNorm",
     "MIXERS",
     "MIXER_MODULES",
     "Mixer",
+    "MoE",
     "RMSNorm",
     "ShortConv",
     "SwiGLU",
     "activation",
     "apply_rope",
+    "build_ffn",
     "build_mixer",
     "count_params",
     "get_mixer",

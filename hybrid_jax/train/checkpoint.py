@@ -1,6 +1,7 @@
 """Orbax checkpoints of the whole run: train state (step, params, optimiser) + data-iterator position.
 
     <workdir>/checkpoints/<step>/state/      params, opt_state, step   (orbax PyTree, sharded arrays)
+                                             (+ buffers: the MoE balancing biases, when the model has any)
     <workdir>/checkpoints/<step>/data_iter/  process_<i>-of-<n>.json   (grain iterator state, per process)
 
 A checkpoint is written every `train.checkpoint_every` steps, on SIGTERM, and at the end; the newest

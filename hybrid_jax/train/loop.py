@@ -206,7 +206,7 @@ def _build(config, workdir: str | None, devices) -> _Run:
                                  batch_sharding=batch_sharding, grad_accum_steps=tc.grad_accum_steps,
                                  schedule=setup.schedule)
     eval_step = make_eval_step(setup.graphdef, param_shardings=setup.state_shardings.params,
-                               batch_sharding=batch_sharding)
+                               batch_sharding=batch_sharding, buffer_shardings=setup.state_shardings.buffers)
     return _Run(config, os.path.abspath(workdir or tc.workdir), mesh, data, setup, batch_sharding,
                 train_step, eval_step)
 
@@ -279,9 +279,9 @@ class _Loop:
                               elapsed_sec=time.perf_counter() - self.started)
         self.clock.start(step)
 
-    def evaluate(self, params, step: int, max_batches: int | None, final: bool) -> dict:
+    def evaluate(self, state: TrainState, step: int, max_batches: int | None, final: bool) -> dict:
         run = self.run
-        losses = [run.eval_step(params, mesh_lib.global_batch(batch, run.batch_sharding))
+        losses = [run.eval_step(state.params, mesh_lib.global_batch(batch, run.batch_sharding), state.buffers)
                   for batch in run.data.val_batches(max_batches)]
         loss = float(np.mean(jax.device_get(losses)))
         return run.logger.eval(step, loss=loss, bits_per_byte=run.data.stats.bits_per_byte(loss),
@@ -304,7 +304,7 @@ class _Loop:
                 if step % tc.eval_every == 0 and step != tc.steps:
                     self.sync()
                     self.clock.stop(step)
-                    self.evaluate(state.params, step, tc.eval_steps, final=False)
+                    self.evaluate(state, step, tc.eval_steps, final=False)
                     self.clock.start(step)
                 # Called exactly once per step: with several processes it is a collective protocol.
                 status = "preempted" if preempted(step) else "stopped" if step == stop_at_step else status
@@ -353,7 +353,7 @@ def train(config, workdir: str | None = None, *, devices=None, stop_at_step: int
     loop = _Loop(run)
     try:
         state, step, status = loop.run_steps(state, stop_at_step)
-        final_eval = loop.evaluate(state.params, step, None, final=True) if status == "completed" else None
+        final_eval = loop.evaluate(state, step, None, final=True) if status == "completed" else None
     finally:  # also on errors: started saves must land, and the metrics file must be closed
         run.checkpointer.wait_until_finished()
         run.logger.close()

@@ -3,7 +3,9 @@
     <workdir>/metrics.jsonl     one JSON object per line, in step order:
                                   train: {"step", "loss", "grad_norm", "learning_rate",
                                           "tokens_per_sec", "elapsed_sec"}   (every train.log_every;
-                                          a metric the step does not report is left out)
+                                          a metric the step does not report is left out; MoE models
+                                          add "moe/layer<l>/max_mean_load", ".../aux_loss",
+                                          ".../z_loss", ".../dropped" and "moe/penalty")
                                   eval:  {"step", "val_loss", "val_perplexity", "val_bits_per_byte",
                                           "val_batches", "final"}
     <workdir>/tensorboard/      the same scalars as TensorBoard events (tensorboardX)

@@ -3,7 +3,8 @@
 The model is built abstractly (`nnx.eval_shape`: shapes only, no FLOPs), which gives the static
 graph, the parameter shapes and their logical axes. The logical axes and the mesh rules give every
 parameter a `NamedSharding`; the optimiser moments take the sharding of the parameter they track
-(`optax.tree_map_params`) and the step and other scalars are replicated. The initial state is then
+(`optax.tree_map_params`) and the step and other scalars are replicated, as are the MoE balancing
+biases (`TrainState.buffers`, a few floats per layer). The initial state is then
 created by one jitted function whose `out_shardings` place each array directly on its devices, so no
 device ever holds the whole model. The same abstract tree, with the shardings of the *current* mesh,
 is the restore target for checkpoints.
@@ -21,6 +22,7 @@ from jax.sharding import Mesh
 
 from hybrid_jax.models import build_model
 from hybrid_jax.nn import count_params, logical_axes, param_roles
+from hybrid_jax.nn.moe import ExpertBias
 from hybrid_jax.train import mesh as mesh_lib
 from hybrid_jax.train.optim import make_optimizer
 from hybrid_jax.train.step import Params, TrainState
@@ -49,18 +51,19 @@ class TrainSetup:
         return self.initializer.lower(key).compile(compiler_options=options)(key)
 
 
-def _model_params(model_config, key: jax.Array) -> Params:
+def _model_state(model_config, key: jax.Array) -> tuple[Params, Params]:
+    """(parameters, buffers) of a freshly initialised model."""
     model = build_model(model_config, rngs=nnx.Rngs(key))
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param)), nnx.to_pure_dict(nnx.state(model, ExpertBias))
 
 
 def build_train_setup(config, mesh: Mesh, rules: mesh_lib.Rules) -> TrainSetup:
     """Everything about the train state that the config and the mesh determine."""
     abstract_model = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(0)))
-    graphdef, _, other = nnx.split(abstract_model, nnx.Param, ...)
+    graphdef, _, _, other = nnx.split(abstract_model, nnx.Param, ExpertBias, ...)
     if jax.tree.leaves(other):
         raise ValueError(
-            "training supports models whose only state is nnx.Param; this model also holds "
+            "training supports models whose only state is nnx.Param and ExpertBias; this model also holds "
             f"{sorted({type(v).__name__ for v in jax.tree.leaves(other, is_leaf=lambda x: isinstance(x, nnx.Variable))})}"
         )
     logical_specs = nnx.to_pure_dict(logical_axes(abstract_model))
@@ -68,8 +71,9 @@ def build_train_setup(config, mesh: Mesh, rules: mesh_lib.Rules) -> TrainSetup:
     optimizer, schedule = make_optimizer(config.train, roles)
 
     def init(key: jax.Array) -> TrainState:
-        params = _model_params(config.model, key)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+        params, buffers = _model_state(config.model, key)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                          buffers=buffers)
 
     shapes = jax.eval_shape(init, jax.random.key(0))
     param_shardings = mesh_lib.tree_shardings(logical_specs, shapes.params, rules, mesh)
@@ -81,7 +85,8 @@ def build_train_setup(config, mesh: Mesh, rules: mesh_lib.Rules) -> TrainSetup:
         param_shardings,
         transform_non_params=lambda _: replicated,
     )
-    state_shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+    state_shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
+                                 buffers=jax.tree.map(lambda _: replicated, shapes.buffers))
     abstract_state = jax.tree.map(
         lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
         shapes,

@@ -14,6 +14,16 @@ Parameters and optimiser moments stay float32; `model.dtype = "bfloat16"` makes 
 in bfloat16 (activations and matmul inputs), with logits and the loss in float32. The train state is
 donated: its buffers are reused for the next state, so peak memory holds one copy.
 
+MoE models (`hybrid_jax.nn.moe`) add each MoE layer's penalty (weighted load-balancing and z-losses)
+to the loss that is differentiated; the reported "loss" stays the cross-entropy. Their
+auxiliary-loss-free balancing biases are `TrainState.buffers`, model state outside the gradient: after
+the optimiser update the step moves each bias by `bias_update_rate * sign(mean load - load)` from the
+step's loads (averaged over micro-batches), and reports per MoE layer l
+
+    moe/layer<l>/max_mean_load   max_e f_e / mean_e f_e  (f: fraction of assignments per expert)
+    moe/layer<l>/aux_loss, moe/layer<l>/z_loss, moe/layer<l>/dropped   (dropped: capacity path)
+    moe/penalty                  the sum of the layers' penalties added to the loss
+
 Micro-batches are strided rows, not contiguous blocks: the rows of a batch are split over the
 devices of the `batch` mesh axes in contiguous blocks, so a strided micro-batch keeps every device
 busy and needs no data movement.
@@ -30,6 +40,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from hybrid_jax.nn.moe import ExpertBias
+
 Params = dict[str, Any]
 
 
@@ -39,21 +51,53 @@ class TrainState:
     step: jax.Array  # int32 scalar: optimiser updates applied so far
     params: Params
     opt_state: optax.OptState
+    # Model state outside the gradient (the MoE balancing biases, `ExpertBias`); {} for dense models.
+    buffers: Params = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        """The checkpointed tree (a plain dict, independent of this class)."""
-        return {"step": self.step, "params": self.params, "opt_state": self.opt_state}
+        """The checkpointed tree (a plain dict, independent of this class; "buffers" only when there
+        are any, so dense models keep their checkpoint layout)."""
+        tree = {"step": self.step, "params": self.params, "opt_state": self.opt_state}
+        return {**tree, "buffers": self.buffers} if self.buffers else tree
 
     @classmethod
     def from_dict(cls, tree: Mapping[str, Any]) -> "TrainState":
-        return cls(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"])
+        return cls(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
+                   buffers=tree.get("buffers", {}))
 
 
-def cross_entropy_loss(graphdef: nnx.GraphDef, params: Params, batch: Mapping[str, jax.Array]) -> jax.Array:
+def _merge(graphdef: nnx.GraphDef, params: Params, buffers: Params | None):
+    return nnx.merge(graphdef, params, buffers) if buffers else nnx.merge(graphdef, params)
+
+
+def cross_entropy_loss(graphdef: nnx.GraphDef, params: Params, batch: Mapping[str, jax.Array],
+                       buffers: Params | None = None) -> jax.Array:
     """Mean next-token cross-entropy (nats) of the model `graphdef` + `params` on `batch`."""
-    model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"]).astype(jnp.float32)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+    return model_loss(graphdef, params, buffers, batch)[1][0]
+
+
+def model_loss(graphdef: nnx.GraphDef, params: Params, buffers: Params | None,
+               batch: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, dict]]:
+    """(cross-entropy + the MoE layers' penalties, (cross-entropy, the model's MoE statistics))."""
+    model = _merge(graphdef, params, buffers)
+    logits, moe_stats = model.forward(batch["inputs"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"]).mean()
+    penalty = sum((stats["penalty"] for _, stats in model.moe_layer_stats(moe_stats)), jnp.zeros(()))
+    return loss + penalty, (loss, moe_stats)
+
+
+def moe_metrics(model, moe_stats: dict) -> dict[str, jax.Array]:
+    """The per-layer MoE metrics of the module docstring (empty for a dense model)."""
+    metrics, penalty = {}, jnp.zeros(())
+    for layer, stats in model.moe_layer_stats(moe_stats):
+        load = stats["load"]
+        metrics[f"moe/layer{layer}/max_mean_load"] = jnp.max(load) / jnp.mean(load)
+        for key in ("aux_loss", "z_loss", "dropped"):
+            metrics[f"moe/layer{layer}/{key}"] = stats[key]
+        penalty = penalty + stats["penalty"]
+    if metrics:
+        metrics["moe/penalty"] = penalty
+    return metrics
 
 
 def _micro_batches(batch: Mapping[str, jax.Array], num: int, batch_spec: PartitionSpec, mesh) -> dict:
@@ -80,31 +124,42 @@ def make_train_step(
     metrics: "loss" (mean over the batch), "grad_norm" (global L2 norm before clipping) and, given
     the optimiser's `schedule`, "learning_rate" (of this update).
     """
-    loss_and_grad = jax.value_and_grad(lambda params, batch: cross_entropy_loss(graphdef, params, batch))
+    grad_fn = jax.grad(lambda params, buffers, batch: model_loss(graphdef, params, buffers, batch), has_aux=True)
 
-    def gradients(params: Params, batch: dict) -> tuple[jax.Array, Params]:
+    def loss_and_grad(params: Params, buffers: Params, batch: dict) -> tuple[tuple[jax.Array, dict], Params]:
+        grads, (loss, moe_stats) = grad_fn(params, buffers, batch)
+        return (loss, moe_stats), grads
+
+    def gradients(params: Params, buffers: Params, batch: dict) -> tuple[tuple[jax.Array, dict], Params]:
+        """((mean cross-entropy, mean MoE statistics), mean gradients) over the micro-batches."""
         if grad_accum_steps == 1:
-            return loss_and_grad(params, batch)
+            return loss_and_grad(params, buffers, batch)
         micro = _micro_batches(batch, grad_accum_steps, batch_sharding.spec, batch_sharding.mesh)
 
         def accumulate(carry, micro_batch):
-            loss_sum, grad_sum = carry
-            loss, grads = loss_and_grad(params, micro_batch)
-            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+            return jax.tree.map(jnp.add, carry, loss_and_grad(params, buffers, micro_batch)), None
 
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, zeros, micro)
-        return loss_sum / grad_accum_steps, jax.tree.map(lambda g: g / grad_accum_steps, grad_sum)
+        first = jax.tree.map(lambda x: x[0], micro)
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                             jax.eval_shape(loss_and_grad, params, buffers, first))
+        total, _ = jax.lax.scan(accumulate, zeros, micro)
+        return jax.tree.map(lambda x: x / grad_accum_steps, total)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        loss, grads = gradients(state.params, batch)
+        (loss, moe_stats), grads = gradients(state.params, state.buffers, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         metrics = {"loss": loss, "grad_norm": grad_norm}
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        model = _merge(graphdef, state.params, state.buffers)  # the biases that routed this step
+        metrics.update(moe_metrics(model, moe_stats))
+        buffers = state.buffers
+        if buffers:
+            model.update_balance_biases(moe_stats)
+            buffers = nnx.to_pure_dict(nnx.state(model, ExpertBias))
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, buffers=buffers), metrics
 
     replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
     batch_shardings = {"inputs": batch_sharding, "targets": batch_sharding}
@@ -117,15 +172,17 @@ def make_train_step(
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef, *, param_shardings: Params, batch_sharding: NamedSharding
-) -> Callable[[Params, dict], jax.Array]:
-    """`eval_step(params, batch) -> mean loss (nats/token)`, jitted."""
+    graphdef: nnx.GraphDef, *, param_shardings: Params, batch_sharding: NamedSharding,
+    buffer_shardings: Params | None = None,
+) -> Callable[..., jax.Array]:
+    """`eval_step(params, batch, buffers={}) -> mean cross-entropy (nats/token)`, jitted."""
     batch_shardings = {"inputs": batch_sharding, "targets": batch_sharding}
-    return jax.jit(
-        lambda params, batch: cross_entropy_loss(graphdef, params, batch),
-        in_shardings=(param_shardings, batch_shardings),
+    evaluate = jax.jit(
+        lambda params, buffers, batch: cross_entropy_loss(graphdef, params, batch, buffers),
+        in_shardings=(param_shardings, buffer_shardings or {}, batch_shardings),
         out_shardings=NamedSharding(batch_sharding.mesh, PartitionSpec()),
     )
+    return lambda params, batch, buffers=None: evaluate(params, buffers or {}, batch)
 
 
-__all__ = ["TrainState", "cross_entropy_loss", "make_eval_step", "make_train_step"]
+__all__ = ["TrainState", "cross_entropy_loss", "make_eval_step", "make_train_step", "model_loss", "moe_metrics"]

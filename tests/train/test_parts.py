@@ -19,7 +19,7 @@ from tests.train.helpers import tiny_config
 
 @pytest.fixture(scope="module")
 def mesh_2x2x2(corpus):
-    config = tiny_config(corpus, mesh=(2, 2, 2))
+    config = tiny_config(corpus, mesh=(2, 2, 2, 1))
     return config, mesh_lib.make_mesh(config.mesh), mesh_lib.axis_rules(config.mesh)
 
 
@@ -88,7 +88,7 @@ def test_gradient_accumulation_matches_the_full_batch(corpus, mesh_2x2x2):
     _, mesh, rules = mesh_2x2x2
     rows = np.random.default_rng(0).integers(0, 256, (8, 33), dtype=np.int32)
     batch = {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
-    config = tiny_config(corpus, mesh=(2, 2, 2))
+    config = tiny_config(corpus, mesh=(2, 2, 2, 1))
     _, full = _step_results(config, mesh, rules, batch)
     config.train.grad_accum_steps = 2  # micro-batches of 4 rows, one per batch shard
     _, accumulated = _step_results(config, mesh, rules, batch)
@@ -98,7 +98,7 @@ def test_gradient_accumulation_matches_the_full_batch(corpus, mesh_2x2x2):
 
 
 def test_bfloat16_compute_keeps_float32_parameters(corpus):
-    config = tiny_config(corpus, mesh=(1, 1, 1))
+    config = tiny_config(corpus, mesh=(1, 1, 1, 1))
     mesh, rules = mesh_lib.make_mesh(config.mesh, jax.devices()[:1]), mesh_lib.axis_rules(config.mesh)
     rows = np.random.default_rng(0).integers(0, 256, (8, 33), dtype=np.int32)
     batch = {"inputs": rows[:, :-1], "targets": rows[:, 1:]}

@@ -21,7 +21,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from hybrid_jax.config import validate_model
+from hybrid_jax.config import get_default_config, validate_model
 from hybrid_jax.models import build_model
 from hybrid_jax.models.hybrid_lm import HybridLM
 from hybrid_jax.nn.moe import ExpertBias
@@ -39,6 +39,11 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
                          f"`python -m hybrid_jax.train` run")
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
+    # A run written before a model key existed (e.g. model.moe) decodes as it trained: the key's default.
+    defaults = get_default_config().model
+    for key in defaults.keys():
+        if key not in config.model:
+            config.model[key] = defaults[key]
     validate_model(config.model)
     return config
 

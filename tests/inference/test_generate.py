@@ -101,3 +101,27 @@ def test_cli_errors(workdir, tmp_path, capsys):
     assert "holds no config.json" in capsys.readouterr().err
     assert generate_cli.main(["--workdir", workdir[0], "--step", "7"]) == 2
     assert "no checkpoint at step 7" in capsys.readouterr().err
+
+
+def test_a_run_saved_before_a_model_key_existed_still_loads(workdir, tmp_path):
+    """config.json written before model.moe / model.moe_layers existed: those keys take their defaults."""
+    import json
+    import shutil
+
+    from hybrid_jax.config import get_default_config
+    from hybrid_jax.inference import load_run_config
+
+    old = tmp_path / "old_run"
+    shutil.copytree(workdir[0], old)
+    saved = json.loads((old / "config.json").read_text())
+    added = [key for key in ("moe", "moe_layers") if key in saved["model"]]
+    assert added, "the schema keys this test drops must exist"
+    for key in added:
+        del saved["model"][key]
+    (old / "config.json").write_text(json.dumps(saved))
+    config = load_run_config(str(old))
+    defaults = get_default_config().model
+    for key in added:
+        assert config.model[key].to_dict() == defaults[key].to_dict()
+    model, _, step = load_model(str(old))
+    assert step == STEP

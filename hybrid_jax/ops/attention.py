@@ -75,7 +75,7 @@ def _allowed(q_pos, k_pos, *, causal: bool, window: int | None):
     return ok
 
 
-def _masked_softmax(logits: jax.Array, allowed: jax.Array) -> jax.Array:
+def masked_softmax(logits: jax.Array, allowed: jax.Array) -> jax.Array:
     """Softmax over the last axis restricted to `allowed`; rows with nothing allowed give zeros."""
     # -inf (not a large negative) keeps masked weights exactly zero and their gradients finite.
     logits = jnp.where(allowed, logits, -jnp.inf)
@@ -111,7 +111,7 @@ def softmax_attention_reference(q, k, v, *, scale: float, causal: bool, window: 
     logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(_F32), k) * scale
     q_pos, k_pos = _query_positions(tq, tk)[:, None], np.arange(tk)[None, :]
     allowed = _isolate(_allowed(q_pos, k_pos, causal=causal, window=window), isolated, q_pos, k_pos)
-    weights = _masked_softmax(logits, allowed if isolated is None else allowed[:, None])
+    weights = masked_softmax(logits, allowed if isolated is None else allowed[:, None])
     return jnp.einsum("bhqk,bkhv->bqhv", weights, v).astype(v_dtype)
 
 
@@ -269,14 +269,14 @@ def _check_window(window, op: str) -> None:
         raise ValueError(f"{op}: window must be None or an int >= 1, got {window!r}")
 
 
-def _check_grouped_heads(heads: int, kv_heads: int, op: str) -> None:
+def check_grouped_heads(heads: int, kv_heads: int, op: str) -> None:
     if heads % kv_heads != 0:
         raise ValueError(
             f"{op}: q heads H={heads} must be a multiple of k/v heads HKV={kv_heads} (grouped-query heads)"
         )
 
 
-def _check_same_dtype(op: str, **arrays: jax.Array) -> None:
+def check_same_dtype(op: str, **arrays: jax.Array) -> None:
     dtypes = {name: x.dtype for name, x in arrays.items()}
     if len(set(dtypes.values())) > 1:
         listed = ", ".join(f"{name}: {dtype}" for name, dtype in dtypes.items())
@@ -305,8 +305,8 @@ def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, isolated
     check_shape(f"{op}: v", v, (b, tk, kv_heads, dv), "[B, Tk, HKV, V] (B, Tk, HKV as in k)")
     check_time(op, tq, q=q)
     check_time(op, tk, k=k, v=v)
-    _check_grouped_heads(heads, kv_heads, op)
-    _check_same_dtype(op, q=q, k=k, v=v)
+    check_grouped_heads(heads, kv_heads, op)
+    check_same_dtype(op, q=q, k=k, v=v)
     _check_window(window, op)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"{op}: block_size must be an int >= 1, got {block_size!r}")
@@ -363,8 +363,8 @@ def softmax_attention_step(q_t, k_cache, v_cache, *, length, scale=None, window=
     s, kv_heads, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
     check_shape(f"{op}: k_cache", k_cache, (b, s, kv_heads, dk), "[B, S, HKV, K] (B and K as in q_t)")
     check_shape(f"{op}: v_cache", v_cache, (b, s, kv_heads, dv), "[B, S, HKV, V] (as k_cache)")
-    _check_grouped_heads(heads, kv_heads, op)
-    _check_same_dtype(op, q_t=q_t, k_cache=k_cache, v_cache=v_cache)
+    check_grouped_heads(heads, kv_heads, op)
+    check_same_dtype(op, q_t=q_t, k_cache=k_cache, v_cache=v_cache)
     _check_window(window, op)
     length = jnp.asarray(length)
     check_shape(f"{op}: length", length, (b,), "[B]")
@@ -375,6 +375,6 @@ def softmax_attention_step(q_t, k_cache, v_cache, *, length, scale=None, window=
     q_grouped = q_t.reshape(b, kv_heads, heads // kv_heads, dk)
     logits = jnp.einsum("bngd,bsnd->bngs", q_grouped, k_cache, preferred_element_type=_F32) * scale
     allowed = _allowed((length - 1)[:, None], jnp.arange(s)[None, :], causal=True, window=window)
-    weights = _masked_softmax(logits, allowed[:, None, None, :])
+    weights = masked_softmax(logits, allowed[:, None, None, :])
     o = jnp.einsum("bngs,bsnv->bngv", weights.astype(v_cache.dtype), v_cache, preferred_element_type=_F32)
     return o.reshape(b, heads, dv).astype(v_cache.dtype)

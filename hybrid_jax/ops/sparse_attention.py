@@ -52,7 +52,7 @@ import numpy as np
 
 from hybrid_jax.ops._common import Impl, check_floating, check_rank, check_shape, check_time, default_scale
 from hybrid_jax.ops._common import pad_time, repeat_heads, resolve_impl
-from hybrid_jax.ops.attention import _check_grouped_heads, _check_same_dtype, _masked_softmax
+from hybrid_jax.ops.attention import check_grouped_heads, check_same_dtype, masked_softmax
 
 SUPPORTED = (Impl.REFERENCE, Impl.CHUNK)
 _F32 = jnp.float32
@@ -125,7 +125,7 @@ def block_sparse_attention_reference(q, k, v, *, scale: float, block_size: int, 
     allowed = repeat_heads(jnp.swapaxes(allowed, 1, 2), heads, axis=1)  # [B, H, T, T]
     k32, v32 = (repeat_heads(x.astype(_F32), heads) for x in (k, v))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(_F32), k32) * scale
-    return jnp.einsum("bhqk,bkhv->bqhv", _masked_softmax(logits, allowed), v32).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhv->bqhv", masked_softmax(logits, allowed), v32).astype(v.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def _attend_blocks(q, k_blocks, v_blocks, slots, key_ok, scale):
     logits = jnp.einsum("btngd,btnsjd->btngsj", q, k_sel, preferred_element_type=_F32) * scale
     flat = logits.shape[:4] + (-1,)
     allowed = jnp.broadcast_to(key_ok[:, :, :, None], logits.shape).reshape(flat)
-    weights = _masked_softmax(logits.reshape(flat), allowed).reshape(logits.shape)
+    weights = masked_softmax(logits.reshape(flat), allowed).reshape(logits.shape)
     return jnp.einsum("btngsj,btnsjv->btngv", weights.astype(v_sel.dtype), v_sel, preferred_element_type=_F32)
 
 
@@ -204,8 +204,8 @@ def _check_block_options(op: str, block_size, top_k) -> None:
 def _check_heads_and_dtype(op: str, heads: int, kv_heads: int, **arrays) -> None:
     for name, x in arrays.items():
         check_floating(f"{op}: {name}", x)
-    _check_grouped_heads(heads, kv_heads, op)
-    _check_same_dtype(op, **arrays)
+    check_grouped_heads(heads, kv_heads, op)
+    check_same_dtype(op, **arrays)
 
 
 def block_sparse_attention(q, k, v, *, block_size=64, top_k=8, scale=None, impl="chunk"):
@@ -321,6 +321,6 @@ def block_token_attention(q, k_tokens, v_tokens, *, positions, block_size, scale
     q_grouped = q.reshape(b, tq, kv_heads, heads // kv_heads, dk)
     logits = jnp.einsum("btngd,bcnd->btngc", q_grouped, k_tokens, preferred_element_type=_F32)
     allowed = jnp.arange(nb) < (positions // block_size)[:, :, None, None, None]
-    weights = _masked_softmax(logits * default_scale(scale, dk), allowed)
+    weights = masked_softmax(logits * default_scale(scale, dk), allowed)
     o = jnp.einsum("btngc,bcnv->btngv", weights.astype(v_tokens.dtype), v_tokens, preferred_element_type=_F32)
     return o.reshape(b, tq, heads, dv).astype(v_tokens.dtype)

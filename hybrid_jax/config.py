@@ -366,9 +366,9 @@ def preset_config(preset: str) -> ConfigDict:
     return config
 
 
-def load_config(spec: str) -> ConfigDict:
-    """Loads `path/to/file.py[:arg]` by calling its `get_config(arg)` (ml_collections config_flags style)."""
-    path, _, arg = spec.partition(":")
+def config_module(path: str):
+    """The config file at `path` as a module, by path: a config file can build on another one beside
+    it (`config_module(os.path.join(os.path.dirname(__file__), "kimi_linear.py"))`) wherever it lives."""
     if not path.endswith(".py") or not os.path.isfile(path):
         raise ValueError(
             f"config file {path!r} not found; expected path/to/config.py[:preset], e.g. experiments/configs/transformer.py:tiny"
@@ -377,6 +377,13 @@ def load_config(spec: str) -> ConfigDict:
     spec_obj = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec_obj)
     spec_obj.loader.exec_module(module)
+    return module
+
+
+def load_config(spec: str) -> ConfigDict:
+    """Loads `path/to/file.py[:arg]` by calling its `get_config(arg)` (ml_collections config_flags style)."""
+    path, _, arg = spec.partition(":")
+    module = config_module(path)
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {path!r} defines no get_config(arg)")
     config = module.get_config(arg) if arg else module.get_config()
@@ -391,6 +398,7 @@ __all__ = [
     "MIXERS",
     "PRESETS",
     "REMAT_POLICIES",
+    "config_module",
     "ffn_plan",
     "get_default_config",
     "layer_pattern",

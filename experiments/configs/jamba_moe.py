@@ -7,13 +7,11 @@ no shared expert, each expert as wide as the dense FFN; MoE on every other layer
 scan still compiles one period.
 """
 
-import importlib.util
 import os
 
-_spec = importlib.util.spec_from_file_location(
-    "hybrid_jax_config_jamba", os.path.join(os.path.dirname(os.path.abspath(__file__)), "jamba.py"))
-_jamba = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_jamba)
+from hybrid_jax.config import config_module
+
+_jamba = config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "jamba.py"))
 
 EXPERTS = {"tiny": 8, "small": 16, "base": 16}
 

@@ -10,15 +10,11 @@ same preset: (top-k + shared) experts of width mlp_dim / 3 = the dense mlp_dim, 
 configs compare at equal active parameters (plus the router, d_model * E per layer).
 """
 
-import importlib.util
 import os
 
-from hybrid_jax.config import preset_config
+from hybrid_jax.config import config_module, preset_config
 
-_spec = importlib.util.spec_from_file_location(
-    "hybrid_jax_config_kimi_linear", os.path.join(os.path.dirname(os.path.abspath(__file__)), "kimi_linear.py"))
-_kimi = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_kimi)
+_kimi = config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kimi_linear.py"))
 
 MOE = {
     "tiny": dict(num_experts=8, experts_per_token=2),

@@ -82,21 +82,24 @@ def model_loss(graphdef: nnx.GraphDef, params: Params, buffers: Params | None,
     model = _merge(graphdef, params, buffers)
     logits, moe_stats = model.forward(batch["inputs"])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"]).mean()
-    penalty = sum((stats["penalty"] for _, stats in model.moe_layer_stats(moe_stats)), jnp.zeros(()))
-    return loss + penalty, (loss, moe_stats)
+    return loss + _moe_penalty(model, moe_stats), (loss, moe_stats)
+
+
+def _moe_penalty(model, moe_stats: dict) -> jax.Array:
+    """The sum of the MoE layers' weighted balancing and z-losses (0 for a dense model)."""
+    return sum((stats["penalty"] for _, stats in model.moe_layer_stats(moe_stats)), jnp.zeros(()))
 
 
 def moe_metrics(model, moe_stats: dict) -> dict[str, jax.Array]:
     """The per-layer MoE metrics of the module docstring (empty for a dense model)."""
-    metrics, penalty = {}, jnp.zeros(())
+    metrics = {}
     for layer, stats in model.moe_layer_stats(moe_stats):
         load = stats["load"]
         metrics[f"moe/layer{layer}/max_mean_load"] = jnp.max(load) / jnp.mean(load)
         for key in ("aux_loss", "z_loss", "dropped"):
             metrics[f"moe/layer{layer}/{key}"] = stats[key]
-        penalty = penalty + stats["penalty"]
     if metrics:
-        metrics["moe/penalty"] = penalty
+        metrics["moe/penalty"] = _moe_penalty(model, moe_stats)
     return metrics
 
 

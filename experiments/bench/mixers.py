@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.bench import mixer_specs, report
-from experiments.bench.mixer_specs import BACKWARD_FLOP_FACTOR, Dims
+from experiments.bench.cost_models import BACKWARD_FLOP_FACTOR, Dims
 from hybrid_jax.ops._common import Impl
 
 DEFAULTS = {

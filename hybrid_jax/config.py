@@ -6,7 +6,8 @@ A config has four sections:
            of letters, one per layer of a period; `model.mixers` maps each letter to a mixer config
            (`mixer(kind, **overrides)`); the period repeats to `model.num_layers` layers. Every block
            is pre-norm: x += mixer(norm(x)); x += ffn(norm(x)) (no FFN when `model.ffn = "none"`).
-* `train`  optimisation and loop settings; `data` the corpus and tokenizer; `mesh` the device mesh
+* `train`  optimisation and loop settings; `data` the corpus and tokenizer or a synthetic task
+           (`hybrid_jax.data.schema`); `mesh` the device mesh
            (`mesh.shape` over `mesh.axes`, -1 = all remaining devices) and the rules mapping the
            logical parameter axes (`hybrid_jax.nn.common`) onto mesh axes.
 
@@ -37,6 +38,7 @@ from hybrid_jax.checks import (
     is_int,
     key_path,
 )
+from hybrid_jax.data.schema import default_data_section, validate_data_section
 from hybrid_jax.nn import MIXERS, mixer_config, resolve_mixer_config
 from hybrid_jax.nn.moe import FFN_KINDS, check_moe_config, default_moe_config
 
@@ -44,7 +46,6 @@ ConfigDict = ml_collections.ConfigDict
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "save_dots")
-TOKENIZERS = ("byte", "gpt2")  # or the path of a SentencePiece ".model" file
 PRESETS = ("tiny", "small", "base")
 
 # Mesh axes of the training loop; logical parameter axes map onto them (None = replicated).
@@ -116,14 +117,7 @@ def get_default_config() -> ConfigDict:
             "workdir": "runs/default",
         }
     )
-    config.data = ConfigDict(
-        {
-            "source": "shakespeare",  # or a folder of .txt, a .txt, .npy or .array_record file
-            "tokenizer": "gpt2",
-            "val_fraction": 0.05,  # the last val_fraction of the tokens are held out
-            "worker_count": 0,
-        }
-    )
+    config.data = ConfigDict(default_data_section())  # keys and checks: hybrid_jax.data.schema
     config.mesh = ConfigDict({"shape": (-1, 1, 1, 1), "axes": MESH_AXES, "axis_rules": DEFAULT_AXIS_RULES})
     config.lock()
     return config
@@ -308,18 +302,6 @@ def _validate_train(tc) -> None:
     check_choice(tc, "decay_embeddings", (True, False), prefix="train")
 
 
-def _validate_data(data_cfg) -> None:
-    tokenizer = data_cfg.tokenizer
-    if tokenizer not in TOKENIZERS and not str(tokenizer).endswith(".model"):
-        fail("data.tokenizer",
-             f"{tokenizer!r} is not valid; valid values are {list(TOKENIZERS)} or a SentencePiece .model path")
-    check_number(data_cfg, "val_fraction", low=0, high=1, low_inclusive=False, high_inclusive=False, prefix="data")
-    if not is_int(data_cfg.worker_count) or data_cfg.worker_count != 0:
-        # grain workers would each copy the in-memory token array the LM pipeline slices.
-        fail("data.worker_count", "the LM pipeline slices an in-memory token array in the training "
-             f"process; only 0 is supported, got {data_cfg.worker_count!r}")
-
-
 def validate(config, *, device_count: int | None = None, process_count: int = 1) -> ConfigDict:
     """Checks the whole config; raises one ValueError naming the first bad key. Returns `config`.
 
@@ -332,7 +314,8 @@ def validate(config, *, device_count: int | None = None, process_count: int = 1)
     _check_known_keys(config, get_default_config(), "")
     validate_model(config.model)
     _validate_train(config.train)
-    _validate_data(config.data)
+    validate_data_section(config.data, seq_len=config.train.seq_len, vocab_size=config.model.vocab_size,
+                          batch_size=config.train.batch_size)
     validate_mesh(config.mesh)
     _check_batch_layout(config, device_count, process_count)
     return config

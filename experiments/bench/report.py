@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from hybrid_jax import plotting
+
 MODES = ("fwd", "fwd_bwd")
 MODE_TITLES = {"fwd": "forward", "fwd_bwd": "forward + backward"}
 BASELINE = "softmax"
@@ -178,16 +180,11 @@ def markdown(result):
 
 
 def plot(result, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows, summary = result["rows"], {(e["mixer"], e["impl"]): e for e in result["summary"]}
     mixers = list(dict.fromkeys(mixer for mixer, _ in lines(rows)))
-    colours = {m: ("black" if m == BASELINE else plt.get_cmap("tab10")(i % 10)) for i, m in enumerate(mixers)}
+    colours = {m: ("black" if m == BASELINE else plotting.colormap("tab10")(i % 10)) for i, m in enumerate(mixers)}
     impl_styles = {"chunk": "-", "reference": ":", "scan": "-.", "xla": "--"}
-    fig, axes = plt.subplots(1, len(MODES), figsize=(14, 7), squeeze=False)
+    fig, axes = plotting.figure(1, len(MODES), figsize=(14, 7), dpi=120, squeeze=False)
     for ax, mode in zip(axes[0], MODES):
         for mixer, impl in lines(rows):
             points = series(rows, mixer, impl, mode)
@@ -215,6 +212,4 @@ def plot(result, path):
         f"mixers on {cfg['device']} ({cfg['dtype']}, B={cfg['batch']} H={cfg['heads']} "
         f"D={cfg['head_dim']}); p = fitted exponent of time vs T"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plotting.save(fig, path)

@@ -16,6 +16,9 @@ the same number of windows (the remainder is dropped) so that all processes step
 The training iterator is a grain `DatasetIterator`: `get_state()` / `set_state()` save and restore
 its position exactly (grain.checkpoint.CheckpointSave/Restore wrap it for orbax).
 
+`data.source = "mqar"` or `"selective_copy"` builds a synthetic task instead (`hybrid_jax.data.tasks`):
+same interface, no tokenizer (ids come from the model's vocabulary), batches with a "loss_mask".
+
 Stats for reporting loss in bits per byte: bytes_per_token = UTF-8 bytes / tokens of a split, and
 a unigram baseline, the cross-entropy of the validation tokens under add-one-smoothed training-split
 token frequencies,  H = -1/|val| sum_t log2((c_train[x_t] + 1) / (|train| + V)),  divided by the
@@ -34,8 +37,9 @@ import grain
 import ml_collections
 import numpy as np
 
-from hybrid_jax.checks import require_int
+from hybrid_jax.checks import fail, require_int
 from hybrid_jax.data.sources import Source, resolve_source
+from hybrid_jax.data.tasks import DEFAULT_VAL_ROWS, TASKS, TaskStats, default_task_configs, task_datasets
 from hybrid_jax.data.tokenizers import Tokenizer, get_tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -51,6 +55,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.source = "shakespeare"  # or a folder of .txt, a .txt, .npy or .array_record file
     config.tokenizer = "byte"  # "byte", "gpt2", or a SentencePiece ".model" path
     config.val_fraction = 0.05  # the last val_fraction of the tokens are held out
+    # Synthetic sources (source = "mqar" / "selective_copy", hybrid_jax.data.tasks): their keys and
+    # the size of their held-out set.
+    for name, section in default_task_configs().items():
+        config[name] = section
+    config.val_rows = DEFAULT_VAL_ROWS
     return config
 
 
@@ -60,6 +69,12 @@ def _checked_config(data_config: Mapping | ml_collections.ConfigDict | None) -> 
     unknown = sorted(set(given) - set(config))
     if unknown:
         raise ValueError(f"unknown data config key(s) {unknown}; valid keys: {sorted(config)}")
+    for name in TASKS:  # a task section given in part keeps the defaults of its other keys
+        section = dict(given.pop(name, None) or {})
+        unknown = sorted(set(section) - set(config[name]))
+        if unknown:
+            raise ValueError(f"data.{name}: unknown key(s) {unknown}; valid keys: {sorted(config[name])}")
+        config[name].update(section)
     config.update(given)
     fraction = config["val_fraction"]
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
@@ -189,6 +204,10 @@ class DataStats:
         per_token = self.bytes_per_token if split == "val" else self.train_bytes_per_token
         return loss_nats_per_token / math.log(2) / per_token
 
+    def eval_metrics(self, loss: float, accuracy: float) -> dict[str, float]:
+        """The eval record's source-specific values: the validation loss in bits per byte."""
+        return {"bits_per_byte": self.bits_per_byte(loss)}
+
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -241,8 +260,8 @@ def compute_stats(source: Source, tokenizer: Tokenizer, corpus: TokenizedCorpus,
 class Datasets(NamedTuple):
     train_iter: grain.DatasetIterator  # endless; get_state()/set_state() for exact resume
     val_batches: Callable[..., Iterator[Batch]]  # val_batches(max_batches=None): a fresh pass
-    tokenizer: Tokenizer
-    stats: DataStats
+    tokenizer: Tokenizer | None  # None for the synthetic tasks
+    stats: DataStats | TaskStats
 
 
 def _resolve_shards(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
@@ -258,7 +277,8 @@ def _resolve_shards(shard_index: int | None, shard_count: int | None) -> tuple[i
 
 def make_datasets(data_config: Mapping | ml_collections.ConfigDict | None = None, *,
                   seq_len: int, batch_size: int, seed: int,
-                  shard_index: int | None = None, shard_count: int | None = None) -> Datasets:
+                  shard_index: int | None = None, shard_count: int | None = None,
+                  vocab_size: int | None = None) -> Datasets:
     """Builds the training iterator, the validation pass, the tokenizer and corpus stats.
 
     Args:
@@ -267,13 +287,14 @@ def make_datasets(data_config: Mapping | ml_collections.ConfigDict | None = None
       batch_size: global batch; every process yields `batch_size // shard_count` rows.
       seed: shuffle seed in [0, 2**32).
       shard_index, shard_count: this process's data shard; default jax.process_index() / count().
+      vocab_size: the model's vocabulary; required by (and only read for) the synthetic tasks.
 
     Returns:
       `Datasets(train_iter, val_batches, tokenizer, stats)`, unpackable as a 4-tuple. Batches are
-      `{"inputs": int32 [b, seq_len], "targets": int32 [b, seq_len]}`.
+      `{"inputs": int32 [b, seq_len], "targets": int32 [b, seq_len]}`, plus "loss_mask" float32
+      [b, seq_len] for the synthetic tasks (their tokenizer is None and their stats a `TaskStats`).
     """
     config = _checked_config(data_config)
-    source = resolve_source(config["source"])
     seq_len = require_int(seq_len, "seq_len")
     batch_size = require_int(batch_size, "batch_size")
     seed = require_int(seed, "seed", minimum=0, below=_MAX_SEED + 1)
@@ -284,6 +305,16 @@ def make_datasets(data_config: Mapping | ml_collections.ConfigDict | None = None
             "(batch_size is the global batch)"
         )
     local_batch_size = batch_size // shard_count
+    if config["source"] in TASKS:
+        if vocab_size is None:
+            fail("vocab_size", f"the synthetic source {config['source']!r} draws its ids from the model's "
+                 "vocabulary: pass the model's vocab_size")
+        vocab_size = require_int(vocab_size, "vocab_size")
+        train_iter, val_batches, stats = task_datasets(
+            config, seq_len=seq_len, vocab_size=vocab_size, batch_size=batch_size, seed=seed,
+            shard_index=shard_index, shard_count=shard_count)
+        return Datasets(train_iter, val_batches, None, stats)
+    source = resolve_source(config["source"])
     tokenizer = get_tokenizer(config["tokenizer"])
 
     corpus = tokenize_corpus(source, tokenizer)

@@ -1,6 +1,7 @@
-"""Multi-query associative recall (MQAR; Arora et al. 2023, "Zoology").
+"""Synthetic recall tasks as numpy batches: MQAR (below) and selective copying (`selective_copy_batch`).
 
-Each row shows N key-value pairs, then asks for every key again somewhere later:
+Multi-query associative recall (MQAR; Arora et al. 2023, "Zoology"): each row shows N key-value
+pairs, then asks for every key again somewhere later:
 
     position  0    1    2    3   ...  2N-2  2N-1 | 2N ...                               T-1
     inputs    k_1  v_1  k_2  v_2 ...  k_N   v_N  | 0  0  k_3  0  k_1  0 ... k_2  0  ...
@@ -91,3 +92,47 @@ def _checked_sizes(batch, seq_len, vocab_size, num_kv_pairs) -> tuple[int, int, 
             f"vocab_size >= {2 * (num_pairs + 1)}"
         )
     return tuple(sizes)
+
+
+def selective_copy_batch(
+    rng: np.random.Generator | int | None,
+    batch: int,
+    seq_len: int,
+    vocab_size: int,
+    num_tokens: int,
+) -> dict[str, np.ndarray]:
+    """One selective-copying batch (Gu & Dao 2023, "Mamba", Sec. 3.1; a Zoology-style recall probe).
+
+    The first T - N positions hold N data tokens at random (sorted) positions among noise tokens 0;
+    the last N positions hold the cue token 1, and the target at cue j is data token j: the model
+    must copy the data tokens in order, skipping the noise, which needs content-aware selection.
+
+        inputs    0  d_1  0  0  d_2 ...  0  d_N  0 | 1    1   ...  1
+        targets   -  -    -  -  -   ...  -  -    - | d_1  d_2 ...  d_N
+        mask      0  0    0  0  0   ...  0  0    0 | 1    1   ...  1
+
+    Data tokens are uniform draws from [2, V) (repeats allowed). Returns the same keys as
+    `mqar_batch`; needs seq_len >= 2 * num_tokens and vocab_size >= 3.
+    """
+    sizes = [require_int(value, name) for value, name in
+             ((batch, "batch"), (seq_len, "seq_len"), (vocab_size, "vocab_size"), (num_tokens, "num_tokens"))]
+    batch, seq_len, vocab_size, num_tokens = sizes
+    if seq_len < 2 * num_tokens:
+        raise ValueError(f"seq_len ({seq_len}) must be at least 2 * num_tokens ({2 * num_tokens}): "
+                         "a context with the data tokens, then one cue per token to copy")
+    if vocab_size < 3:
+        raise ValueError(f"vocab_size ({vocab_size}) must be >= 3: noise 0, cue 1 and data tokens")
+    rng = np.random.default_rng(rng)
+    context_len = seq_len - num_tokens
+    positions = np.sort(np.argsort(rng.random((batch, context_len)), axis=1)[:, :num_tokens], axis=1)
+    tokens = rng.integers(2, vocab_size, size=(batch, num_tokens), dtype=np.int32)
+
+    rows = np.arange(batch)[:, None]
+    inputs = np.zeros((batch, seq_len), np.int32)
+    inputs[rows, positions] = tokens
+    inputs[:, context_len:] = 1
+    targets = np.zeros((batch, seq_len), np.int32)
+    targets[:, context_len:] = tokens
+    mask = np.zeros((batch, seq_len), np.float32)
+    mask[:, context_len:] = 1.0
+    return {"inputs": inputs, "targets": targets, "mask": mask}

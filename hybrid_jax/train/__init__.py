@@ -11,7 +11,7 @@
 from hybrid_jax.train.checkpoint import Checkpointer
 from hybrid_jax.train.loop import ConfigError, NonFiniteLossError, TrainResult, initialize_distributed, train
 from hybrid_jax.train.mesh import axis_rules, logical_to_mesh_spec, make_mesh, tree_shardings
-from hybrid_jax.train.metrics import MetricsBuffer, MetricsLogger, plot_loss_curve, read_metrics
+from hybrid_jax.train.metrics import MetricsBuffer, MetricsLogger, plot_accuracy_curve, plot_loss_curve, read_metrics
 from hybrid_jax.train.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
 from hybrid_jax.train.state import TrainSetup, build_train_setup
 from hybrid_jax.train.step import TrainState, cross_entropy_loss, make_eval_step, make_train_step
@@ -35,6 +35,7 @@ __all__ = [
     "make_mesh",
     "make_optimizer",
     "make_train_step",
+    "plot_accuracy_curve",
     "plot_loss_curve",
     "read_metrics",
     "train",

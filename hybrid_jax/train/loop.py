@@ -18,8 +18,10 @@ status "preempted"; the same command resumes. With several processes the stop st
 JAX's preemption sync service so every process saves the same step.
 
 Evaluation runs every `train.eval_every` steps on the first `train.eval_steps` validation batches and,
-at the end, on the whole validation split: mean loss (nats/token), perplexity and bits per byte
-(`DataStats.bits_per_byte`), next to the unigram baseline of the corpus.
+at the end, on the whole validation split: the masked mean loss (nats per scored token, summed over
+the batches and divided by their mask total; `hybrid_jax.train.step`), perplexity, and what the source
+reports (`stats.eval_metrics`): bits per byte next to the corpus's unigram baseline for text, accuracy
+over the answer positions next to chance for the synthetic tasks (`hybrid_jax.data.tasks`).
 """
 from __future__ import annotations
 
@@ -37,10 +39,10 @@ from jax.sharding import Mesh, NamedSharding
 
 from hybrid_jax.checks import fail
 from hybrid_jax.config import validate
-from hybrid_jax.data import Datasets, make_datasets
+from hybrid_jax.data import Datasets, TaskStats, make_datasets
 from hybrid_jax.train import mesh as mesh_lib
 from hybrid_jax.train.checkpoint import Checkpointer
-from hybrid_jax.train.metrics import MetricsBuffer, MetricsLogger, plot_loss_curve
+from hybrid_jax.train.metrics import MetricsBuffer, MetricsLogger, plot_accuracy_curve, plot_loss_curve
 from hybrid_jax.train.state import TrainSetup, build_train_setup
 from hybrid_jax.train.step import TrainState, make_eval_step, make_train_step
 
@@ -61,16 +63,20 @@ class TrainResult:
     step: int  # steps completed
     status: str  # "completed", "preempted" (SIGTERM) or "stopped" (stop_at_step)
     final_eval: dict | None  # the full-validation record (completed runs only)
-    unigram_bits_per_byte: float
+    unigram_bits_per_byte: float | None  # text sources' baseline (None for the synthetic tasks)
     checkpoint_dir: str
     checkpoint_steps: tuple[int, ...]
     plot_path: str | None
     tokens_per_sec: float | None  # training throughput, compilation and evals excluded
+    chance_accuracy: float | None = None  # synthetic tasks' baseline (None for text)
 
     def summary(self) -> str:
         lines = []
-        if self.final_eval is not None:
-            ev = self.final_eval
+        ev = self.final_eval
+        if ev is not None and "val_accuracy" in ev:
+            lines.append(f"validation: accuracy {ev['val_accuracy']:.4f} (loss {ev['val_loss']:.4f} nats per "
+                         f"answer) vs chance {self.chance_accuracy:.4f}")
+        elif ev is not None:
             lines.append(
                 f"validation: {ev['val_bits_per_byte']:.4f} bits/byte (loss {ev['val_loss']:.4f} "
                 f"nats/token, perplexity {ev['val_perplexity']:.3f}) vs unigram baseline "
@@ -149,12 +155,17 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     """`jax.distributed.initialize` when a coordinator is given (argument or JAX_COORDINATOR_ADDRESS).
 
     Arguments left None come from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
-    CPU processes exchange data through gloo collectives. Returns whether it initialised.
+    The address "auto" calls `jax.distributed.initialize()` without arguments, so JAX detects the
+    cluster itself (every worker of a Cloud TPU VM slice; SLURM; Open MPI). CPU processes exchange
+    data through gloo collectives. Returns whether it initialised.
     """
     env = os.environ
     coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
     if not coordinator_address:
         return False
+    if coordinator_address == "auto":
+        jax.distributed.initialize()
+        return True
     num_processes = num_processes if num_processes is not None else int(env.get("JAX_NUM_PROCESSES", "0")) or None
     process_id = process_id if process_id is not None else (int(env["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in env else None)
     if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "", "none"):
@@ -194,8 +205,9 @@ def _build(config, workdir: str | None, devices) -> _Run:
         mesh = mesh_lib.make_mesh(config.mesh, devices)
         rules = mesh_lib.axis_rules(config.mesh)
         data = make_datasets(_data_config(config), seq_len=tc.seq_len, batch_size=tc.batch_size,
-                             seed=tc.seed, shard_index=jax.process_index(), shard_count=jax.process_count())
-        if data.tokenizer.vocab_size > config.model.vocab_size:
+                             seed=tc.seed, shard_index=jax.process_index(), shard_count=jax.process_count(),
+                             vocab_size=config.model.vocab_size)
+        if data.tokenizer is not None and data.tokenizer.vocab_size > config.model.vocab_size:
             fail("model.vocab_size", f"{config.model.vocab_size} is smaller than the {data.tokenizer.name!r} "
                  f"tokenizer's vocabulary ({data.tokenizer.vocab_size})")
         setup = build_train_setup(config, mesh, rules)
@@ -207,8 +219,18 @@ def _build(config, workdir: str | None, devices) -> _Run:
                                  schedule=setup.schedule)
     eval_step = make_eval_step(setup.graphdef, param_shardings=setup.state_shardings.params,
                                batch_sharding=batch_sharding, buffer_shardings=setup.state_shardings.buffers)
-    return _Run(config, os.path.abspath(workdir or tc.workdir), mesh, data, setup, batch_sharding,
+    return _Run(config, _local_workdir(workdir or tc.workdir), mesh, data, setup, batch_sharding,
                 train_step, eval_step)
+
+
+def _local_workdir(workdir: str) -> str:
+    """The absolute workdir; a URL is refused, since os.path would quietly turn "gs://b/x" into a
+    local folder "gs:/b/x" on each host and the run's checkpoints would be lost with the machine."""
+    if "://" in workdir:
+        raise ConfigError(f"train.workdir: {workdir!r} is a URL; the trainer writes its workdir with "
+                          "file-system calls, so give a folder every host mounts (e.g. a bucket mounted "
+                          "with gcsfuse, /gcs/BUCKET/...)")
+    return os.path.abspath(workdir)
 
 
 def _open(run: _Run) -> TrainState:
@@ -280,12 +302,15 @@ class _Loop:
         self.clock.start(step)
 
     def evaluate(self, state: TrainState, step: int, max_batches: int | None, final: bool) -> dict:
+        """Masked loss and accuracy summed over the validation batches (the eval record)."""
         run = self.run
-        losses = [run.eval_step(state.params, mesh_lib.global_batch(batch, run.batch_sharding), state.buffers)
-                  for batch in run.data.val_batches(max_batches)]
-        loss = float(np.mean(jax.device_get(losses)))
-        return run.logger.eval(step, loss=loss, bits_per_byte=run.data.stats.bits_per_byte(loss),
-                               batches=len(losses), final=final)
+        sums = [run.eval_step(state.params, mesh_lib.global_batch(batch, run.batch_sharding), state.buffers)
+                for batch in run.data.val_batches(max_batches)]
+        totals = {key: float(np.sum([s[key] for s in jax.device_get(sums)])) for key in ("nll", "weight", "correct")}
+        weight = max(totals["weight"], 1.0)
+        loss, accuracy = totals["nll"] / weight, totals["correct"] / weight
+        return run.logger.eval(step, loss=loss, batches=len(sums), final=final,
+                               **run.data.stats.eval_metrics(loss, accuracy))
 
     def run_steps(self, state: TrainState, stop_at_step: int | None) -> tuple[TrainState, int, str]:
         """Steps start + 1 .. train.steps, or up to a stop; returns (state, last step, status)."""
@@ -322,23 +347,29 @@ class _Loop:
 def _finish(run: _Run, loop: _Loop, step: int, status: str, final_eval: dict | None) -> TrainResult:
     """The loss-curve plot (completed runs), the checkpoint list, throughput: the run's result."""
     config, stats = run.config, run.data.stats
+    synthetic = isinstance(stats, TaskStats)
     plot_path = None
     if run.is_chief and status == "completed":
-        plot_path = plot_loss_curve(
-            os.path.join(run.workdir, "metrics.jsonl"), os.path.join(run.workdir, "loss_curve.png"),
-            train_bytes_per_token=stats.train_bytes_per_token, val_bytes_per_token=stats.bytes_per_token,
-            unigram_bits_per_byte=stats.unigram_bits_per_byte,
-            title=f"{os.path.basename(run.workdir)}: {run.setup.num_params:,} parameters, pattern "
-                  f"{config.model.pattern!r} x {config.model.num_layers // len(config.model.pattern)}",
-        )
+        metrics_path, out_path = os.path.join(run.workdir, "metrics.jsonl"), os.path.join(run.workdir, "loss_curve.png")
+        title = (f"{os.path.basename(run.workdir)}: {run.setup.num_params:,} parameters, pattern "
+                 f"{config.model.pattern!r} x {config.model.num_layers // len(config.model.pattern)}")
+        if synthetic:
+            plot_path = plot_accuracy_curve(metrics_path, out_path, chance_accuracy=stats.chance_accuracy,
+                                            title=title)
+        else:
+            plot_path = plot_loss_curve(
+                metrics_path, out_path, train_bytes_per_token=stats.train_bytes_per_token,
+                val_bytes_per_token=stats.bytes_per_token, unigram_bits_per_byte=stats.unigram_bits_per_byte,
+                title=title)
     steps = tuple(run.checkpointer.all_steps())
     run.checkpointer.close()
     clock = loop.clock
     throughput = clock.total_steps * loop.tokens_per_step / clock.total_seconds if clock.total_seconds else None
     return TrainResult(
         workdir=run.workdir, step=step, status=status, final_eval=final_eval,
-        unigram_bits_per_byte=stats.unigram_bits_per_byte, checkpoint_dir=run.checkpointer.directory,
-        checkpoint_steps=steps, plot_path=plot_path, tokens_per_sec=throughput,
+        unigram_bits_per_byte=None if synthetic else stats.unigram_bits_per_byte,
+        checkpoint_dir=run.checkpointer.directory, checkpoint_steps=steps, plot_path=plot_path,
+        tokens_per_sec=throughput, chance_accuracy=stats.chance_accuracy if synthetic else None,
     )
 
 

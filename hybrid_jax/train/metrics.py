@@ -7,10 +7,13 @@
                                           add "moe/layer<l>/max_mean_load", ".../aux_loss",
                                           ".../z_loss", ".../dropped" and "moe/penalty")
                                   eval:  {"step", "val_loss", "val_perplexity", "val_bits_per_byte",
-                                          "val_batches", "final"}
+                                          "val_batches", "final"}   (text sources; the synthetic
+                                          tasks give "val_accuracy" instead of "val_bits_per_byte")
     <workdir>/tensorboard/      the same scalars as TensorBoard events (tensorboardX)
     <workdir>/loss_curve.png    train and validation bits per byte against step, with the unigram
-                                baseline (drawn from metrics.jsonl, so it covers resumed runs)
+                                baseline; for the synthetic tasks, the loss and the validation
+                                accuracy against chance (drawn from metrics.jsonl, so it covers
+                                resumed runs)
 
 `loss` of a train record is the mean of the per-step losses since the previous record. A resumed
 run first drops the records of steps after its checkpoint (they were computed by the run that
@@ -27,6 +30,8 @@ import sys
 
 import jax
 import numpy as np
+
+from hybrid_jax import plotting
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -164,17 +169,19 @@ class MetricsLogger:
         self._write(record, "train")
         self.progress.update(step, loss, tokens_per_sec, eta_sec)
 
-    def eval(self, step: int, *, loss: float, bits_per_byte: float, batches: int, final: bool) -> dict:
-        record = {
-            "step": step, "val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)),
-            "val_bits_per_byte": bits_per_byte, "val_batches": batches, "final": final,
-        }
+    def eval(self, step: int, *, loss: float, batches: int, final: bool, **source_metrics: float) -> dict:
+        """An eval record; `source_metrics` (the data's `eval_metrics`: "bits_per_byte" or "accuracy")
+        are written as "val_<name>"."""
+        record = {"step": step, "val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)),
+                  **{f"val_{name}": value for name, value in source_metrics.items()},
+                  "val_batches": batches, "final": final}
         if self.enabled:
             self._write(record, "eval")
-            self.progress.message(
-                f"eval @ step {step}: val loss {loss:.4f} | perplexity {record['val_perplexity']:.3f} "
-                f"| {bits_per_byte:.4f} bits/byte ({batches} batches)"
-            )
+            units = {"bits_per_byte": "{:.4f} bits/byte", "accuracy": "accuracy {:.4f}"}
+            extra = "".join(f" | {units.get(name, name + ' {:.4f}').format(value)}"
+                            for name, value in source_metrics.items())
+            self.progress.message(f"eval @ step {step}: val loss {loss:.4f} | perplexity "
+                                  f"{record['val_perplexity']:.3f}{extra} ({batches} batches)")
         return record
 
     def message(self, text: str) -> None:
@@ -193,16 +200,11 @@ class MetricsLogger:
 def plot_loss_curve(metrics_path: str, out_path: str, *, train_bytes_per_token: float,
                     val_bytes_per_token: float, unigram_bits_per_byte: float, title: str | None = None) -> str:
     """Train and validation bits per byte against step, from metrics.jsonl; returns `out_path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     to_bpb = lambda nats, per_token: nats / math.log(2) / per_token  # noqa: E731
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig, ax = plotting.figure(figsize=(7, 4.2))
     if train:
         ax.plot([s for s, _ in train], [to_bpb(x, train_bytes_per_token) for _, x in train],
                 label="train", linewidth=1.2)
@@ -217,10 +219,29 @@ def plot_loss_curve(metrics_path: str, out_path: str, *, train_bytes_per_token: 
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_path)
-    plt.close(fig)
-    return out_path
+    return plotting.save(fig, out_path)
 
 
-__all__ = ["MetricsBuffer", "MetricsLogger", "ProgressLine", "plot_loss_curve", "read_metrics"]
+def plot_accuracy_curve(metrics_path: str, out_path: str, *, chance_accuracy: float, title: str | None = None) -> str:
+    """Synthetic tasks: train / validation loss (left) and validation accuracy (right) against step."""
+    records = read_metrics(metrics_path)
+    fig, (loss_ax, acc_ax) = plotting.figure(1, 2, figsize=(10, 4))
+    for key, label, style in (("loss", "train", "-"), ("val_loss", "validation", "o-")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            loss_ax.plot(*zip(*points), style, label=label, markersize=4, linewidth=1.2)
+    loss_ax.set(xlabel="step", ylabel="loss (nats per answer)")
+    accuracy = [(r["step"], r["val_accuracy"]) for r in records if "val_accuracy" in r]
+    if accuracy:
+        acc_ax.plot(*zip(*accuracy), "o-", label="validation", markersize=4)
+    acc_ax.axhline(chance_accuracy, color="gray", linestyle="--", label=f"chance ({chance_accuracy:.3f})")
+    acc_ax.set(xlabel="step", ylabel="accuracy over the answers", ylim=(0, 1.02))
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    return plotting.save(fig, out_path)
+
+
+__all__ = ["MetricsBuffer", "MetricsLogger", "ProgressLine", "plot_accuracy_curve", "plot_loss_curve", "read_metrics"]

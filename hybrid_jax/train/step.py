@@ -1,9 +1,19 @@
 r"""Train and eval steps: `jax.jit` with explicit in/out shardings over a split NNX model (pjit).
 
-    loss(theta; x, y) = -1/(B T) sum_{b,t} log softmax(f_theta(x)_{b,t})[y_{b,t}]       (nats/token)
+The masked next-token loss (nats per counted token):
 
-    with A = train.grad_accum_steps micro-batches of B/A rows each,
-    g = 1/A sum_a grad loss(theta; x_a, y_a)    (micro-batch a takes rows a, A + a, 2A + a, ...)
+    nll_{b,t} = -log softmax(f_theta(x)_{b,t})[y_{b,t}]
+    loss(theta; x, y, m) = sum_{b,t} m_{b,t} nll_{b,t} / max(sum_{b,t} m_{b,t}, 1)
+
+    with A = train.grad_accum_steps micro-batches of B/A rows each (micro-batch a takes rows a, A + a,
+    2A + a, ...), each micro-batch's sum is divided by the mask total of the whole batch, so
+    g = sum_a grad(sum_{b,t in a} m nll) / max(sum_{b,t} m, 1) is the gradient of the loss above.
+
+`m` is the batch's optional "loss_mask" (float32 [B, T]; absent = all ones, the plain mean over
+B T tokens). It says which positions are scored: the answer positions of the synthetic recall tasks
+(`hybrid_jax.data.tasks`), and, for packed documents with padding, 0 on the padding. Accuracy
+(argmax == target) is counted over the same positions. Every key of a batch is sharded alike (rows
+over the `batch` mesh axes), so a mask travels with its inputs and targets.
 
 The model is split once into a static `graphdef` and a parameter tree (`nnx.split`); the steps are
 pure functions of `(TrainState, batch)` jitted with `jax.jit`, which is several times faster per
@@ -70,19 +80,44 @@ def _merge(graphdef: nnx.GraphDef, params: Params, buffers: Params | None):
     return nnx.merge(graphdef, params, buffers) if buffers else nnx.merge(graphdef, params)
 
 
+LOSS_MASK = "loss_mask"  # the optional batch key of the masked loss (module docstring)
+
+
+def loss_weight(batch: Mapping[str, jax.Array]) -> jax.Array:
+    """max(sum of the batch's loss mask, 1): the loss's denominator (B T without a mask)."""
+    if LOSS_MASK not in batch:
+        return jnp.asarray(batch["targets"].size, jnp.float32)
+    return jnp.maximum(jnp.sum(batch[LOSS_MASK]), 1.0)
+
+
+def masked_token_sums(logits: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """{"nll": sum m nll, "weight": sum m, "correct": sum m [argmax == target]} over the batch."""
+    logits = logits.astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch.get(LOSS_MASK)
+    mask = jnp.ones_like(nll) if mask is None else mask.astype(jnp.float32)
+    correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+    return {"nll": jnp.sum(mask * nll), "weight": jnp.sum(mask), "correct": jnp.sum(mask * correct)}
+
+
 def cross_entropy_loss(graphdef: nnx.GraphDef, params: Params, batch: Mapping[str, jax.Array],
                        buffers: Params | None = None) -> jax.Array:
-    """Mean next-token cross-entropy (nats) of the model `graphdef` + `params` on `batch`."""
+    """The masked mean next-token cross-entropy (nats) of the model `graphdef` + `params` on `batch`."""
     return model_loss(graphdef, params, buffers, batch)[1][0]
 
 
-def model_loss(graphdef: nnx.GraphDef, params: Params, buffers: Params | None,
-               batch: Mapping[str, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, dict]]:
-    """(cross-entropy + the MoE layers' penalties, (cross-entropy, the model's MoE statistics))."""
+def model_loss(graphdef: nnx.GraphDef, params: Params, buffers: Params | None, batch: Mapping[str, jax.Array],
+               *, weight: jax.Array | None = None, penalty_scale: float = 1.0) -> tuple[jax.Array, tuple[jax.Array, dict]]:
+    """(cross-entropy + penalty_scale * the MoE layers' penalties, (cross-entropy, MoE statistics)).
+
+    The cross-entropy is sum(mask * nll) / `weight`; `weight` defaults to this batch's
+    `loss_weight` (a micro-batch passes its whole batch's, so the micro-batch losses add up).
+    """
     model = _merge(graphdef, params, buffers)
     logits, moe_stats = model.forward(batch["inputs"])
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"]).mean()
-    return loss + _moe_penalty(model, moe_stats), (loss, moe_stats)
+    weight = loss_weight(batch) if weight is None else weight
+    loss = masked_token_sums(logits, batch)["nll"] / weight
+    return loss + penalty_scale * _moe_penalty(model, moe_stats), (loss, moe_stats)
 
 
 def _moe_penalty(model, moe_stats: dict) -> jax.Array:
@@ -124,29 +159,40 @@ def make_train_step(
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """`step(state, batch) -> (new_state, metrics)`, jitted; `state` is donated.
 
-    metrics: "loss" (mean over the batch), "grad_norm" (global L2 norm before clipping) and, given
+    metrics: "loss" (the masked mean over the batch), "grad_norm" (global L2 norm before clipping) and, given
     the optimiser's `schedule`, "learning_rate" (of this update).
     """
-    grad_fn = jax.grad(lambda params, buffers, batch: model_loss(graphdef, params, buffers, batch), has_aux=True)
+    grad_fn = jax.grad(
+        lambda params, buffers, batch, weight, penalty_scale: model_loss(
+            graphdef, params, buffers, batch, weight=weight, penalty_scale=penalty_scale),
+        has_aux=True)
 
-    def loss_and_grad(params: Params, buffers: Params, batch: dict) -> tuple[tuple[jax.Array, dict], Params]:
-        grads, (loss, moe_stats) = grad_fn(params, buffers, batch)
+    def loss_and_grad(params: Params, buffers: Params, batch: dict, weight=None,
+                      penalty_scale: float = 1.0) -> tuple[tuple[jax.Array, dict], Params]:
+        grads, (loss, moe_stats) = grad_fn(params, buffers, batch, weight, penalty_scale)
         return (loss, moe_stats), grads
 
     def gradients(params: Params, buffers: Params, batch: dict) -> tuple[tuple[jax.Array, dict], Params]:
-        """((mean cross-entropy, mean MoE statistics), mean gradients) over the micro-batches."""
+        """((masked cross-entropy, mean MoE statistics), gradients) of the whole batch.
+
+        Micro-batch losses are divided by the whole batch's mask total, so they (and their
+        gradients) add up; the MoE penalties and statistics are averaged over micro-batches.
+        """
         if grad_accum_steps == 1:
             return loss_and_grad(params, buffers, batch)
+        weight = loss_weight(batch)
         micro = _micro_batches(batch, grad_accum_steps, batch_sharding.spec, batch_sharding.mesh)
 
+        def micro_step(micro_batch):
+            return loss_and_grad(params, buffers, micro_batch, weight, 1.0 / grad_accum_steps)
+
         def accumulate(carry, micro_batch):
-            return jax.tree.map(jnp.add, carry, loss_and_grad(params, buffers, micro_batch)), None
+            return jax.tree.map(jnp.add, carry, micro_step(micro_batch)), None
 
         first = jax.tree.map(lambda x: x[0], micro)
-        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                             jax.eval_shape(loss_and_grad, params, buffers, first))
-        total, _ = jax.lax.scan(accumulate, zeros, micro)
-        return jax.tree.map(lambda x: x / grad_accum_steps, total)
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(micro_step, first))
+        ((loss, moe_stats), grads), _ = jax.lax.scan(accumulate, zeros, micro)
+        return (loss, jax.tree.map(lambda x: x / grad_accum_steps, moe_stats)), grads
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         (loss, moe_stats), grads = gradients(state.params, state.buffers, batch)
@@ -165,10 +211,10 @@ def make_train_step(
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, buffers=buffers), metrics
 
     replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
-    batch_shardings = {"inputs": batch_sharding, "targets": batch_sharding}
     return jax.jit(
         train_step,
-        in_shardings=(state_shardings, batch_shardings),
+        # One sharding for the whole batch (a pytree prefix): every key, "loss_mask" included.
+        in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
@@ -178,14 +224,23 @@ def make_eval_step(
     graphdef: nnx.GraphDef, *, param_shardings: Params, batch_sharding: NamedSharding,
     buffer_shardings: Params | None = None,
 ) -> Callable[..., jax.Array]:
-    """`eval_step(params, batch, buffers={}) -> mean cross-entropy (nats/token)`, jitted."""
-    batch_shardings = {"inputs": batch_sharding, "targets": batch_sharding}
+    """`eval_step(params, batch, buffers={}) -> masked_token_sums` (nll, weight, correct), jitted.
+
+    Sums, not means, so a pass over several batches adds them up: loss = nll / max(weight, 1),
+    accuracy = correct / max(weight, 1).
+    """
+
+    def token_sums(params: Params, buffers: Params, batch: dict) -> dict[str, jax.Array]:
+        logits, _ = _merge(graphdef, params, buffers).forward(batch["inputs"])
+        return masked_token_sums(logits, batch)
+
     evaluate = jax.jit(
-        lambda params, buffers, batch: cross_entropy_loss(graphdef, params, batch, buffers),
-        in_shardings=(param_shardings, buffer_shardings or {}, batch_shardings),
+        token_sums,
+        in_shardings=(param_shardings, buffer_shardings or {}, batch_sharding),
         out_shardings=NamedSharding(batch_sharding.mesh, PartitionSpec()),
     )
     return lambda params, batch, buffers=None: evaluate(params, buffers or {}, batch)
 
 
-__all__ = ["TrainState", "cross_entropy_loss", "make_eval_step", "make_train_step", "model_loss", "moe_metrics"]
+__all__ = ["LOSS_MASK", "TrainState", "cross_entropy_loss", "loss_weight", "make_eval_step", "make_train_step",
+           "masked_token_sums", "model_loss", "moe_metrics"]

@@ -142,7 +142,9 @@ def test_gpt2_shakespeare_bits_per_byte_is_per_byte():
 
 def test_default_config_is_byte_shakespeare_and_jax_picks_the_shard():
     config = data.default_data_config()
-    assert dict(config) == {"source": "shakespeare", "tokenizer": "byte", "val_fraction": 0.05}
+    assert {key: config[key] for key in ("source", "tokenizer", "val_fraction")} == {
+        "source": "shakespeare", "tokenizer": "byte", "val_fraction": 0.05}
+    assert set(config) == {"source", "tokenizer", "val_fraction", "val_rows", *data.TASKS}  # + synthetic tasks
     datasets = data.make_datasets(config, seq_len=32, batch_size=4, seed=0)
     text = datasets.tokenizer.decode(next(datasets.train_iter)["inputs"][0])
     assert len(text) == 32 and "#" not in text

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from hybrid_jax.data import mqar_batch
+from hybrid_jax.data import mqar_batch, selective_copy_batch
 
 B, T, V, N = 16, 64, 128, 8
 
@@ -54,3 +54,23 @@ def test_errors():
         mqar_batch(0, 2, T, 2 * N, N)
     with pytest.raises(ValueError, match="num_kv_pairs: must be an int >= 1"):
         mqar_batch(0, 2, T, V, 0)
+
+
+def test_selective_copy_targets_are_the_data_tokens_in_order():
+    batch = selective_copy_batch(0, B, T, V, N)
+    inputs, targets, mask = batch["inputs"], batch["targets"], batch["mask"]
+    assert inputs.shape == targets.shape == mask.shape == (B, T)
+    np.testing.assert_array_equal(mask[:, T - N:], 1)
+    assert np.all(mask[:, : T - N] == 0) and np.all(inputs[:, T - N:] == 1)
+    for row in range(B):
+        data_tokens = inputs[row, : T - N][inputs[row, : T - N] != 0]
+        assert len(data_tokens) == N and np.all(data_tokens >= 2)  # noise 0 and cue 1 never copied
+        np.testing.assert_array_equal(targets[row, T - N:], data_tokens)
+    assert not np.array_equal(batch["inputs"], selective_copy_batch(1, B, T, V, N)["inputs"])
+
+
+def test_selective_copy_errors():
+    with pytest.raises(ValueError, match="seq_len .* at least 2 \\* num_tokens"):
+        selective_copy_batch(0, 2, 2 * N - 1, V, N)
+    with pytest.raises(ValueError, match="vocab_size .* >= 3"):
+        selective_copy_batch(0, 2, T, 2, N)

@@ -118,3 +118,10 @@ def test_bad_config_or_data_path_fails_before_compiling(corpus, tmp_path, change
         train(config, str(tmp_path / "run"))
     assert _compiles[0] == compiles_before
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_url_workdir_is_refused_not_written_locally(corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a quiet os.path.abspath would create ./gs:/bucket/run here
+    with pytest.raises(ConfigError, match=r"train\.workdir: 'gs://bucket/run' is a URL"):
+        train(tiny_config(corpus), "gs://bucket/run")
+    assert not os.path.exists(tmp_path / "gs:")

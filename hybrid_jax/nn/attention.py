@@ -11,7 +11,8 @@ dim Dh, for x `[B, T, d_model]`:
 layers carry position). `rope_fraction` < 1 rotates only the first fraction of each head (partial
 rotary). `window=W` restricts each token to the last W tokens (sliding-window attention, e.g. Samba);
 it also bounds the decode cache to W tokens. `qk_norm` applies a per-head RMSNorm to q and k before
-RoPE (OLMo-2 / Qwen-3 style), which keeps logits bounded at scale.
+RoPE (OLMo-2 / Qwen-3 style), which keeps logits bounded at scale. `qkv_bias` / `o_bias` add biases
+to the projections and `lora_rank` > 0 puts LoRA adapters on them (`hybrid_jax.nn.lora`).
 
 Decoding. The cache is `KVCache(k, v)`, each `[B, S, HKV, Dh]` in the compute dtype, a ring buffer of
 S = min(max_len, W) slots (S = max_len without a window): position p lives in slot p mod S, so a
@@ -30,7 +31,6 @@ from flax import nnx
 from ml_collections import config_dict
 
 from hybrid_jax.checks import check_number, fail
-from hybrid_jax.nn.common import Dense
 from hybrid_jax.nn.kv_cache import (
     KVCache,
     check_attention_impl,
@@ -39,6 +39,7 @@ from hybrid_jax.nn.kv_cache import (
     written_in_place,
 )
 from hybrid_jax.nn.layer_config import check_heads, check_optional_ints, heads_and_dim
+from hybrid_jax.nn.lora import attention_projections, check_projection_config, projection_defaults
 from hybrid_jax.nn.norms import RMSNorm
 from hybrid_jax.nn.registry import Mixer, register_mixer
 from hybrid_jax.nn.rope import apply_rope, rotary_dim_for
@@ -66,6 +67,7 @@ class Attention(Mixer):
                 "window": config_dict.placeholder(int),  # None: global causal; W: last W tokens
                 "qk_norm": False,
                 "impl": "chunk",
+                **projection_defaults(),  # biases and LoRA adapters (hybrid_jax.nn.lora); off by default
             }
         )
 
@@ -81,6 +83,7 @@ class Attention(Mixer):
             fail("rope_fraction", f"{cfg.rope_fraction} rotates no dims of head_dim={head_dim}; "
                                   f"use rope=False for NoPE")
         check_attention_impl(cfg)
+        check_projection_config(cfg)
 
     @classmethod
     def cache_bytes(cls, cfg, d_model: int, context: int, dtype_bytes: int = 2) -> int:
@@ -101,10 +104,8 @@ class Attention(Mixer):
         self.rotary_dim = rotary_dim_for(self.head_dim, cfg.rope_fraction) if cfg.rope else 0
         self.rope_theta, self.window, self.impl = cfg.rope_theta, cfg.window, cfg.impl
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
-        self.q_proj = Dense(d_model, (heads, head_dim), ("embed", "heads", "kv"), rngs=rngs)
-        self.k_proj = Dense(d_model, (kv_heads, head_dim), ("embed", "kv_heads", "kv"), rngs=rngs)
-        self.v_proj = Dense(d_model, (kv_heads, head_dim), ("embed", "kv_heads", "kv"), rngs=rngs)
-        self.o_proj = Dense((heads, head_dim), d_model, ("heads", "kv", "embed"), rngs=rngs)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attention_projections(
+            cfg, d_model, heads, kv_heads, head_dim, rngs=rngs)
         self.q_norm = RMSNorm(head_dim) if cfg.qk_norm else None
         self.k_norm = RMSNorm(head_dim) if cfg.qk_norm else None
 

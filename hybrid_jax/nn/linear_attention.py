@@ -33,7 +33,8 @@ from flax import nnx
 from ml_collections import config_dict
 
 from hybrid_jax.checks import check_choice, fail
-from hybrid_jax.nn.common import NO_DECAY, WEIGHT, Dense, logical_param
+from hybrid_jax.nn.common import Dense
+from hybrid_jax.nn.feature_maps import HedgehogFeatureMap
 from hybrid_jax.nn.layer_config import (
     check_heads,
     check_impl,
@@ -49,20 +50,6 @@ from hybrid_jax.ops.linear_attention import gla, gla_step, linear_attention, lin
 
 FEATURE_MAPS = ("identity", "elu", "relu", "hedgehog")
 OUTPUT_NORMS = ("rmsnorm", "denominator")
-
-
-class HedgehogFeatureMap(nnx.Module):
-    """[softmax(x A_h + b_h), softmax(-(x A_h + b_h))] per head: `[B, T, H, D]` -> `[B, T, H, 2D]`."""
-
-    def __init__(self, heads: int, dim: int, *, rngs: nnx.Rngs | None = None):
-        del rngs  # identity init, as in Hedgehog: training starts from the parameter-free two-sided softmax
-        identity = jnp.broadcast_to(jnp.eye(dim, dtype=jnp.float32), (heads, dim, dim))
-        self.weight = logical_param(identity, ("heads", "kv", None), role=WEIGHT)
-        self.bias = logical_param(jnp.zeros((heads, dim), jnp.float32), ("heads", "kv"), role=NO_DECAY)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = jnp.einsum("bthd,hde->bthe", x.astype(jnp.float32), self.weight[...]) + self.bias[...]
-        return jnp.concatenate([jax.nn.softmax(h, axis=-1), jax.nn.softmax(-h, axis=-1)], axis=-1).astype(x.dtype)
 
 
 ELEMENTWISE_FEATURE_MAPS = {

@@ -8,6 +8,7 @@ from flax import nnx
 from hybrid_jax.nn import MIXERS, build_mixer, mixer_config
 from hybrid_jax.nn.kv_cache import KVCache
 from hybrid_jax.nn.linear_mixer import RecurrentCache
+from hybrid_jax.nn.lolcats import LolcatsCache
 from hybrid_jax.nn.mla import LatentCache
 from hybrid_jax.nn.sparse_attention import BlockSparseCache
 from hybrid_jax.ops.log_linear import FenwickState
@@ -41,6 +42,8 @@ VARIANTS = {
                                             chunk_size=4)),
     "rg_lru": ("rg_lru", dict(num_heads=2, expand=1.5, chunk_size=4)),
     "qla": ("qla", dict(num_heads=2, chunk_size=4)),  # (no candidates here: tests/nn/test_qla.py has them)
+    # window 3 of 11 tokens: decoding folds each token leaving the window into the linear state
+    "lolcats": ("lolcats", dict(num_heads=4, num_kv_heads=2, window=3, feature_dim=6, chunk_size=4)),
 }
 
 
@@ -65,6 +68,9 @@ def test_prefill_then_decode_equals_forward(name):
         assert sparse.block_keys.shape == (B, 6, 2, 8) and sparse.block_keys.dtype == jnp.float32
         if kind == "nsa":  # the window's ring, a compressed token per block, the open block's sources
             assert [c.k.shape[1] for c in cache[1:]] == [3, 6, 2]
+    elif kind == "lolcats":  # constant memory: the linear state and a ring of exactly `window` slots
+        assert isinstance(cache, LolcatsCache) and cache.window.k.shape[:2] == (B, 3)
+        assert cache.state.shape == (B, 4, 12, 9) and cache.state.dtype == jnp.float32
     elif kind == "mla":
         assert isinstance(cache, LatentCache)
         assert cache.latent.shape == (B, TOTAL, 1, overrides["kv_lora_rank"] + overrides["qk_rope_head_dim"])

@@ -22,6 +22,8 @@ SMALL = {
     "block_sparse": dict(num_heads=4, num_kv_heads=2, block_size=2, top_k=2),  # T = 12: 6 blocks, 2 read
     "nsa": dict(num_heads=4, num_kv_heads=2, block_size=2, top_k=2, window=3),
     "rg_lru": dict(num_heads=4, chunk_size=4),
+    # window 4 < T: both the window softmax and the linear part (feature maps) see tokens
+    "lolcats": dict(num_heads=4, num_kv_heads=2, window=4, feature_dim=8, chunk_size=4),
 }
 for _kind in sorted(MIXERS):
     if _kind not in SMALL and "chunk_size" in get_mixer(_kind).default_config():

@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CONFIGS = sorted(os.path.splitext(os.path.basename(path))[0]
                  for path in glob.glob(os.path.join(ROOT, "experiments", "configs", "*.py"))
                  if not path.endswith("__init__.py"))
-NO_DECAY_NAMES = {"A_log", "dt_bias", "D", "bias", "level_weight", "a_param"}  # a_param: RG-LRU Lambda
+# a_param: RG-LRU Lambda; window_factor: LoLCATs' window/linear mixing logit
+NO_DECAY_NAMES = {"A_log", "dt_bias", "D", "bias", "level_weight", "a_param", "window_factor"}
 
 
 def _expected_decay(path: tuple, decay_embeddings: bool) -> bool:

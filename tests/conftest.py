@@ -18,18 +18,3 @@ from hypothesis import settings  # noqa: E402
 # Every example compiles new shapes: keep the count small and never time out on compilation.
 settings.register_profile("jax", max_examples=6, deadline=None, derandomize=True, print_blob=True)
 settings.load_profile("jax")
-
-# Files that run for a minute or more on one core (notebook kernels, trainer subprocesses), in the
-# order they are handed out: `pytest -n 2 --dist loadfile` gives files to workers in collection
-# order, so starting the long ones first lets the many short files fill in behind them instead of
-# one long file running alone at the end.
-_LONG_FIRST = ("tests/notebooks/test_0", "tests/test_sweep.py", "tests/lolcats/")
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item):
-        path = item.nodeid.replace(os.sep, "/")
-        path = path if path.startswith("tests/") else "tests/" + path
-        return next((i for i, prefix in enumerate(_LONG_FIRST) if path.startswith(prefix)), len(_LONG_FIRST))
-
-    items.sort(key=rank)  # stable: the order within each group is kept

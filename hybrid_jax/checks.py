@@ -83,6 +83,39 @@ def check_divides(divisor_key: str, divisor: int, total_key: str, total: int) ->
         fail(divisor_key, f"{divisor} must divide {total_key} ({total})")
 
 
+def check_known_keys(config, schema, prefix: str = "", *, defaults: str, opaque: Sequence[str] = ()) -> None:
+    """`config` has exactly the keys of `schema`, recursing into sections (dicts / ConfigDicts) except
+    the dotted paths in `opaque`, whose contents their own checks own (e.g. "model.mixers").
+    `defaults` names the function that builds complete configs, for the missing-key message."""
+    for key in schema.keys():
+        if key not in config:
+            fail(key_path(prefix, key), f"missing; build configs from {defaults}")
+    for key in config.keys():
+        full = key_path(prefix, key)
+        if key not in schema:
+            fail(full, f"unknown config key; valid keys{' in ' + prefix if prefix else ''} are {sorted(schema.keys())}")
+        if full not in opaque and hasattr(schema[key], "keys"):
+            if not hasattr(config[key], "keys"):
+                fail(full, f"must be a config section, got {config[key]!r}")
+            check_known_keys(config[key], schema[key], full, defaults=defaults, opaque=opaque)
+
+
+def check_optimiser(section, prefix: str) -> None:
+    """The AdamW + warmup-cosine keys that `hybrid_jax.train.optim.make_optimizer` reads."""
+    check_int(section, "steps", prefix=prefix)
+    check_int(section, "warmup_steps", minimum=0, prefix=prefix)
+    if section.warmup_steps >= section.steps:  # the cosine decay needs at least one step after the warmup
+        fail(key_path(prefix, "warmup_steps"),
+             f"{section.warmup_steps} must be smaller than {key_path(prefix, 'steps')} ({section.steps})")
+    check_positive_number(section, "learning_rate", prefix=prefix)
+    check_number(section, "min_learning_rate_ratio", low=0, high=1, prefix=prefix)
+    for key in ("b1", "b2"):
+        check_number(section, key, low=0, high=1, high_inclusive=False, prefix=prefix)
+    check_number(section, "weight_decay", low=0, prefix=prefix)
+    check_number(section, "grad_clip", low=0, prefix=prefix)  # 0 turns clipping off
+    check_positive_number(section, "adam_eps", prefix=prefix)
+
+
 def _interval(low, high, low_inclusive, high_inclusive) -> str:
     if low is not None and high is not None:
         return f"in {'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"

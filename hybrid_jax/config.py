@@ -32,11 +32,11 @@ from hybrid_jax.checks import (
     check_choice,
     check_divides,
     check_int,
-    check_number,
+    check_known_keys,
+    check_optimiser,
     check_positive_number,
     fail,
     is_int,
-    key_path,
 )
 from hybrid_jax.data.schema import default_data_section, validate_data_section
 from hybrid_jax.nn import MIXERS, mixer_config, resolve_mixer_config
@@ -123,25 +123,13 @@ def get_default_config() -> ConfigDict:
     return config
 
 
+_DEFAULTS = "hybrid_jax.config.get_default_config()"
+
+
 def layer_pattern(model_cfg) -> list[str]:
     """The mixer letter of every layer: `model.pattern` repeated to `model.num_layers`."""
     period = len(model_cfg.pattern)
     return list(model_cfg.pattern) * (model_cfg.num_layers // period)
-
-
-def _check_known_keys(config, schema, path: str) -> None:
-    """`config` has exactly the keys of `schema` (recursing into sections, not into model.mixers)."""
-    for key in schema.keys():
-        if key not in config:
-            fail(key_path(path, key), "missing; build configs from hybrid_jax.config.get_default_config()")
-    for key in config.keys():
-        full = key_path(path, key)
-        if key not in schema:
-            fail(full, f"unknown config key; valid keys{' in ' + path if path else ''} are {sorted(schema.keys())}")
-        if full != "model.mixers" and isinstance(schema[key], ConfigDict):
-            if not isinstance(config[key], ConfigDict):
-                fail(full, f"must be a config section, got {config[key]!r}")
-            _check_known_keys(config[key], schema[key], full)
 
 
 def resolved_mixers(model_cfg) -> dict[str, ConfigDict]:
@@ -202,7 +190,7 @@ def ffn_plan(model_cfg) -> list[str]:
 
 def validate_model(model_cfg) -> dict[str, ConfigDict]:
     """Checks the `model` section; returns the resolved mixer config of every letter."""
-    _check_known_keys(model_cfg, get_default_config().model, "model")
+    check_known_keys(model_cfg, get_default_config().model, "model", defaults=_DEFAULTS, opaque=("model.mixers",))
     for key in ("vocab_size", "d_model", "num_layers"):
         check_int(model_cfg, key, prefix="model")
     _check_pattern(model_cfg)
@@ -282,23 +270,14 @@ def _check_batch_layout(config, device_count: int | None, process_count: int) ->
 
 def _validate_train(tc) -> None:
     """The `train` section, including what only the trainer and the optimiser read."""
-    for key in ("steps", "batch_size", "grad_accum_steps", "seq_len", "log_every", "eval_every", "eval_steps",
+    for key in ("batch_size", "grad_accum_steps", "seq_len", "log_every", "eval_every", "eval_steps",
                 "checkpoint_every", "keep_checkpoints"):
         check_int(tc, key, prefix="train")
-    check_int(tc, "warmup_steps", minimum=0, prefix="train")
+    check_optimiser(tc, "train")
     check_int(tc, "seed", minimum=0, prefix="train")
     if tc.seed >= 2**32:  # grain's shuffle seed is 32 bits
         fail("train.seed", f"must be < 2**32, got {tc.seed}")
     check_divides("train.grad_accum_steps", tc.grad_accum_steps, "train.batch_size", tc.batch_size)
-    if tc.warmup_steps >= tc.steps:  # the cosine decay needs at least one step after the warmup
-        fail("train.warmup_steps", f"{tc.warmup_steps} must be smaller than train.steps ({tc.steps})")
-    check_positive_number(tc, "learning_rate", prefix="train")
-    check_number(tc, "min_learning_rate_ratio", low=0, high=1, prefix="train")
-    for key in ("b1", "b2"):
-        check_number(tc, key, low=0, high=1, high_inclusive=False, prefix="train")
-    check_number(tc, "weight_decay", low=0, prefix="train")
-    check_number(tc, "grad_clip", low=0, prefix="train")  # 0 turns clipping off
-    check_positive_number(tc, "adam_eps", prefix="train")
     check_choice(tc, "decay_embeddings", (True, False), prefix="train")
 
 
@@ -311,7 +290,7 @@ def validate(config, *, device_count: int | None = None, process_count: int = 1)
     counts fails in `hybrid_jax.train.train` only for what the config cannot know (the data path,
     the tokenizer's vocabulary, the checkpoints already in the workdir).
     """
-    _check_known_keys(config, get_default_config(), "")
+    check_known_keys(config, get_default_config(), "", defaults=_DEFAULTS, opaque=("model.mixers",))
     validate_model(config.model)
     _validate_train(config.train)
     validate_data_section(config.data, seq_len=config.train.seq_len, vocab_size=config.model.vocab_size,

@@ -26,7 +26,9 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from hybrid_jax.checks import check_choice, check_int, check_number, check_positive_number, fail
+from hybrid_jax.checks import (
+    check_choice, check_int, check_known_keys, check_number, check_optimiser, fail,
+)
 from hybrid_jax.lolcats.selection import RULES
 from hybrid_jax.nn.lora import LORA_TARGETS
 
@@ -60,32 +62,9 @@ def get_default_config() -> ml_collections.ConfigDict:
     return config
 
 
-def _check_optimiser(section, prefix: str) -> None:
-    check_int(section, "steps", prefix=prefix)
-    check_int(section, "warmup_steps", minimum=0, prefix=prefix)
-    if section.warmup_steps >= section.steps:
-        fail(f"{prefix}.warmup_steps", f"{section.warmup_steps} must be smaller than {prefix}.steps ({section.steps})")
-    check_positive_number(section, "learning_rate", prefix=prefix)
-    check_number(section, "min_learning_rate_ratio", low=0, high=1, prefix=prefix)
-    for key in ("b1", "b2"):
-        check_number(section, key, low=0, high=1, high_inclusive=False, prefix=prefix)
-    check_number(section, "weight_decay", low=0, prefix=prefix)
-    check_number(section, "grad_clip", low=0, prefix=prefix)
-    check_positive_number(section, "adam_eps", prefix=prefix)
-
-
-def _check_keys(config, schema, path: str = "") -> None:
-    for key in config.keys():
-        full = f"{path}.{key}" if path else key
-        if key not in schema:
-            fail(full, f"unknown config key; valid keys{' in ' + path if path else ''} are {sorted(schema.keys())}")
-        if isinstance(schema[key], ml_collections.ConfigDict):
-            _check_keys(config[key], schema[key], full)
-
-
 def validate(config) -> ml_collections.ConfigDict:
     """Checks `config`; one ValueError naming the first bad key. Returns it."""
-    _check_keys(config, get_default_config())
+    check_known_keys(config, get_default_config(), defaults="hybrid_jax.lolcats.config.get_default_config()")
     check_int(config, "seed", minimum=0)
     text = config.text
     if text.source != "python_reference" and not str(text.source).endswith(".txt"):
@@ -99,10 +78,10 @@ def validate(config) -> ml_collections.ConfigDict:
     if config.transfer.seq_len <= config.lolcats.window:
         fail("transfer.seq_len", f"{config.transfer.seq_len} must exceed lolcats.window ({config.lolcats.window}): "
              "shorter sequences give the feature maps nothing to learn")
-    _check_optimiser(config.transfer, "transfer")
+    check_optimiser(config.transfer, "transfer")
     for key in ("lora_rank", "batch_size", "seq_len", "log_every", "checkpoint_every"):
         check_int(config.finetune, key, prefix="finetune")
-    _check_optimiser(config.finetune, "finetune")
+    check_optimiser(config.finetune, "finetune")
     check_int(config.selection, "num_softmax", minimum=0, prefix="selection")
     check_choice(config.selection, "rule", RULES, prefix="selection")
     counts = tuple(config.report.softmax_counts)

@@ -7,7 +7,7 @@ Per (batch, head), q already scaled, state S in R^{K x V}, o_t = S_t^T q_t:
 
 with g `[.., K]` per channel, `[.., 1]` one scalar broadcast over K, or None (no decay). The call
 cuts time into chunks (`chunk_math.to_chunks`: padding with identity steps, k = v = g = beta = 0),
-flattens heads into the batch, and runs the `jax.custom_vjp` `chunk_math.chunked_recurrence` on the
+flattens heads into the batch, and runs the `jax.custom_vjp` `recurrence.chunked_recurrence` on the
 backend's state-pass kernels.
 
 Backends: "gpu" (Pallas Triton) and "tpu" (Mosaic TPU); the default follows jax.devices()[0]. When
@@ -28,7 +28,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.chunk_math import KernelConfig, chunked_recurrence, from_chunks, to_chunks
+from pallas_kernels.chunk_math import KernelConfig, from_chunks, to_chunks
+from pallas_kernels.recurrence import chunked_recurrence
 from pallas_kernels.front_end import check_isolated, check_rank, check_shape, check_time, to_f32
 # Both backends load with this module, which loads on the first kernel call (never with hybrid_jax):
 # Pallas interpret mode imports the Mosaic TPU modules lazily, which registers a config option and so
@@ -158,7 +159,7 @@ def _kernel_chunks(x, chunk, d_pad=None):
 
 
 def gated_recurrence(q, k, v, g, beta, state, *, chunk_size, backend=None, interpret=None, block_v=None,
-                     isolated=None):
+                     isolated=None, resets=None, safe_gate=False, precision="highest"):
     """The gated (delta) recurrence on Pallas kernels.
 
     q, k `[B, T, H, K]` (heads expanded, q scaled), v `[B, T, H, V]`, g `[B, T, H, K or 1]` or None,
@@ -167,7 +168,11 @@ def gated_recurrence(q, k, v, g, beta, state, *, chunk_size, backend=None, inter
     mode when that platform is not the backend's; block_v: V tile per program (see module docstring);
     isolated `[B, T, H]` bool or None: tokens that read and do not write, honoured by the chunk terms
     (`chunk_math.isolate`: identity steps for the state pass, their own reads on the diagonal), so the
-    kernels themselves are unchanged.
+    kernels themselves are unchanged. resets `[B, T, H]` bool or None: packed documents, the tokens
+    before which the state restarts from zero (padding must already be identity steps, k = v = g =
+    beta = 0), honoured by the chunk terms too (`chunk_math.document_runs`).
+    safe_gate, precision: the terms' options (`chunk_math.chunk_terms`);
+    the kernels' own matmuls follow `jax.default_matmul_precision`.
     Returns (o `[B, T, H, V]` float32, final state `[B, H, K, V]` float32); differentiable.
     """
     plan = _plan(q, k, v, g, beta, state, chunk_size, backend, interpret, block_v)
@@ -179,11 +184,14 @@ def gated_recurrence(q, k, v, g, beta, state, *, chunk_size, backend=None, inter
     per_channel = g.shape[-1] != 1
     inputs = (_kernel_chunks(q, chunk, plan.k_pad), _kernel_chunks(k, chunk, plan.k_pad),
               _kernel_chunks(v, chunk, plan.v_pad), _kernel_chunks(g, chunk, plan.k_pad if per_channel else None))
-    if beta is not None or isolated is not None:
-        inputs += (None if beta is None else _kernel_chunks(beta[..., None], chunk)[..., 0],)
-    if check_isolated("gated_recurrence", isolated, (b, t, h), layout="[B, T, H]") is not None:
-        inputs += (_kernel_chunks(isolated[..., None].astype(jnp.float32), chunk)[..., 0],)
+    isolated = check_isolated("gated_recurrence", isolated, (b, t, h), layout="[B, T, H]")
+    resets = check_isolated("gated_recurrence", resets, (b, t, h), name="resets", layout="[B, T, H]")
+    per_token = lambda x: None if x is None else _kernel_chunks(x[..., None], chunk)[..., 0]  # noqa: E731
+    inputs += tuple(per_token(x) for x in (beta, isolated, resets))
+    while inputs[-1] is None:  # the forms `chunk_math.chunk_terms` names: trailing Nones dropped
+        inputs = inputs[:-1]
     s0 = jnp.pad(to_f32(state), [(0, 0), (0, 0), (0, plan.k_pad - k_dim), (0, plan.v_pad - v_dim)])
-    o, final = chunked_recurrence(plan.config, inputs, s0.reshape(b * h, plan.k_pad, plan.v_pad))
+    config = plan.config._replace(safe_gate=safe_gate, precision=precision)
+    o, final = chunked_recurrence(config, inputs, s0.reshape(b * h, plan.k_pad, plan.v_pad))
     o = from_chunks(o.reshape((b, h) + o.shape[1:]), t)[..., :v_dim]
     return o, final.reshape(b, h, plan.k_pad, plan.v_pad)[:, :, :k_dim, :v_dim]

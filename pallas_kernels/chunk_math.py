@@ -1,6 +1,6 @@
 r"""The chunked form of the gated recurrences, shared by hybrid_jax.ops and both kernel backends: how
 time is cut into chunks, each chunk's terms (`ChunkTerms`, pure JAX, run by XLA), the per-chunk state
-step, and the `jax.custom_vjp` that puts the state-pass kernels in the middle.
+step, and the kernels' operand layout.
 
 Layout: time is cut into N chunks of C positions, `[B, T, H, .]` -> `[B, H, N, C, .]` (`to_chunks`,
 zero padded; `from_chunks` goes back); the kernels flatten B and H into one axis, `[BH, N, C, .]`.
@@ -18,32 +18,41 @@ Everything but the last line depends only on the chunk's own inputs and runs for
 relative decays exp(G_i - G_m), i >= m (numbers in (0, 1]), are ever formed, so g = -20 per step
 stays finite. A per-channel decay splits the chunk into sub-chunks of s positions: a block of queries
 after the keys goes through the sub-chunk's first position r, exp(G_i - G_m) = exp(G_i - G_r)
-exp(G_r - G_m) (both factors <= 1, one matmul); diagonal blocks are explicit s x s x K products.
-A sequence shorter than a chunk is one chunk, rounded up to whole sub-chunks under a per-channel
-decay (`chunk_length`). The derivations are in the repository's docs/chunked_algorithms.md.
+exp(G_r - G_m) (both factors <= 1, one matmul); diagonal blocks are explicit s x s x K products,
+unless the gate is safe (`safe_gate`: every g >= -5), when they are matmuls through a reference in
+the middle of the sub-chunk (`intra_chunk.decayed_products`, which also holds the inverse of the WY
+transform). A sequence shorter than a chunk is one chunk, rounded up to whole sub-chunks under a
+per-channel decay (`chunk_length`). Every matmul runs at one of `precision.PRECISIONS`. The derivations are in the repository's docs/chunked_algorithms.md.
 
 Isolated tokens (read, do not write; `isolate`): identity steps (k = g = beta = 0) of the terms every
 other row and the state pass see, reading S_{i-1} through q'_i = (q_i - b_i (q_i . k_i) k_i) exp(g_i)
 and their own write through the diagonal of Tril(Aqk); the kernels need no change.
 
-Gradients (`chunked_recurrence`): the forward runs the terms in XLA and the forward kernel. The
-backward recomputes the terms under `jax.vjp`, re-runs the forward kernel to recover the state
-entering each chunk, runs the reverse kernel for the state cotangents
-    dU_c = Tril(Aqk)^T dO_c + (K * exp(G_C - G)) dS_{c+1}
-    dS_c = (Q * Gam)^T dO_c + Diag(Gam_C) dS_{c+1} - W^T dU_c
-and differentiates the per-chunk step (`chunk_step`) in pure JAX, all chunks at once.
+Packed documents (`resets`: the tokens before which the state restarts from zero; `document_runs`):
+with r_i the number of resets in the chunk at or before i, Aqk and Akk keep only pairs with
+r_i == r_m, Q Gam and K Gam (so W) only rows with r_i == 0, K exp(G_C - G) only rows with
+r_m == r_C, and Gam_C is zeroed when the chunk holds a reset. A reset may fall anywhere in a chunk;
+the state pass and the kernels need no change.
+
+The sequential pass over chunks and the `jax.custom_vjp` with a recomputing backward, on XLA or on
+the state-pass kernels, are in `pallas_kernels.recurrence`.
 """
 from __future__ import annotations
 
-import functools
-import importlib
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-SUB_CHUNK = 16  # sub-chunk length for per-channel decays
+from pallas_kernels.intra_chunk import (  # noqa: F401  (re-exported: the vocabulary of the chunked form)
+    MIN_LOWER_BOUND,
+    SUB_CHUNK,
+    decayed_products,
+    invert_unit_lower,
+    sub_chunk_length,
+)
+from pallas_kernels.precision import PRECISIONS, dot, matmul, matmul_t, resolve_precision  # noqa: F401
 
 
 class ChunkTerms(NamedTuple):
@@ -60,12 +69,16 @@ class ChunkTerms(NamedTuple):
 
 
 class KernelConfig(NamedTuple):
-    """Static choices of one call: chunk length, backend ("gpu" | "tpu"), interpret mode, V tile."""
+    """Static choices of one call: chunk length, backend ("gpu" | "tpu" kernels, or "xla" for the
+    pure-JAX passes of `pallas_kernels.recurrence`), interpret mode, V tile, and the terms' options (`safe_gate`, matmul `precision`, see `chunk_terms`)."""
 
     chunk: int
     backend: str
     interpret: bool
     block_v: int
+    safe_gate: bool = False
+    precision: str = "highest"
+    block_chunks: int = 0  # backend "xla": chunks per block of the blocked passes (0: all at once)
 
 
 # ----------------------------------------------------------------------------- cutting time into chunks
@@ -82,11 +95,6 @@ def chunk_length(length: int, chunk_size: int, *, per_channel: bool) -> int:
         return length
     sub = math.gcd(chunk_size, SUB_CHUNK)
     return min(chunk_size, -(-length // sub) * sub)
-
-
-def sub_chunk_length(chunk: int) -> int:
-    """The sub-chunk length a per-channel decay uses inside a chunk of `chunk` positions."""
-    return math.gcd(chunk, SUB_CHUNK)
 
 
 def pad_time(x: jax.Array, multiple: int, axis: int = 1, value: float = 0.0) -> jax.Array:
@@ -117,43 +125,6 @@ def from_chunks(x: jax.Array, length: int) -> jax.Array:
 # ----------------------------------------------------------------------------- the per-chunk terms
 
 
-def decayed_products(xs: tuple[jax.Array, ...], y: jax.Array, G: jax.Array) -> tuple[jax.Array, ...]:
-    """For each x in `xs`: P[..., i, m] = sum_c x_i[c] y_m[c] exp(G_i[c] - G_m[c]) for m <= i, else 0.
-
-    x, y `[..., C, K]`; G `[..., C, K]` (per channel) or `[..., C, 1]` (scalar), non-increasing along C.
-    The decay factors depend only on G, so Aqk and Akk share them (the exps dominate the cost).
-    """
-    c = y.shape[-2]
-    if G.shape[-1] == 1:  # scalar decay: one matmul times the masked relative decay
-        causal = jnp.tril(jnp.ones((c, c), bool))
-        decay = jnp.exp(jnp.where(causal, G[..., :, None, 0] - G[..., None, :, 0], -jnp.inf))
-        return tuple((x @ jnp.swapaxes(y, -1, -2)) * decay for x in xs)
-    s = sub_chunk_length(c)
-    n_sub = c // s
-    lead = y.shape[:-2]
-    split = lambda a: a.reshape(lead + (n_sub, s, a.shape[-1]))  # noqa: E731
-    ys, Gs = split(y), split(G)
-    G_ref = Gs[..., :, :1, :]  # [.., n_sub, 1, K]: first position r of each query sub-chunk
-    # Off-diagonal: keys m < r, through the reference position (mask before the exp).
-    key_before_ref = jnp.arange(c)[None, :] < (jnp.arange(n_sub) * s)[:, None]  # [n_sub, C]
-    y_to_ref = y[..., None, :, :] * jnp.exp(
-        jnp.where(key_before_ref[..., None], G_ref - G[..., None, :, :], -jnp.inf))
-    from_ref = jnp.exp(Gs - G_ref)
-    # Diagonal blocks: explicit s x s x K products.
-    in_block = jnp.tril(jnp.ones((s, s), bool))[..., None]
-    y_rel = ys[..., None, :, :] * jnp.exp(
-        jnp.where(in_block, Gs[..., :, None, :] - Gs[..., None, :, :], -jnp.inf))
-    block_eye = jnp.eye(n_sub, dtype=y.dtype)[:, None, :, None]
-    products = []
-    for x in xs:
-        x_sub = split(x)
-        off = jnp.einsum("...aik,...amk->...aim", x_sub * from_ref, y_to_ref)
-        diag = jnp.einsum("...aik,...aimk->...aim", x_sub, y_rel)
-        full = off.reshape(lead + (n_sub, s, n_sub, s)) + diag[..., :, :, None, :] * block_eye
-        products.append(full.reshape(lead + (c, c)))
-    return tuple(products)
-
-
 def isolate(q, k, g, beta, isolated):
     """The inputs of the carried recurrence when the tokens where `isolated` `[.., C]` is nonzero read
     but do not write, and what each isolated row adds on its own diagonal.
@@ -176,10 +147,14 @@ def isolate(q, k, g, beta, isolated):
     return q, k, g, beta, jnp.where(iso, qk, 0.0), iso
 
 
-def chunk_terms(q, k, v, g, beta=None, isolated=None) -> ChunkTerms:
+def chunk_terms(q, k, v, g, beta=None, isolated=None, resets=None, *, safe_gate: bool = False,
+                precision: str = "highest") -> ChunkTerms:
     """Each chunk's terms from chunked q, k `[.., N, C, K]`, v `[.., N, C, V]`, g `[.., N, C, K or 1]`
-    (or None: no decay), beta `[.., N, C]` (None: the non-delta form) and `isolated` `[.., N, C]`
-    (None, or a mask, bool or 0/1 float, of the tokens that read and do not write: `isolate`).
+    (or None: no decay), beta `[.., N, C]` (None: the non-delta form), `isolated` `[.., N, C]`
+    (None, or a mask, bool or 0/1 float, of the tokens that read and do not write: `isolate`) and
+    `resets` `[.., N, C]` (None, or a mask of the tokens before which the state restarts from zero:
+    the first tokens of packed documents, `document_runs`). `safe_gate`: a promise that every
+    g >= MIN_LOWER_BOUND (`decayed_products`); `precision`: the matmul precision (`PRECISIONS`).
 
     Isolated rows are identity steps of the carried recurrence (so they reach no other row and no
     state), read S_{i-1} through q'_i, and add d_i u_i through the diagonal of Tril(Aqk), with
@@ -189,7 +164,8 @@ def chunk_terms(q, k, v, g, beta=None, isolated=None) -> ChunkTerms:
     if isolated is not None:
         beta_in = beta
         q, k, g, beta, diag, iso = isolate(q, k, g, beta, isolated)
-    terms = _chunk_terms(q, k, v, g, beta)
+    runs = None if resets is None else document_runs(resets)
+    terms = _chunk_terms(q, k, v, g, beta, safe_gate, precision, runs)
     if isolated is None:
         return terms
     u_bar = terms.u_bar if beta is None else jnp.where(iso[..., None], beta_in[..., None] * v, terms.u_bar)
@@ -197,37 +173,72 @@ def chunk_terms(q, k, v, g, beta=None, isolated=None) -> ChunkTerms:
     return terms._replace(attn=terms.attn + diag[..., None] * eye, u_bar=u_bar)
 
 
-def _chunk_terms(q, k, v, g, beta) -> ChunkTerms:
+class DocumentRuns(NamedTuple):
+    """Where packed documents cut one chunk (`document_runs`), as 0/1 float masks."""
+
+    same: jax.Array  # [.., C, C]: positions i, m in the same run (no document start in (m, i])
+    first: jax.Array  # [.., C, 1]: positions in the chunk's first run (they continue the entering state)
+    last: jax.Array  # [.., C, 1]: positions in the chunk's last run (they reach the state leaving it)
+
+
+def document_runs(resets: jax.Array) -> DocumentRuns:
+    """The runs of a chunk cut by `resets` `[.., C]` (nonzero where the state restarts from zero before
+    the token: a document's first token). With r_i the number of resets at or before position i
+    (a reset at the chunk's first position counts), a source m reaches a query i only when r_m == r_i,
+    the entering state S_0 reaches only positions with r_i == 0 and only positions with r_m == r_C
+    reach the state leaving the chunk (`_chunk_terms` masks the terms with them)."""
+    runs = jnp.cumsum((resets != 0).astype(jnp.int32), axis=-1)
+    as_float = lambda mask: mask.astype(jnp.float32)  # noqa: E731
+    return DocumentRuns(as_float(runs[..., :, None] == runs[..., None, :]), as_float(runs == 0)[..., None],
+                        as_float(runs == runs[..., -1:])[..., None])
+
+
+def _chunk_terms(q, k, v, g, beta, safe_gate, precision, runs: DocumentRuns | None = None) -> ChunkTerms:
+    """The terms of one chunk (module docstring); with `runs`, those of its documents: Aqk and Akk only
+    within a run, Q Gam and K Gam (so W) only in the first run, K exp(G_C - G) only in the last, and
+    Gam_C zero unless the chunk has a single run. G stays the cumulative decay over the whole chunk
+    (finite: only masked, never -inf), so the products and the state pass are unchanged."""
     G = jnp.cumsum(g, axis=-2)
     gam = jnp.exp(G)
     k_to_end = k * jnp.exp(G[..., -1:, :] - G)
+    chunk_decay = gam[..., -1, :]
+    q_decayed, k_decayed = q * gam, k * gam
+    if runs is not None:
+        q_decayed, k_decayed = q_decayed * runs.first, k_decayed * runs.first
+        k_to_end = k_to_end * runs.last
+        chunk_decay = chunk_decay * runs.first[..., -1, :]
+    options = {"safe_gate": safe_gate, "precision": precision}
     if beta is None:
-        (a_qk,) = decayed_products((q,), k, G)
+        (a_qk,) = decayed_products((q,), k, G, **options)
         w, u_bar = None, v
     else:
-        a_qk, a_kk = decayed_products((q, k), k, G)
+        a_qk, a_kk = decayed_products((q, k), k, G, **options)
         c = k.shape[-2]
         a_kk = jnp.where(jnp.tril(jnp.ones((c, c), bool), -1), a_kk, 0.0)
-        w, u_bar = delta_transform(a_kk, v, beta, k * gam)
-    return ChunkTerms(q * gam, a_qk, w, u_bar, k_to_end, gam[..., -1, :])
+        if runs is not None:
+            a_kk = a_kk * runs.same
+        w, u_bar = delta_transform(a_kk, v, beta, k_decayed, precision)
+    if runs is not None:
+        a_qk = a_qk * runs.same
+    return ChunkTerms(q_decayed, a_qk, w, u_bar, k_to_end, chunk_decay)
 
 
-def delta_transform(a_kk, v, beta, k_decayed):
+def delta_transform(a_kk, v, beta, k_decayed, precision: str = "highest"):
     """The WY / UT transform of the delta rule for one chunk's StrictLower(Akk) `[.., C, C]`,
     v `[.., C, V]`, beta `[.., C]`, K * Gam `[.., C, K]`:
-    Tm = (I + Diag(beta) StrictLower(Akk))^{-1} Diag(beta) by forward substitution (float32),
+    Tm = (I + Diag(beta) StrictLower(Akk))^{-1} Diag(beta) (`invert_unit_lower`, float32),
     returns (W = Tm (K * Gam), Ubar = Tm V)."""
-    eye = jnp.eye(a_kk.shape[-1], dtype=a_kk.dtype)
-    tm = jax.scipy.linalg.solve_triangular(
-        eye + beta[..., :, None] * a_kk, beta[..., :, None] * eye, lower=True, unit_diagonal=True)
-    return tm @ k_decayed, tm @ v
+    inverse = invert_unit_lower(beta[..., :, None] * a_kk)
+    beta = beta[..., :, None]
+    return matmul(inverse, beta * k_decayed, precision), matmul(inverse, beta * v, precision)
 
 
-def chunk_step(terms: ChunkTerms, s: jax.Array):
-    """One chunk in pure JAX: (O `[C, V]`, S_C `[K, V]`) from S_0 `[K, V]` (unbatched; vmap over chunks)."""
-    u = terms.u_bar if terms.w is None else terms.u_bar - terms.w @ s
-    o = terms.q_decayed @ s + terms.attn @ u
-    return o, terms.chunk_decay[:, None] * s + terms.k_to_end.T @ u
+def chunk_step(terms: ChunkTerms, s: jax.Array, precision: str = "highest"):
+    """Chunks in pure JAX: (O `[.., C, V]`, S_C `[.., K, V]`) from S_0 `[.., K, V]`, any leading axes
+    shared by the terms and S_0 (`[B, H, N]` for all chunks at once)."""
+    u = terms.u_bar if terms.w is None else terms.u_bar - matmul(terms.w, s, precision)
+    o = matmul(terms.q_decayed, s, precision) + matmul(terms.attn, u, precision)
+    return o, terms.chunk_decay[..., :, None] * s + matmul_t(terms.k_to_end, u, precision)
 
 
 # ----------------------------------------------------------------------------- the kernels' custom_vjp
@@ -277,53 +288,3 @@ def backward_operands(terms: ChunkTerms, d_o, d_final):
         operands.update(attn=(slabs.attn, "chunk"), k_to_end=(slabs.k_to_end, "chunk"), w=(slabs.w, "chunk"))
     outputs = {"leaving_grad": ((bh, n * k_dim, v_dim), "chunk_v"), "d_initial": ((bh, k_dim, v_dim), "head_v")}
     return operands, outputs, n
-
-
-def _kernels(backend: str):
-    """The state-pass kernels of a backend, `pallas_kernels.gpu.state_pass` or `.tpu.state_pass`,
-    imported on first use: the Triton / Mosaic modules load only when a kernel runs."""
-    return importlib.import_module(f"pallas_kernels.{backend}.state_pass")
-
-
-def _forward(config: KernelConfig, inputs, s0):
-    terms = chunk_terms(*inputs)
-    o, final = _kernels(config.backend).forward_pass(terms, s0, emit_states=False, block_v=config.block_v,
-                                                     interpret=config.interpret)
-    return o.reshape(terms.u_bar.shape[:3] + o.shape[-1:]), final
-
-
-# `config` is static (hashable): a nondiff argument, not traced.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def chunked_recurrence(config: KernelConfig, inputs, s0):
-    """The differentiable chunked recurrence on the state-pass kernels.
-
-    inputs (q, k, v, g), (q, k, v, g, beta) or (q, k, v, g, beta or None, isolated), chunked
-    `[BH, N, C, .]` (beta and the 0/1 float mask isolated `[BH, N, C]`; g with a last dim of K or 1),
-    s0 `[BH, K, V]`. Returns (o `[BH, N, C, V]`, final state `[BH, K, V]`).
-    """
-    return _forward(config, inputs, s0)
-
-
-def _chunked_recurrence_fwd(config, inputs, s0):
-    return _forward(config, inputs, s0), (inputs, s0)
-
-
-def _chunked_recurrence_bwd(config, residuals, cotangents):
-    inputs, s0 = residuals
-    d_o, d_final = cotangents
-    kernels = _kernels(config.backend)
-    terms, terms_vjp = jax.vjp(chunk_terms, *inputs)
-    # The same kernel, emitting the state entering each chunk instead of the outputs.
-    entering, _ = kernels.forward_pass(terms, s0, emit_states=True, block_v=config.block_v,
-                                       interpret=config.interpret)
-    entering = entering.reshape(terms.q_decayed.shape[:2] + terms.q_decayed.shape[-1:] + entering.shape[-1:])
-    d_o_slab = d_o.reshape((d_o.shape[0], -1, d_o.shape[-1]))
-    leaving_grad, d_s0 = kernels.backward(terms, d_o_slab, d_final, block_v=config.block_v,
-                                          interpret=config.interpret)
-    per_chunk = jax.vmap(jax.vmap(chunk_step))  # over BH, then N
-    _, step_vjp = jax.vjp(per_chunk, terms, entering)
-    d_terms, _ = step_vjp((d_o, leaving_grad))
-    return terms_vjp(d_terms), d_s0
-
-
-chunked_recurrence.defvjp(_chunked_recurrence_fwd, _chunked_recurrence_bwd)

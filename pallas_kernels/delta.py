@@ -15,7 +15,7 @@ in-chunk cumulative log decay and Gam = exp(G):
 
 `pallas_kernels.chunk_math.chunk_terms` forms everything but the last line for all chunks at once
 (XLA); the state-pass kernels (`pallas_kernels.gpu.state_pass`, `pallas_kernels.tpu.state_pass`) run
-the last line with S on chip; `chunk_math.chunked_recurrence` is the `jax.custom_vjp` around both.
+the last line with S on chip; `recurrence.chunked_recurrence` is the `jax.custom_vjp` around both.
 `delta_reference` is the token recurrence the kernels are tested against.
 """
 from __future__ import annotations

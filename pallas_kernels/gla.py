@@ -12,7 +12,7 @@ Chunked, per chunk of C positions with G the in-chunk cumulative log decay and G
 
 `pallas_kernels.chunk_math.chunk_terms` forms the chunk terms for all chunks at once (XLA); the
 state-pass kernels (`pallas_kernels.gpu.state_pass`, `pallas_kernels.tpu.state_pass`, with W = 0)
-carry S across chunks on chip and emit O; `chunk_math.chunked_recurrence` is the `jax.custom_vjp`
+carry S across chunks on chip and emit O; `recurrence.chunked_recurrence` is the `jax.custom_vjp`
 around both. `gla_reference` is the token recurrence the kernels are tested against.
 """
 from __future__ import annotations

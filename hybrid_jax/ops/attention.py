@@ -37,6 +37,12 @@ every op in `hybrid_jax.ops` (docs/conventions.md).
 `isolated` `[B, Tk]` (candidate isolation): the key of an isolated position is allowed only for the
 query at that position; every impl adds it to the mask.
 
+`segment_ids` `[B, Tk]` (packed documents over the key positions; docs/conventions.md): with d_j the
+document number of position j (`segments.document_index`, 0 = padding), allowed(p, j) &= [d_p == d_j
+!= 0], so a query attends only its own document, and a padding query (or one at p_i < 0) none: o = 0.
+The chunked form carries d_j with the key blocks; a block (or row) with no allowed key leaves the
+running statistics untouched, so no NaN appears forward or backward.
+
 Decoding: `kv_cache_update` writes one token per batch row into `[B, S, HKV, D]` caches, and
 `softmax_attention_step` attends one query token to the first `length` cache entries.
 """
@@ -48,11 +54,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hybrid_jax.ops import segments
 from hybrid_jax.ops._common import (
     Impl,
     check_floating,
+    check_grouped_heads,
     check_isolated,
     check_rank,
+    check_same_dtype,
+    check_segment_ids,
     check_shape,
     check_time,
     default_scale,
@@ -90,19 +100,29 @@ def _query_positions(tq: int, tk: int) -> np.ndarray:
     return np.arange(tk - tq, tk)
 
 
-def _isolate(allowed, iso, q_pos, k_pos):
-    """`allowed` with the keys of isolated tokens (iso `[B, Tk]`, or a key block of it) visible only to
-    their own query: `[B, Tq, Tk]` (`allowed` itself when iso is None)."""
-    if iso is None:
-        return allowed
-    return allowed & (~iso[:, None, :] | (k_pos == q_pos))
+def _row_masks(allowed, iso, q_doc, k_doc, q_pos, k_pos):
+    """`allowed` with the per-row masks applied: the keys of isolated tokens (iso `[B, Tk]`, or a key
+    block of it) visible only to their own query, and keys only to queries of their own document
+    (q_doc `[B, Tq]`, k_doc `[B, Tk]` or a block of it; 0 = padding). `[B, Tq, Tk]`, or `allowed`
+    itself when neither is given."""
+    if iso is not None:
+        allowed = allowed & (~iso[:, None, :] | (k_pos == q_pos))
+    if q_doc is not None:
+        allowed = allowed & (q_doc[:, :, None] == k_doc[:, None, :]) & (q_doc != 0)[:, :, None]
+    return allowed
+
+
+def _documents(segment_ids, tq: int):
+    """(q_doc `[B, Tq]`, k_doc `[B, Tk]`) document numbers (`segments.query_documents`) or (None, None)."""
+    return (None, None) if segment_ids is None else segments.query_documents(segment_ids, tq)
 
 
 # ---------------------------------------------------------------------------------------------
 # reference
 
 
-def softmax_attention_reference(q, k, v, *, scale: float, causal: bool, window: int | None, isolated=None):
+def softmax_attention_reference(q, k, v, *, scale: float, causal: bool, window: int | None, isolated=None,
+                                segment_ids=None):
     """Full float32 logits and a masked softmax: the ground truth."""
     heads, tq, tk = q.shape[2], q.shape[1], k.shape[1]
     v_dtype = v.dtype
@@ -110,8 +130,9 @@ def softmax_attention_reference(q, k, v, *, scale: float, causal: bool, window: 
     v = repeat_heads(v.astype(_F32), heads)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(_F32), k) * scale
     q_pos, k_pos = _query_positions(tq, tk)[:, None], np.arange(tk)[None, :]
-    allowed = _isolate(_allowed(q_pos, k_pos, causal=causal, window=window), isolated, q_pos, k_pos)
-    weights = masked_softmax(logits, allowed if isolated is None else allowed[:, None])
+    allowed = _row_masks(_allowed(q_pos, k_pos, causal=causal, window=window), isolated,
+                         *_documents(segment_ids, tq), q_pos, k_pos)
+    weights = masked_softmax(logits, allowed if allowed.ndim == 2 else allowed[:, None])
     return jnp.einsum("bhqk,bkhv->bqhv", weights, v).astype(v_dtype)
 
 
@@ -126,32 +147,37 @@ def _key_blocks(x: jax.Array, block: int) -> jax.Array:
     return jnp.moveaxis(x.reshape(b, n, t // block, block, d), 2, 0)
 
 
-def _blocks(k, v, iso, block):
-    """What the flash scans visit: key blocks, value blocks, isolated-key blocks `[Tk / block, B, block]`
-    (or None) and each block's first key position."""
-    tk = k.shape[2]
-    iso_blocks = None if iso is None else jnp.moveaxis(pad_time(iso, block).reshape(iso.shape[0], -1, block), 1, 0)
-    return _key_blocks(k, block), _key_blocks(v, block), iso_blocks, jnp.arange(0, tk + (-tk) % block, block)
+def _row_blocks(x, block: int):
+    """A per-key row mask [B, Tk] -> [Tk / block, B, block], padded with False / 0 (None stays None)."""
+    return None if x is None else jnp.moveaxis(pad_time(x, block).reshape(x.shape[0], -1, block), 1, 0)
 
 
-def _block_logits(q, k_blk, start, tk, scale, causal, window, iso_blk=None):
+def _blocks(k, v, masks, block):
+    """What the flash scans visit: key blocks, value blocks, the per-row key masks (isolated keys, key
+    documents; `_row_blocks`) and each block's first key position."""
+    tk, (iso, _, k_doc) = k.shape[2], masks
+    starts = jnp.arange(0, tk + (-tk) % block, block)
+    return _key_blocks(k, block), _key_blocks(v, block), (_row_blocks(iso, block), _row_blocks(k_doc, block)), starts
+
+
+def _block_logits(q, k_blk, start, tk, scale, causal, window, masks, row_blks):
     """Masked float32 logits [B, N, G, Tq, block] of all queries against one key block."""
     tq, block = q.shape[3], k_blk.shape[2]
     logits = jnp.einsum("bngqd,bnkd->bngqk", q, k_blk, preferred_element_type=_F32) * scale
     q_pos, k_pos = _query_positions(tq, tk)[:, None], (start + jnp.arange(block))[None, :]
     allowed = _allowed(q_pos, k_pos, causal=causal, window=window) & (k_pos < tk)
-    allowed = _isolate(allowed, iso_blk, q_pos, k_pos)
-    return jnp.where(allowed if iso_blk is None else allowed[:, None, None], logits, -jnp.inf)
+    allowed = _row_masks(allowed, row_blks[0], masks[1], row_blks[1], q_pos, k_pos)
+    return jnp.where(allowed if allowed.ndim == 2 else allowed[:, None, None], logits, -jnp.inf)
 
 
-def _flash_forward(q, k, v, iso, scale, causal, window, block):
+def _flash_forward(q, k, v, masks, scale, causal, window, block):
     stats_shape = q.shape[:4]
     tk = k.shape[2]
 
     def visit_block(carry, inputs):
         row_max, denom, acc = carry
-        k_blk, v_blk, iso_blk, start = inputs
-        logits = _block_logits(q, k_blk, start, tk, scale, causal, window, iso_blk)
+        k_blk, v_blk, row_blks, start = inputs
+        logits = _block_logits(q, k_blk, start, tk, scale, causal, window, masks, row_blks)
         new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
         # Rows that have seen no allowed key yet keep max = -inf; shift them by 0 instead.
         shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
@@ -166,7 +192,7 @@ def _flash_forward(q, k, v, iso, scale, causal, window, block):
         jnp.zeros(stats_shape, _F32),
         jnp.zeros(stats_shape + (v.shape[-1],), _F32),
     )
-    (row_max, denom, acc), _ = jax.lax.scan(visit_block, init, _blocks(k, v, iso, block))
+    (row_max, denom, acc), _ = jax.lax.scan(visit_block, init, _blocks(k, v, masks, block))
     seen = denom > 0
     o = acc / jnp.where(seen, denom, 1.0)[..., None]
     # Fully masked rows get L = 0: their logits are all -inf, so recomputed weights are exactly 0.
@@ -174,26 +200,27 @@ def _flash_forward(q, k, v, iso, scale, causal, window, block):
     return o.astype(q.dtype), logsumexp
 
 
-# `iso` (the isolated keys `[B, Tk]` bool, or None) is an input without a cotangent (bwd returns None).
+# `masks` = (isolated keys `[B, Tk]` bool, query documents `[B, Tq]`, key documents `[B, Tk]` int32;
+# each None when not given) is an input without a cotangent (bwd returns None).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _flash_attention(q, k, v, iso, scale, causal, window, block):
-    return _flash_forward(q, k, v, iso, scale, causal, window, block)[0]
+def _flash_attention(q, k, v, masks, scale, causal, window, block):
+    return _flash_forward(q, k, v, masks, scale, causal, window, block)[0]
 
 
-def _flash_attention_fwd(q, k, v, iso, scale, causal, window, block):
-    o, logsumexp = _flash_forward(q, k, v, iso, scale, causal, window, block)
-    return o, (q, k, v, iso, o, logsumexp)
+def _flash_attention_fwd(q, k, v, masks, scale, causal, window, block):
+    o, logsumexp = _flash_forward(q, k, v, masks, scale, causal, window, block)
+    return o, (q, k, v, masks, o, logsumexp)
 
 
 def _flash_attention_bwd(scale, causal, window, block, residuals, do):
-    q, k, v, iso, o, logsumexp = residuals
+    q, k, v, masks, o, logsumexp = residuals
     tk = k.shape[2]
     delta = jnp.sum(do.astype(_F32) * o.astype(_F32), axis=-1)  # D_i = dO_i . O_i = sum_j P_ij dP_ij
     do = do.astype(v.dtype)
 
     def visit_block(dq, inputs):
-        k_blk, v_blk, iso_blk, start = inputs
-        logits = _block_logits(q, k_blk, start, tk, scale, causal, window, iso_blk)
+        k_blk, v_blk, row_blks, start = inputs
+        logits = _block_logits(q, k_blk, start, tk, scale, causal, window, masks, row_blks)
         weights = jnp.exp(logits - logsumexp[..., None])
         dv_blk = jnp.einsum("bngqk,bngqv->bnkv", weights.astype(do.dtype), do, preferred_element_type=_F32)
         dweights = jnp.einsum("bngqv,bnkv->bngqk", do, v_blk, preferred_element_type=_F32)
@@ -202,7 +229,7 @@ def _flash_attention_bwd(scale, causal, window, block, residuals, do):
         dk_blk = jnp.einsum("bngqk,bngqd->bnkd", dlogits, q, preferred_element_type=_F32)
         return dq, (dk_blk, dv_blk)
 
-    dq, (dk, dv) = jax.lax.scan(visit_block, jnp.zeros(q.shape, _F32), _blocks(k, v, iso, block))
+    dq, (dk, dv) = jax.lax.scan(visit_block, jnp.zeros(q.shape, _F32), _blocks(k, v, masks, block))
 
     def unblock(x, like):  # [Tk / block, B, N, block, D] -> [B, N, Tk, D]
         x = jnp.moveaxis(x, 0, 2)
@@ -216,7 +243,7 @@ _flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
 
 
 def softmax_attention_chunk(q, k, v, *, scale: float, causal: bool, window: int | None, block_size: int = 128,
-                            isolated=None):
+                            isolated=None, segment_ids=None):
     """Blocked online softmax over key blocks with an O(T)-memory custom VJP (see the module doc)."""
     b, tq, heads, dk = q.shape
     kv_heads = k.shape[2]
@@ -224,7 +251,8 @@ def softmax_attention_chunk(q, k, v, *, scale: float, causal: bool, window: int 
     q_grouped = q.reshape(b, tq, kv_heads, groups, dk).transpose(0, 2, 3, 1, 4)
     k_grouped, v_grouped = (jnp.swapaxes(x, 1, 2) for x in (k, v))
     block = min(block_size, k.shape[1])
-    o = _flash_attention(q_grouped, k_grouped, v_grouped, isolated, scale, causal, window, block)
+    masks = (isolated, *_documents(segment_ids, tq))
+    o = _flash_attention(q_grouped, k_grouped, v_grouped, masks, scale, causal, window, block)
     return o.transpose(0, 3, 1, 2, 4).reshape(b, tq, heads, v.shape[-1])
 
 
@@ -232,7 +260,8 @@ def softmax_attention_chunk(q, k, v, *, scale: float, causal: bool, window: int 
 # xla
 
 
-def softmax_attention_xla(q, k, v, *, scale: float, causal: bool, window: int | None, isolated=None):
+def softmax_attention_xla(q, k, v, *, scale: float, causal: bool, window: int | None, isolated=None,
+                          segment_ids=None):
     """`jax.nn.dot_product_attention`, with our bottom-right aligned mask where Tq != Tk."""
     if k.shape[-1] != v.shape[-1]:
         raise ValueError(
@@ -242,9 +271,12 @@ def softmax_attention_xla(q, k, v, *, scale: float, causal: bool, window: int | 
     tq, tk = q.shape[1], k.shape[1]
     q_pos, k_pos = _query_positions(tq, tk)[:, None], np.arange(tk)[None, :]
     allowed = _allowed(q_pos, k_pos, causal=causal, window=window)
+    row_has_key = np.any(allowed, axis=1)[None, :, None, None]  # [1 or B, Tq, 1, 1]
     options = {}
-    if isolated is not None:  # a per-row mask [B, 1, Tq, Tk]; every query keeps its own key
-        options["mask"] = _isolate(jnp.asarray(allowed), isolated, q_pos, k_pos)[:, None]
+    if isolated is not None or segment_ids is not None:  # a per-row mask [B, 1, Tq, Tk]
+        rows = _row_masks(jnp.asarray(allowed), isolated, *_documents(segment_ids, tq), q_pos, k_pos)
+        options["mask"] = rows[:, None]
+        row_has_key = jnp.any(rows, axis=2)[:, :, None, None]
     elif tq == tk:
         # Square case: let JAX build the (top-left aligned = ours) masks itself.
         options["is_causal"] = causal
@@ -253,10 +285,9 @@ def softmax_attention_xla(q, k, v, *, scale: float, causal: bool, window: int | 
     elif not np.all(allowed):
         options["mask"] = jnp.asarray(allowed)[None, None]
     o = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla", **options)
-    row_has_key = np.any(allowed, axis=1)
-    if not np.all(row_has_key):
+    if isinstance(row_has_key, jax.Array) or not np.all(row_has_key):
         # dot_product_attention masks with a finite negative, which averages all keys on empty rows.
-        o = jnp.where(jnp.asarray(row_has_key)[None, :, None, None], o, jnp.zeros((), o.dtype))
+        o = jnp.where(row_has_key, o, jnp.zeros((), o.dtype))
     return o
 
 
@@ -269,22 +300,8 @@ def _check_window(window, op: str) -> None:
         raise ValueError(f"{op}: window must be None or an int >= 1, got {window!r}")
 
 
-def check_grouped_heads(heads: int, kv_heads: int, op: str) -> None:
-    if heads % kv_heads != 0:
-        raise ValueError(
-            f"{op}: q heads H={heads} must be a multiple of k/v heads HKV={kv_heads} (grouped-query heads)"
-        )
-
-
-def check_same_dtype(op: str, **arrays: jax.Array) -> None:
-    dtypes = {name: x.dtype for name, x in arrays.items()}
-    if len(set(dtypes.values())) > 1:
-        listed = ", ".join(f"{name}: {dtype}" for name, dtype in dtypes.items())
-        raise ValueError(f"{op}: {', '.join(dtypes)} must share one dtype, got {listed}")
-
-
-def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, isolated=None, impl="chunk",
-                      block_size=128):
+def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, isolated=None, segment_ids=None,
+                      impl="chunk", block_size=128):
     """Softmax attention: q `[B, Tq, H, K]`, k `[B, Tk, HKV, K]`, v `[B, Tk, HKV, V]` -> o `[B, Tq, H, V]`.
 
     Queries sit at the last Tq of the Tk key positions; `window=W` limits each query at position p
@@ -292,6 +309,9 @@ def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, isolated
     `impl` is "reference", "chunk" (default) or "xla"; `block_size` is the chunk key-block length.
     `isolated` `[B, Tk]` bool: the key of an isolated position is visible only to the query at that
     same position (candidate isolation; every query still sees its own key).
+    `segment_ids` `[B, Tk]` int (packed documents of the key positions, 1, 2, ... per document, 0 =
+    padding; query i has the id of position Tk - Tq + i): a query attends only keys of its own
+    document; padding queries attend nothing and return 0.
     q, k, v share one dtype; o comes back in it.
     """
     op = "softmax_attention"
@@ -311,7 +331,8 @@ def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, isolated
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"{op}: block_size must be an int >= 1, got {block_size!r}")
     options = dict(scale=default_scale(scale, dk), causal=bool(causal), window=window,
-                   isolated=check_isolated(op, isolated, (b, tk), layout="[B, Tk]"))
+                   isolated=check_isolated(op, isolated, (b, tk), layout="[B, Tk]"),
+                   segment_ids=check_segment_ids(op, segment_ids, (b, tk), layout="[B, Tk]"))
     if choice is Impl.REFERENCE:
         return softmax_attention_reference(q, k, v, **options)
     if choice is Impl.XLA:

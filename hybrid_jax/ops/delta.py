@@ -18,6 +18,12 @@ beta `[B, T, HV]`, HV % H == 0 (docs/conventions.md). impl: "reference" | "scan"
 (transition, write) pairs, O(T log T K^3)) | "chunk" (default) | "pallas" | "auto". Returns (o in v's
 dtype, final state `[B, HV, K, V]` float32 or None); each `*_step` returns (o_t in v_t's dtype, state).
 `isolated` `[B, T]` (`isolated_t` `[B]` for a step): tokens that read, never write (docs/conventions.md).
+`segment_ids` `[B, T]` int: packed documents (1, 2, ... per document, 0 = padding); the state restarts
+at each document's first token and padding tokens are identity steps (docs/conventions.md).
+`precision`: the matmul precision of the chunk and Pallas forms ("highest" | "high" | "default" |
+"bfloat16", None for the platform default). `kda(safe_gate=True)`: a promise that every g >=
+`lower_bound` (in [-5, 0); g is clamped there), which turns the in-chunk diagonal blocks into matmuls
+(flash-linear-attention's safe-gate KDA; the layer's bounded gate keeps the promise).
 """
 from __future__ import annotations
 
@@ -25,27 +31,30 @@ from hybrid_jax.ops import gated
 
 
 def delta_rule(q, k, v, *, beta, scale=None, initial_state=None, output_final_state=False,
-               isolated=None, impl="chunk", chunk_size=64):
+               isolated=None, segment_ids=None, impl="chunk", chunk_size=64, precision=None):
     """DeltaNet: the delta rule without decay."""
     return gated.gated_op("delta_rule", q, k, v, g=None, beta=beta, scale=scale,
                           initial_state=initial_state, output_final_state=output_final_state,
-                          impl=impl, chunk_size=chunk_size, isolated=isolated)
+                          impl=impl, chunk_size=chunk_size, isolated=isolated, segment_ids=segment_ids,
+                          precision=precision)
 
 
 def gated_delta_rule(q, k, v, *, g, beta, scale=None, initial_state=None, output_final_state=False,
-                     isolated=None, impl="chunk", chunk_size=64):
+                     isolated=None, segment_ids=None, impl="chunk", chunk_size=64, precision=None):
     """Gated DeltaNet: one scalar log decay per head and token, g `[B, T, HV]`."""
     return gated.gated_op("gated_delta_rule", q, k, v, g=g, per_channel=False, beta=beta, scale=scale,
                           initial_state=initial_state, output_final_state=output_final_state,
-                          impl=impl, chunk_size=chunk_size, isolated=isolated)
+                          impl=impl, chunk_size=chunk_size, isolated=isolated, segment_ids=segment_ids,
+                          precision=precision)
 
 
 def kda(q, k, v, *, g, beta, scale=None, initial_state=None, output_final_state=False, isolated=None,
-        impl="chunk", chunk_size=64):
+        segment_ids=None, impl="chunk", chunk_size=64, safe_gate=False, lower_bound=-5.0, precision=None):
     """Kimi Delta Attention: channel-wise log decay g `[B, T, HV, K]`."""
     return gated.gated_op("kda", q, k, v, g=g, per_channel=True, beta=beta, scale=scale,
                           initial_state=initial_state, output_final_state=output_final_state,
-                          impl=impl, chunk_size=chunk_size, isolated=isolated)
+                          impl=impl, chunk_size=chunk_size, isolated=isolated, segment_ids=segment_ids,
+                          safe_gate=safe_gate, lower_bound=lower_bound, precision=precision)
 
 
 def delta_rule_step(q_t, k_t, v_t, state, *, beta_t, scale=None, isolated_t=None):

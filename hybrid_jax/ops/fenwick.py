@@ -4,11 +4,17 @@ The level of source s for query t is l(t, s) = 0 if s = t, else bit_length(t XOR
 t is the aligned block of 2^(l-1) positions left of t's own block. Positions 0 .. T-1 need
 ceil(log2 T) + 1 levels. A state that has consumed P tokens holds, at level l, what a later query t
 reads at level max(l, l(t, P - 1)). The derivations are in docs/chunked_algorithms.md.
+
+Packed documents (`segment_ids`): the levels restart with each document, so a token's position is
+counted from its document's first token (`token_positions`); the document holding token 0 continues
+the incoming state and its positions from P.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from hybrid_jax.ops import segments
 
 
 def fenwick_level(t, s):
@@ -19,14 +25,27 @@ def fenwick_level(t, s):
     return 32 - jax.lax.clz(x)
 
 
+def token_positions(position, batch: int, length: int, segment_ids=None):
+    """`[B, T]` int32: the position of each token that sets its Fenwick levels: position + t, or with
+    `segment_ids` `[B, T]` the position within its document, counted on from `position` for the
+    document that holds token 0 (it continues the incoming state). Meaningless at padding (id 0)."""
+    if segment_ids is None:
+        return jnp.broadcast_to(position + jnp.arange(length, dtype=jnp.int32), (batch, length))
+    continues = jnp.cumsum(segments.reset_mask(segment_ids) | (segment_ids == 0), axis=1) == 0
+    return segments.position_in_document(segment_ids) + jnp.where(continues, position, 0)
+
+
 def num_levels(length: int) -> int:
     """Levels L that positions 0 .. length - 1 need: ceil(log2(length)) + 1."""
     return max(length - 1, 0).bit_length() + 1
 
 
 def merge_down(stack, target, extra=None):
-    """Sums slots 0..target of `stack` `[B, H, n, K, V]` (and `extra` `[B, H, K, V]`) into slot `target`."""
+    """Sums slots 0..target of `stack` `[B, H, n, K, V]` (and `extra` `[B, H, K, V]`) into slot `target`
+    (a scalar, or one per row `[B]`)."""
     slot = jnp.arange(stack.shape[2])[:, None, None]
+    if jnp.ndim(target) == 1:
+        target = jnp.reshape(target, (-1, 1, 1, 1, 1))
     below = slot < target
     moved = jnp.sum(jnp.where(below, stack, 0.0), axis=2)
     if extra is not None:

@@ -19,16 +19,24 @@ Three algorithms, one result:
 All three compute in float32 and return `h` (every step) in float32 plus the final state.
 `isolated` steps (read, do not write) run as identity steps a = 1, b = 0 in every impl; their reads
 a_t h_{t-1} + b_t are formed from the carried states afterwards (`read_isolated`).
+
+Packed documents (`segment_ids` `[B, T]`, `hybrid_jax.ops.segments`) change the steps, not the
+algorithms: a_t = 0 (log a_t = -inf, exactly exp = 0) at the first token of every document after
+token 0, so h restarts from b_t there, and padding tokens (id 0) are identity steps, so the final
+state is the last document's. `initial_state` thus reaches the row's first document only. An
+isolated document start still resets the state it passes on (its carried step is a = 0, b = 0).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from hybrid_jax.ops import segments
 from hybrid_jax.ops._common import (
     Impl,
     check_chunk_size,
     check_isolated,
+    check_segment_ids,
     check_time,
     pad_time,
     resolve_impl,
@@ -107,52 +115,78 @@ def linear_recurrence_chunk(a, b, h0, *, log_a=False, chunk_size=64):
     return hs, final
 
 
+def _trailing(mask, like):
+    """A `[B, T]` (or longer leading) mask reshaped to broadcast against `like` `[B, T, ...]`."""
+    return mask.reshape(mask.shape + (1,) * (like.ndim - mask.ndim))
+
+
+def segment_steps(a, b, segment_ids, *, log_a=False):
+    """(a, b) for packed documents `segment_ids` `[B, T]`: a = 0 (log a = -inf) where a document starts
+    after token 0, the identity step a = 1 (log a = 0), b = 0 at padding (id 0)."""
+    reset, padding = _trailing(segments.reset_mask(segment_ids), a), _trailing(segment_ids == 0, a)
+    a = jnp.where(reset, -jnp.inf if log_a else 0.0, a)
+    return jnp.where(padding, 0.0 if log_a else 1.0, a), jnp.where(padding, 0.0, b)
+
+
 def isolate_steps(a, b, isolated, *, log_a=False):
     """(a, b) with the steps where `isolated` (a bool mask over a leading part of a's shape, from
     `[B, T]`) is True replaced by the identity step a = 1 (log a = 0), b = 0."""
-    mask = isolated.reshape(isolated.shape + (1,) * (a.ndim - isolated.ndim))
+    mask = _trailing(isolated, a)
     return jnp.where(mask, 0.0 if log_a else 1.0, a), jnp.where(mask, 0.0, b)
 
 
 def read_isolated(hs, a, b, h0, isolated, *, log_a=False):
     """The carried states `hs` `[B, T, ...]` of the identity-stepped recurrence, with each isolated
     step t replaced by what it reads: a_t * h_{t-1} + b_t, h_{t-1} the carried state before it."""
-    mask = isolated.reshape(isolated.shape + (1,) * (a.ndim - isolated.ndim))
+    mask = _trailing(isolated, a)
     before = jnp.concatenate([h0[:, None], hs[:, :-1]], axis=1)
     return jnp.where(mask, _as_decay(a, log_a) * before + b, hs)
 
 
-def linear_recurrence(a, b, *, initial_state=None, log_a=False, isolated=None, impl="chunk", chunk_size=64):
+def linear_recurrence(a, b, *, initial_state=None, log_a=False, isolated=None, segment_ids=None, impl="chunk",
+                      chunk_size=64):
     """h_t = a_t * h_{t-1} + b_t over axis 1; returns (h `[B, T, ...]` float32, h_{T-1} `[B, ...]`).
 
     `isolated` (bool, `[B, T]` or any leading part of a's shape from `[B, T]`): those steps read and
     do not write: h_t = a_t * h_{t-1} + b_t is returned at t, but h_{t-1} is passed on to t + 1
     (and to the final state). Every impl runs the recurrence with identity steps there (a = 1, b = 0)
-    and then forms the isolated reads from the carried states (`read_isolated`)."""
-    choice = resolve_impl(impl, "linear_recurrence", SUPPORTED)
+    and then forms the isolated reads from the carried states (`read_isolated`).
+    `segment_ids` (int, `[B, T]`): packed documents; h restarts at each document's first token after
+    token 0 and padding steps pass h on unchanged (`segment_steps`; h at padding is that carried h)."""
+    op = "linear_recurrence"
+    choice = resolve_impl(impl, op, SUPPORTED)
     if a.shape != b.shape:
-        raise ValueError(f"linear_recurrence: a and b must have the same shape [B, T, ...], got "
+        raise ValueError(f"{op}: a and b must have the same shape [B, T, ...], got "
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
     if a.ndim < 2:
-        raise ValueError(f"linear_recurrence: a, b must be [B, T, ...], got rank {a.ndim}")
-    check_time("linear_recurrence", a.shape[1], a=a, b=b)
-    check_chunk_size(chunk_size, "linear_recurrence")
+        raise ValueError(f"{op}: a, b must be [B, T, ...], got rank {a.ndim}")
+    check_time(op, a.shape[1], a=a, b=b)
+    check_chunk_size(chunk_size, op)
     a, b = to_f32(a), to_f32(b)
-    state_shape = (b.shape[0],) + b.shape[2:]
-    if initial_state is None:
-        h0 = jnp.zeros(state_shape, jnp.float32)
-    else:
-        if tuple(initial_state.shape) != state_shape:
-            raise ValueError(f"linear_recurrence: initial_state must have shape [B, ...] = {state_shape}, "
-                             f"got {tuple(initial_state.shape)}")
-        h0 = to_f32(initial_state)
+    h0 = _initial_state(initial_state, (b.shape[0],) + b.shape[2:])
+    if isolated is not None:
+        isolated = jnp.asarray(isolated)
+        lead = a.shape[:max(isolated.ndim, 2)]
+        check_isolated(op, isolated, lead, layout="[B, T] (or a leading part of a's shape)")
+    segment_ids = check_segment_ids(op, segment_ids, a.shape[:2])
+    carried = (a, b) if isolated is None else isolate_steps(a, b, isolated, log_a=log_a)
+    if segment_ids is not None:
+        # Isolate first: an isolated document start must still pass the reset state (a = 0, b = 0) on.
+        a, b = segment_steps(a, b, segment_ids, log_a=log_a)
+        carried = segment_steps(*carried, segment_ids, log_a=log_a)
+    hs, final = _run(choice, *carried, h0, log_a, chunk_size)
     if isolated is None:
-        return _run(choice, a, b, h0, log_a, chunk_size)
-    isolated = jnp.asarray(isolated)
-    lead = a.shape[:max(isolated.ndim, 2)]
-    check_isolated("linear_recurrence", isolated, lead, layout="[B, T] (or a leading part of a's shape)")
-    hs, final = _run(choice, *isolate_steps(a, b, isolated, log_a=log_a), h0, log_a, chunk_size)
+        return hs, final
     return read_isolated(hs, a, b, h0, isolated, log_a=log_a), final
+
+
+def _initial_state(initial_state, state_shape):
+    if initial_state is None:
+        return jnp.zeros(state_shape, jnp.float32)
+    if tuple(initial_state.shape) != state_shape:
+        raise ValueError(f"linear_recurrence: initial_state must have shape [B, ...] = {state_shape}, "
+                         f"got {tuple(initial_state.shape)}")
+    return to_f32(initial_state)
 
 
 def _run(choice, a, b, h0, log_a, chunk_size):

@@ -35,6 +35,13 @@ identity element there and form the isolated reads from the carried states after
 chunked form makes them identity steps of every other row's terms with their own read on the
 diagonal (`pallas_kernels.chunk_math.isolate`).
 
+Packed documents (`segment_ids` `[B, T]`, docs/conventions.md "Packed documents"): `gated_op` makes
+padding tokens identity steps (k = v = g = beta = 0; a start token's g acts on the zero state, so it is
+zeroed too) and the algorithms restart the state at `segments.reset_mask`: the reference zeroes the
+state before such a token, the associative scans put a zero transition there, and the chunked form
+masks the chunk terms by the runs between resets (`pallas_kernels.chunk_math.document_runs`), so the
+state pass, its custom VJP and the kernels run unchanged and a boundary may fall anywhere in a chunk.
+
 The chunk algebra itself (`ChunkTerms`, cutting time into chunks, the decayed products, the WY
 transform) lives in `pallas_kernels.chunk_math`, shared with the kernels, which may not import this
 package. Outputs come back in v's dtype (the rule of `hybrid_jax.ops`).
@@ -46,22 +53,24 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from hybrid_jax.ops import first_order
+from hybrid_jax.ops import first_order, segments
 from hybrid_jax.ops._common import (
     Impl,
     check_chunk_size,
     check_gate,
     check_isolated,
+    check_segment_ids,
     check_shape,
     prepare_qkv,
     resolve_impl,
     to_f32,
 )
-from pallas_kernels import chunk_math
-from pallas_kernels.chunk_math import ChunkTerms, from_chunks, to_chunks
+from pallas_kernels import chunk_math, recurrence
+from pallas_kernels.chunk_math import ChunkTerms, KernelConfig, from_chunks, to_chunks
 
-__all__ = ["SUPPORTED", "ChunkTerms", "chunk_outputs", "chunk_terms", "gated_op", "gated_step", "per_head",
-           "propagate", "recurrence_chunk", "recurrence_reference", "recurrence_scan", "recurrence_step"]
+__all__ = ["SUPPORTED", "ChunkTerms", "chunk_inputs", "chunk_outputs", "chunk_terms", "gated_op", "gated_step",
+           "head_resets", "per_head", "recurrence_chunk", "recurrence_reference", "recurrence_scan",
+           "recurrence_step", "segment_inputs"]
 
 
 def _decay(g_t: jax.Array | None, k_dim: int) -> jax.Array | None:
@@ -86,39 +95,51 @@ def recurrence_step(q_t, k_t, v_t, g_t, beta_t, state, iso_t=None):
     return o_t, (state if iso_t is None else jnp.where(iso_t[..., None, None], carried, state))
 
 
-def recurrence_reference(q, k, v, g, beta, state, iso=None):
-    """The exact recurrence, token by token (lax.scan over T). Returns (o `[B,T,H,V]`, final state)."""
+def recurrence_reference(q, k, v, g, beta, state, iso=None, segment_ids=None):
+    """The exact recurrence, token by token (lax.scan over T); the state restarts from zero before each
+    `segments.reset_mask` token of `segment_ids` `[B, T]` (padding: identity steps already, see
+    `segment_inputs`). Returns (o `[B,T,H,V]`, final state)."""
     time_major = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)  # noqa: E731
+    resets = None if segment_ids is None else segments.reset_mask(segment_ids)
 
     def step(s, inputs):
-        q_t, k_t, v_t, g_t, beta_t, iso_t = inputs
+        q_t, k_t, v_t, g_t, beta_t, iso_t, reset_t = inputs
+        if reset_t is not None:
+            s = jnp.where(reset_t[:, None, None, None], 0.0, s)
         o_t, s = recurrence_step(q_t, k_t, v_t, g_t, beta_t, s, iso_t)
         return s, o_t
 
-    final, o = jax.lax.scan(step, state, tuple(map(time_major, (q, k, v, g, beta, iso))))
+    final, o = jax.lax.scan(step, state, tuple(map(time_major, (q, k, v, g, beta, iso, resets))))
     return jnp.moveaxis(o, 0, 1), final
 
 
-def recurrence_scan(q, k, v, g, beta, state, iso=None):
+def recurrence_scan(q, k, v, g, beta, state, iso=None, segment_ids=None):
     """jax.lax.associative_scan over the recurrence (materialises every state: a check, not a fast path).
 
-    Isolated tokens enter the scan as identity elements (I, 0); each then reads M_t S_{t-1} + X_t."""
+    Isolated tokens enter the scan as identity elements (I, 0); each then reads M_t S_{t-1} + X_t.
+    A document start (`segments.reset_mask` of `segment_ids`) has M_t = 0, isolated or not."""
     k_dim = k.shape[-1]
     decay = _decay(g, k_dim)
     if beta is None:
         a = jnp.ones(k.shape + (1,), k.dtype) if decay is None else decay[..., None]
         x = k[..., :, None] * v[..., None, :]
         states, final = first_order.linear_recurrence(
-            jnp.broadcast_to(a, x.shape), x, initial_state=state, impl=Impl.SCAN, isolated=iso
+            jnp.broadcast_to(a, x.shape), x, initial_state=state, impl=Impl.SCAN, isolated=iso,
+            segment_ids=segment_ids,
         )
         return jnp.einsum("bthk,bthkv->bthv", q, states), final
     eye = jnp.eye(k_dim, dtype=k.dtype)
     householder = eye - beta[..., None, None] * k[..., :, None] * k[..., None, :]
     m_read = householder if decay is None else householder * decay[..., None, :]
     x_read = beta[..., None, None] * k[..., :, None] * v[..., None, :]
+    reset = None if segment_ids is None else segments.reset_mask(segment_ids)[:, :, None, None, None]
+    if reset is not None:
+        m_read = jnp.where(reset, 0.0, m_read)
     m, x = m_read, x_read
     if iso is not None:
         m, x = jnp.where(iso[..., None, None], eye, m), jnp.where(iso[..., None, None], 0.0, x)
+        if reset is not None:  # an isolated start passes the zero state on
+            m = jnp.where(reset, 0.0, m)
     x = x.at[:, 0].add(jnp.einsum("bhij,bhjv->bhiv", m[:, 0], state))
 
     def combine(left, right):
@@ -138,39 +159,12 @@ def recurrence_scan(q, k, v, g, beta, state, iso=None):
 # ----------------------------------------------------------------------------- chunked form
 
 
-def chunk_terms(q, k, v, g, beta, chunk_size, iso=None) -> ChunkTerms:
+def chunk_terms(q, k, v, g, beta, chunk_size, iso=None, resets=None, **options) -> ChunkTerms:
     """Cuts `[B, T, H, .]` inputs into chunks (padding with identity steps) and forms each chunk's
-    terms, `[B, H, N, C, .]`; `iso` `[B, T, H]` bool marks the isolated tokens (`chunk_math.isolate`)."""
-    chunked = lambda x: None if x is None else to_chunks(x, chunk_size)  # noqa: E731
-    iso = None if iso is None else iso.astype(q.dtype)
-    return chunk_math.chunk_terms(chunked(q), chunked(k), chunked(v), chunked(g), chunked(beta), chunked(iso))
-
-
-def propagate(terms: ChunkTerms, state, *, u_bar=None):
-    """Carries the state across chunks; returns (state entering each chunk `[B,H,N,K,V]`, final state).
-
-    `u_bar` overrides `terms.u_bar` (log-linear attention propagates older levels with Ubar = 0).
-    """
-    u_bar = terms.u_bar if u_bar is None else u_bar
-    if terms.w is None:
-        # Non-delta: the chunk's own writes do not depend on the incoming state, so form them all at once.
-        writes = jnp.swapaxes(terms.k_to_end, -1, -2) @ u_bar
-        inputs = (terms.chunk_decay[..., None], writes)
-
-        def step(s, x):
-            decay, write = x
-            return decay * s + write, s
-    else:
-        inputs = (terms.chunk_decay[..., None], terms.w, terms.k_to_end, u_bar)
-
-        def step(s, x):
-            decay, w, k_to_end, u_bar_c = x
-            u = u_bar_c - w @ s
-            return decay * s + jnp.swapaxes(k_to_end, -1, -2) @ u, s
-
-    chunk_major = lambda x: jnp.moveaxis(x, 2, 0)  # noqa: E731
-    final, entering = jax.lax.scan(step, state, jax.tree.map(chunk_major, inputs))
-    return jnp.moveaxis(entering, 0, 2), final
+    terms, `[B, H, N, C, .]`; `iso` `[B, T, H]` bool marks the isolated tokens (`chunk_math.isolate`),
+    `resets` `[B, T, H]` bool those before which the state restarts (`chunk_math.document_runs`);
+    `options`: safe_gate and precision of `chunk_math.chunk_terms`."""
+    return chunk_math.chunk_terms(*chunk_inputs(q, k, v, g, beta, iso, resets, chunk_size), **options)
 
 
 def chunk_outputs(terms: ChunkTerms, entering, *, u_bar=None):
@@ -180,14 +174,33 @@ def chunk_outputs(terms: ChunkTerms, entering, *, u_bar=None):
     return terms.q_decayed @ entering + terms.attn @ u
 
 
-def recurrence_chunk(q, k, v, g, beta, state, iso=None, *, chunk_size):
-    """The chunked form (see the module docstring). Returns (o `[B,T,H,V]`, final state)."""
-    t = q.shape[1]
+def chunk_inputs(q, k, v, g, beta, iso, resets, chunk):
+    """The inputs tuple of `recurrence.chunked_recurrence` (`chunk_math.chunk_terms`' positional
+    arguments, trailing Nones dropped), cut into chunks of `chunk`; masks become 0/1 floats."""
+    chunked = lambda x: None if x is None else to_chunks(x, chunk)  # noqa: E731
+    masks = tuple(None if x is None else x.astype(q.dtype) for x in (iso, resets))
+    inputs = tuple(map(chunked, (q, k, v, g, beta) + masks))
+    while inputs[-1] is None:
+        inputs = inputs[:-1]
+    return inputs
+
+
+def recurrence_chunk(q, k, v, g, beta, state, iso=None, segment_ids=None, *, chunk_size, safe_gate=False,
+                     precision="highest"):
+    """The chunked form (see the module docstring) behind `recurrence.chunked_recurrence`: a recomputing
+    backward, and both passes blocked over cache-sized groups of chunks. Returns (o `[B,T,H,V]`, final
+    state)."""
+    t, k_dim, v_dim = q.shape[1], k.shape[-1], v.shape[-1]
     per_channel = g is not None and g.shape[-1] != 1
     chunk = chunk_math.chunk_length(t, chunk_size, per_channel=per_channel)
-    terms = chunk_terms(q, k, v, g, beta, chunk, iso)
-    entering, final = propagate(terms, state)
-    return from_chunks(chunk_outputs(terms, entering), t), final
+    if g is None:
+        g = jnp.zeros(k.shape[:-1] + (1,), k.dtype)
+    inputs = chunk_inputs(q, k, v, g, beta, iso, head_resets(segment_ids, v.shape[2]), chunk)
+    n_chunks, lead = inputs[0].shape[2], q.shape[0] * q.shape[2]
+    block = recurrence.block_chunks(n_chunks, chunk, k_dim, v_dim, lead, per_channel)
+    config = KernelConfig(chunk, "xla", False, 0, safe_gate, precision, block)
+    o, final = recurrence.chunked_recurrence(config, inputs, state)
+    return from_chunks(o, t), final
 
 
 # ----------------------------------------------------------------------------- the public entry: front end, then dispatch
@@ -217,37 +230,79 @@ def per_head(isolated, value_heads):
     return None if isolated is None else jnp.broadcast_to(isolated[..., None], isolated.shape + (value_heads,))
 
 
+def head_resets(segment_ids, value_heads):
+    """`[B, T, HV]` bool: where the state restarts (`segments.reset_mask`), or None without segment ids."""
+    return None if segment_ids is None else per_head(segments.reset_mask(segment_ids), value_heads)
+
+
+def segment_inputs(k, v, g, beta, segment_ids):
+    """Padding tokens (id 0) as identity steps, k = v = g = beta = 0, and g = 0 at the document starts
+    (`segments.reset_mask`), whose decay acts on the zero state: the same result, and a gradient of
+    exactly zero there in every algorithm. k, v, g, beta `[B, T, ...]`; None passes through."""
+    if segment_ids is None:
+        return k, v, g, beta
+    padding, start = segment_ids == 0, segments.reset_mask(segment_ids)
+    zero_at = lambda mask, x: None if x is None else jnp.where(  # noqa: E731
+        mask.reshape(mask.shape + (1,) * (x.ndim - 2)), 0.0, x)
+    return zero_at(padding, k), zero_at(padding, v), zero_at(padding | start, g), zero_at(padding, beta)
+
+
+def check_safe_gate(op, safe_gate, lower_bound, g, per_channel):
+    """The safe-gate promise checked (a per-channel gate, a bound in [-5, 0)); returns g clamped at the
+    bound, so a gate below it cannot overflow the matmul form, or g unchanged without the promise."""
+    if not safe_gate:
+        return g
+    if g is None or per_channel is False or g.shape[-1] == 1:
+        raise ValueError(f"{op}: safe_gate=True needs a per-channel gate g [B, T, HV, K] (it makes the "
+                         "in-chunk diagonal blocks of per-channel decays matmuls); got a scalar or no gate")
+    if not isinstance(lower_bound, (int, float)) or not chunk_math.MIN_LOWER_BOUND <= lower_bound < 0:
+        raise ValueError(f"{op}: lower_bound must be a float in [{chunk_math.MIN_LOWER_BOUND}, 0), "
+                         f"got {lower_bound!r}")
+    return jnp.where(g < lower_bound, lower_bound, g)  # at the bound itself the gradient passes whole
+
+
 def gated_op(op, q, k, v, *, g, beta, scale, initial_state, output_final_state, impl, chunk_size,
-             per_channel=None, isolated=None):
+             per_channel=None, isolated=None, segment_ids=None, safe_gate=False,
+             lower_bound=chunk_math.MIN_LOWER_BOUND, precision=None):
     """Runs one of the family's algorithms on the public inputs, after the front end.
 
     q, k `[B, T, H, K]`; v `[B, T, HV, V]`; g `[B, T, HV]` or `[B, T, HV, K]` (`per_channel`: False,
     True, or None for either) or None; beta `[B, T, HV]` or None; isolated `[B, T]` bool or None
-    (tokens that read and do not write, docs/conventions.md).
+    (tokens that read and do not write, docs/conventions.md); segment_ids `[B, T]` int or None (packed
+    documents: the state restarts at each document, padding tokens are identity steps, the final state
+    is the last document's; docs/conventions.md); safe_gate / lower_bound: the promise
+    g >= lower_bound (clamped there, `check_safe_gate`); precision: the matmul precision of the chunk
+    and Pallas forms (`chunk_math.PRECISIONS`, None for the platform default).
     Returns (o `[B, T, HV, V]` in v's dtype, final state `[B, HV, K, V]` float32 or None).
     """
     q32, k32, v32, dims = prepare_qkv(op, q, k, v, scale=scale)
     g = None if g is None else check_gate(op, g, dims, per_channel=per_channel)
+    g = check_safe_gate(op, safe_gate, lower_bound, g, per_channel)
     choice = resolve_impl(impl, op, SUPPORTED)
     check_chunk_size(chunk_size, op, 1, 1024)
+    precision = chunk_math.resolve_precision(precision, op)
     b, _, _, k_dim, hv, v_dim = dims
     check_shape(f"{op}: beta", beta, (b, dims.time, hv), "[B, T, HV]")
     check_shape(f"{op}: initial_state", initial_state, (b, hv, k_dim, v_dim), "[B, HV, K, V]")
     iso = per_head(check_isolated(op, isolated, (b, dims.time)), hv)
+    segment_ids = check_segment_ids(op, segment_ids, (b, dims.time))
     state = jnp.zeros((b, hv, k_dim, v_dim), jnp.float32) if initial_state is None else to_f32(initial_state)
-    args = (q32, k32, v32, to_f32(g), to_f32(beta), state)
+    k32, v32, g, beta = segment_inputs(k32, v32, to_f32(g), to_f32(beta), segment_ids)
+    args = (q32, k32, v32, g, beta, state)
+    options = {"safe_gate": safe_gate, "precision": precision}
     if choice is Impl.AUTO:
         choice = _pallas_or_chunk(op, args, chunk_size)
     if choice is Impl.REFERENCE:
-        o, final = recurrence_reference(*args, iso)
+        o, final = recurrence_reference(*args, iso, segment_ids)
     elif choice is Impl.SCAN:
-        o, final = recurrence_scan(*args, iso)
+        o, final = recurrence_scan(*args, iso, segment_ids)
     elif choice is Impl.CHUNK:
-        o, final = recurrence_chunk(*args, iso, chunk_size=chunk_size)
+        o, final = recurrence_chunk(*args, iso, segment_ids, chunk_size=chunk_size, **options)
     else:
         from pallas_kernels import api  # loads the Triton / Mosaic kernels: only when they run
 
-        o, final = api.gated_recurrence(*args, chunk_size=chunk_size, isolated=iso)
+        o, final = api.gated_recurrence(*args, chunk_size=chunk_size, isolated=iso,
+                                        resets=head_resets(segment_ids, hv), **options)
     return o.astype(v.dtype), (final if output_final_state else None)
 
 

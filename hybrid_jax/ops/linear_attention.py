@@ -12,7 +12,12 @@ heads); g follows v's heads. impl: "reference" (token recurrence), "scan" (assoc
 K x V states), "chunk" (intra-chunk matmuls + one pass over chunk states; the default), "pallas",
 "auto". All compute in float32 and return o in v's dtype and the final state `[B, HV, K, V]` in
 float32; the steps return (o_t in v_t's dtype, new state). `isolated` `[B, T]` / `isolated_t` `[B]`:
-tokens that read the state but never write to it. Conventions: docs/conventions.md.
+tokens that read the state but never write to it. `segment_ids` `[B, T]` int: packed documents (the
+state restarts at each document, padding tokens are identity steps). `precision`: the matmul precision of the chunk and
+Pallas forms ("highest" | "high" | "default" | "bfloat16", None for the platform default);
+`safe_gate=True` (gla with a per-channel gate): a promise that every g >= `lower_bound` (in [-5, 0);
+g is clamped there), which turns the in-chunk diagonal blocks into matmuls. Conventions:
+docs/conventions.md.
 """
 from __future__ import annotations
 
@@ -20,11 +25,12 @@ from hybrid_jax.ops import gated
 
 
 def linear_attention(q, k, v, *, scale=None, initial_state=None, output_final_state=False,
-                     isolated=None, impl="chunk", chunk_size=64):
+                     isolated=None, segment_ids=None, impl="chunk", chunk_size=64, precision=None):
     """Causal linear attention. Returns (o `[B, T, HV, V]`, final state `[B, HV, K, V]` or None)."""
     return gated.gated_op("linear_attention", q, k, v, g=None, beta=None, scale=scale,
                           initial_state=initial_state, output_final_state=output_final_state,
-                          impl=impl, chunk_size=chunk_size, isolated=isolated)
+                          impl=impl, chunk_size=chunk_size, isolated=isolated, segment_ids=segment_ids,
+                          precision=precision)
 
 
 def linear_attention_step(q_t, k_t, v_t, state, *, scale=None, isolated_t=None):
@@ -34,11 +40,12 @@ def linear_attention_step(q_t, k_t, v_t, state, *, scale=None, isolated_t=None):
 
 
 def gla(q, k, v, *, g, scale=None, initial_state=None, output_final_state=False, isolated=None,
-        impl="chunk", chunk_size=64):
+        segment_ids=None, impl="chunk", chunk_size=64, safe_gate=False, lower_bound=-5.0, precision=None):
     """Gated linear attention with log decay g `[B, T, HV, K]` or `[B, T, HV]`."""
     return gated.gated_op("gla", q, k, v, g=g, beta=None, scale=scale, initial_state=initial_state,
                           output_final_state=output_final_state, impl=impl, chunk_size=chunk_size,
-                          isolated=isolated)
+                          isolated=isolated, segment_ids=segment_ids, safe_gate=safe_gate, lower_bound=lower_bound,
+                          precision=precision)
 
 
 def gla_step(q_t, k_t, v_t, state, *, g_t, scale=None, isolated_t=None):

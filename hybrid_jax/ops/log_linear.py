@@ -38,28 +38,42 @@ docs/chunked_algorithms.md):
 * an initial state at any position P: the sequence is placed at offset P mod C inside its first chunk
   (a dynamic offset when P is traced, costing one more chunk); the first chunk reads the incoming
   levels token by token at level max(l, l(t, P - 1)), and after it they join the stack.
+* the chunk form saves only its inputs for the backward and recomputes everything else there
+  (`jax.checkpoint`); `precision` sets its matmul precision and `safe_gate` (per-channel g) the matmul
+  form of the in-chunk diagonal blocks, as in `gated.gated_op`.
+
+Packed documents (`segment_ids` `[B, T]`, docs/conventions.md): the levels restart with each document
+and a token's level pattern follows its position within its document (`fenwick.token_positions`; the
+document holding token 0 continues the initial state and its position); padding tokens neither step
+nor merge the levels. The reference zeroes the levels before each document's first token after token 0
+and keeps them at padding; the scan restarts every level (and the incoming levels' transition) there.
+The chunk form, whose chunks align with the Fenwick blocks of absolute positions, runs the reference
+instead, with a warning.
 """
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from hybrid_jax.ops import gated
+from hybrid_jax.ops import gated, segments
 from hybrid_jax.ops._common import (
     Impl,
     check_chunk_size,
     check_gate,
     check_isolated,
     check_rank,
+    check_segment_ids,
     check_shape,
     prepare_qkv,
     resolve_impl,
     to_f32,
 )
-from hybrid_jax.ops.fenwick import carried_levels, fenwick_level, merge_down, num_levels, one_hot
+from hybrid_jax.ops.fenwick import carried_levels, fenwick_level, merge_down, num_levels, one_hot, token_positions
 from hybrid_jax.ops.log_linear_chunk import concrete_int, log_linear_chunk
+from pallas_kernels.chunk_math import resolve_precision
 
 __all__ = ["SUPPORTED", "FenwickState", "empty_fenwick_state", "fenwick_level", "log_linear_attention",
            "log_linear_attention_masked", "log_linear_attention_step", "num_levels"]
@@ -87,8 +101,9 @@ _levels_step = jax.vmap(gated.recurrence_step, in_axes=(None, None, 2, None, Non
 
 
 def _step(q_t, k_t, v_t, g_t, beta_t, lam_t, levels, position, iso_t=None):
-    """One token; an isolated one (iso_t `[B, HV]`) reads the stepped levels and carries the merged
-    levels on without its transition or write (the merge depends on the position only)."""
+    """One token at `position` (a scalar, or one per row `[B]`); an isolated one (iso_t `[B, HV]`)
+    reads the stepped levels and carries the merged levels on without its transition or write (the
+    merge depends on the position only)."""
     target = jnp.where(position > 0, fenwick_level(position, position - 1), 0)
     levels = merge_down(levels, target)
     values = jnp.zeros(levels.shape[:3] + v_t.shape[-1:], v_t.dtype).at[:, :, 0].set(v_t)
@@ -98,16 +113,23 @@ def _step(q_t, k_t, v_t, g_t, beta_t, lam_t, levels, position, iso_t=None):
     return jnp.einsum("bhl,bhlv->bhv", lam_t, reads), stepped
 
 
-def _reference(q, k, v, g, beta, lam, levels, position, iso=None):
+def _reference(q, k, v, g, beta, lam, levels, position, iso=None, segment_ids=None):
+    """The token recurrence; with `segment_ids` the levels restart from zero at each document's first
+    token after token 0, positions count within documents (`token_positions`) and padding tokens
+    leave the levels as they are (no merge either)."""
     time_major = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)  # noqa: E731
+    times = token_positions(position, q.shape[0], q.shape[1], segment_ids)
+    resets, padding = (None, None) if segment_ids is None else (segments.reset_mask(segment_ids), segment_ids == 0)
 
     def body(levels, inputs):
-        j, q_t, k_t, v_t, g_t, beta_t, lam_t, iso_t = inputs
-        o_t, levels = _step(q_t, k_t, v_t, g_t, beta_t, lam_t, levels, position + j, iso_t)
-        return levels, o_t
+        time_t, q_t, k_t, v_t, g_t, beta_t, lam_t, iso_t, reset_t, padding_t = inputs
+        per_row = lambda mask: mask[:, None, None, None, None]  # noqa: E731
+        if reset_t is not None:
+            levels = jnp.where(per_row(reset_t), 0.0, levels)
+        o_t, stepped = _step(q_t, k_t, v_t, g_t, beta_t, lam_t, levels, time_t, iso_t)
+        return (stepped if padding_t is None else jnp.where(per_row(padding_t), levels, stepped)), o_t
 
-    steps = jnp.arange(q.shape[1], dtype=jnp.int32)
-    inputs = (steps,) + tuple(map(time_major, (q, k, v, g, beta, lam, iso)))
+    inputs = tuple(map(time_major, (times, q, k, v, g, beta, lam, iso, resets, padding)))
     levels, o = jax.lax.scan(body, levels, inputs)
     return jnp.moveaxis(o, 0, 1), levels
 
@@ -127,11 +149,11 @@ def _pair_scan(m, x):
 
 
 def _segmented(m, x, write, restart, iso):
-    """One level's segmented recurrence s_t = m_t s_{t-1} + x_t, restarted where `restart` [T] and
-    fed only where `write` [T]: ((transition from the segment start, state) as read at each t,
+    """One level's segmented recurrence s_t = m_t s_{t-1} + x_t, restarted where `restart` [B, T] and
+    fed only where `write` [B, T]: ((transition from the segment start, state) as read at each t,
     the same as carried past t). They differ at isolated t (`iso` `[B, T, H]`), which reads one step
     from the carried pair before it and carries that pair on (the identity, or 0 at a restart)."""
-    as_time = lambda flags: flags[None, :, None, None, None]  # noqa: E731  [T] against [B, T, H, K, .]
+    as_time = lambda flags: flags[:, :, None, None, None]  # noqa: E731  [B, T] against [B, T, H, K, .]
     m_r, x_r = jnp.where(as_time(restart), 0.0, m), jnp.where(as_time(write), x, 0.0)
     if iso is None:
         pair = _pair_scan(m_r, x_r)
@@ -145,10 +167,14 @@ def _segmented(m, x, write, restart, iso):
     return read, (p_c, s_c)
 
 
-def _scan(q, k, v, g, beta, lam, levels, position, iso=None):
+def _scan(q, k, v, g, beta, lam, levels, position, iso=None, segment_ids=None):
+    """The associative-scan form (module docstring); with `segment_ids` each token's blocks follow its
+    position within its document (`token_positions`), every level and the incoming levels restart at
+    each document's first token after token 0, padding tokens restart nothing, and the final levels
+    are those after the row's last real token."""
     b, t, h, kd = q.shape
     vd, n_levels = v.shape[-1], lam.shape[-1]
-    times = position + jnp.arange(t, dtype=jnp.int32)
+    times = token_positions(position, b, t, segment_ids)  # [B, T]
     # One step from the state [I | 0] with value [0 | v_t] gives [M_t | X_t] (transition | write).
     start = jnp.concatenate([jnp.eye(kd), jnp.zeros((kd, vd))], -1)
     values = jnp.concatenate([jnp.zeros(k.shape[:-1] + (kd,)), v], -1)
@@ -157,31 +183,42 @@ def _scan(q, k, v, g, beta, lam, levels, position, iso=None):
     _, mx = over_time(q, k, values, g, beta, jnp.broadcast_to(start, (b, h) + start.shape))
     m, x = mx[..., :kd], mx[..., kd:]
     # Level l >= 1 (rows 0 .. L-2): restart at each aligned block of 2^l positions, take the writes of
-    # its left half, read in its right half. A last row without writes or restarts gives the
-    # transition from the incoming state to every token.
-    half = jnp.left_shift(1, jnp.arange(n_levels - 1))[:, None]
-    in_left = jnp.concatenate([(times & half) == 0, jnp.zeros((1, t), bool)])
-    restart = jnp.concatenate([(times & (2 * half - 1)) == 0, jnp.zeros((1, t), bool)])
+    # its left half, read in its right half. A last row without writes, restarted only where a document
+    # starts, gives the transition from the incoming state to every token.
+    half = jnp.left_shift(1, jnp.arange(n_levels - 1))[:, None, None]
+    real = jnp.ones((b, t), bool) if segment_ids is None else segment_ids != 0
+    resets = jnp.zeros((b, t), bool) if segment_ids is None else segments.reset_mask(segment_ids)
+    in_left = jnp.concatenate([(times & half) == 0, jnp.zeros((1, b, t), bool)])
+    restart = jnp.concatenate([((times & (2 * half - 1)) == 0) & real, resets[None]])
     reads, carries = jax.vmap(lambda write, restart: _segmented(m, x, write, restart, iso))(in_left, restart)
 
     def assemble(pair, own):
         """(every level's state `[B, T, H, L, K, V]`, the incoming levels carried to each token)."""
         from_start, states = pair
         # A query in the left half of its block finds its block-mates at lower levels.
-        states = jnp.where(in_left[:-1, None, :, None, None, None], 0.0, states[:-1])
+        states = jnp.where(in_left[:-1, :, :, None, None, None], 0.0, states[:-1])
         per_level = jnp.moveaxis(jnp.concatenate([own[None], states]), 0, 3)
         return per_level, jnp.einsum("bthij,bhljv->bthliv", from_start[-1], levels)
 
     per_level, carried = assemble(reads, x)
-    read_level = carried_levels(times, position, n_levels)  # [T, L]
-    lam_carried = jnp.take_along_axis(lam, read_level[None, :, None], axis=-1)
+    read_level = carried_levels(times, position, n_levels)  # [B, T, L]
+    lam_carried = jnp.take_along_axis(lam, read_level[:, :, None], axis=-1)
     o = (jnp.einsum("bthk,bthl,bthlkv->bthv", q, lam, per_level)
          + jnp.einsum("bthk,bthl,bthlkv->bthv", q, lam_carried, carried))
     if iso is not None:  # the state passed on skips every isolated token's transition and write
         per_level, carried = assemble(carries, jnp.where(iso[..., None, None], 0.0, x))
-    final = per_level[:, -1] + jnp.einsum("lm,bhlkv->bhmkv", one_hot(read_level[-1], n_levels),
-                                          carried[:, -1])
-    return o, final
+    last = _last_real(segment_ids, t)
+    at_last = lambda x: x[jnp.arange(b), jnp.maximum(last, 0)]  # noqa: E731
+    final = at_last(per_level) + jnp.einsum("blm,bhlkv->bhmkv", one_hot(at_last(read_level), n_levels),
+                                            at_last(carried))
+    return o, jnp.where((last >= 0)[:, None, None, None, None], final, levels)
+
+
+def _last_real(segment_ids, t):
+    """`[B]` int32: the index of each row's last real (non-padding) token, -1 for a row of padding."""
+    if segment_ids is None:
+        return jnp.full((1,), t - 1, jnp.int32)
+    return jnp.max(jnp.where(segment_ids != 0, jnp.arange(t, dtype=jnp.int32), -1), axis=1)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -221,7 +258,8 @@ def _check_state(op, name, state, shape):
 
 
 def log_linear_attention(q, k, v, *, g, level_scales, beta=None, scale=None, initial_state=None,
-                         output_final_state=False, isolated=None, impl="chunk", chunk_size=64):
+                         output_final_state=False, isolated=None, segment_ids=None, impl="chunk", chunk_size=64,
+                         safe_gate=False, lower_bound=-5.0, precision=None):
     """Log-linear attention over the gated (beta=None) or gated-delta / KDA (beta `[B, T, HV]`) transition.
 
     q, k `[B, T, H, K]`, v `[B, T, HV, V]`, g `[B, T, HV]` or `[B, T, HV, K]`, level_scales
@@ -229,8 +267,14 @@ def log_linear_attention(q, k, v, *, g, level_scales, beta=None, scale=None, ini
     traced). L >= ceil(log2(P + T)) + 1 is checked when P is concrete (under jit: L >= ceil(log2 T) + 1).
     isolated `[B, T]` bool: those tokens read (their own transition and write at level 0 included) and
     do not write; they still count as positions, so the Fenwick levels of all others are unchanged.
-    impl "reference" | "scan" | "chunk" (chunk_size a power of two). Returns (o in v's dtype, the
-    final `FenwickState` or None).
+    segment_ids `[B, T]` int: packed documents (docs/conventions.md): the levels restart from zero at
+    each document's first token after token 0 and their pattern follows the position within the
+    document (the document holding token 0 continues initial_state and its position); padding tokens
+    (id 0) leave the levels alone; the final state is the last document's, at one position per row
+    (`[B]`: its length, plus P for the document holding token 0). impl="chunk" with segment_ids runs
+    impl="reference" with a warning: its chunks align with the absolute positions' Fenwick blocks.
+    impl "reference" | "scan" | "chunk" (chunk_size a power of two). safe_gate / lower_bound /
+    precision as in `gated.gated_op`. Returns (o in v's dtype, the final `FenwickState` or None).
     """
     op = "log_linear_attention"
     q32, k32, v32, dims = prepare_qkv(op, q, k, v, scale=scale)
@@ -238,6 +282,8 @@ def log_linear_attention(q, k, v, *, g, level_scales, beta=None, scale=None, ini
     choice = resolve_impl(impl, op, SUPPORTED)
     _check_chunk(op, chunk_size)
     g = check_gate(op, g, dims, per_channel=None)
+    g = gated.check_safe_gate(op, safe_gate, lower_bound, g, None)
+    precision = resolve_precision(precision, op)
     check_shape(f"{op}: beta", beta, (b, t, hv), "[B, T, HV]")
     n = _check_levels(op, "level_scales", level_scales, (b, t, hv), "[B, T, HV, L]")
     if initial_state is None:
@@ -246,15 +292,35 @@ def log_linear_attention(q, k, v, *, g, level_scales, beta=None, scale=None, ini
         levels, position = _check_state(op, "initial_state", initial_state, (b, hv, n, kd, vd))
     _check_enough_levels(op, "level_scales", n, concrete_int(position), t)
     iso = gated.per_head(check_isolated(op, isolated, (b, t)), hv)
-    args = (q32, k32, v32, to_f32(g), to_f32(beta), to_f32(level_scales), levels, position, iso)
+    segment_ids = check_segment_ids(op, segment_ids, (b, t))
+    k32, v32, g, beta = gated.segment_inputs(k32, v32, to_f32(g), to_f32(beta), segment_ids)
+    args = (q32, k32, v32, g, beta, to_f32(level_scales), levels, position, iso)
+    if choice is Impl.CHUNK and segment_ids is not None:
+        warnings.warn(f"{op}: impl='chunk' with segment_ids falls back to impl='reference' (exact, one token "
+                      "at a time): the chunked form aligns its chunks with the Fenwick blocks of absolute "
+                      "positions, and packed documents restart the levels at each document's first token",
+                      stacklevel=2)
+        choice = Impl.REFERENCE
     if choice is Impl.REFERENCE:
-        o, final = _reference(*args)
+        o, final = _reference(*args, segment_ids)
     elif choice is Impl.SCAN:
-        o, final = _scan(*args)
+        o, final = _scan(*args, segment_ids)
     else:
-        o, final = log_linear_chunk(*args, chunk_size=chunk_size)
-    state = FenwickState(final, jnp.asarray(position, jnp.int32) + t) if output_final_state else None
+        o, final = log_linear_chunk(*args, chunk_size=chunk_size, safe_gate=safe_gate, precision=precision)
+    state = FenwickState(final, _final_position(position, t, segment_ids)) if output_final_state else None
     return o.astype(v.dtype), state
+
+
+def _final_position(position, t, segment_ids):
+    """The position of the final state: P + T, or with segment ids one per row `[B]`: after the row's
+    last real token within its document (P for a row of padding)."""
+    position = jnp.asarray(position, jnp.int32)
+    if segment_ids is None:
+        return position + t
+    last = _last_real(segment_ids, t)
+    times = token_positions(position, segment_ids.shape[0], t, segment_ids)
+    after_last = jnp.take_along_axis(times, jnp.maximum(last, 0)[:, None], axis=1)[:, 0] + 1
+    return jnp.where(last >= 0, after_last, position)
 
 
 def log_linear_attention_step(q_t, k_t, v_t, state, *, g_t, level_scales_t, beta_t=None, scale=None,

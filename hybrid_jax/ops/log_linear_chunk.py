@@ -25,6 +25,7 @@ Cost O(T C (K + V) + T log(T / C) K V): O(T log T). Derivations: docs/chunked_al
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 from hybrid_jax.ops import gated
 from hybrid_jax.ops.fenwick import carried_levels, fenwick_level, merge_down, one_hot
 from pallas_kernels.chunk_math import ChunkTerms, from_chunks, to_chunks
+from pallas_kernels.recurrence import state_pass
 
 
 def concrete_int(x):
@@ -84,30 +86,30 @@ class _ChunkOperators(NamedTuple):
     own: jax.Array  # the chunk's own writes at its end                       [.., K, V]
 
 
-def _chunk_operators(q, k, v, g, beta, c, iso=None) -> _ChunkOperators:
+def _chunk_operators(q, k, v, g, beta, c, iso=None, **options) -> _ChunkOperators:
     """Per-chunk linear maps from gated.py's machinery: `[B, N * C, H, ...]` inputs, chunks of c.
     Isolated tokens (`iso`, `chunk_math.isolate`) are identity steps of every map but their own row of
-    `transfer` and `read`."""
+    `transfer` and `read`. `options`: safe_gate and precision of `gated.chunk_terms`."""
     b, nc, h, kd = k.shape
     vd, n = v.shape[-1], nc // c
     if beta is None:
-        terms, tm = gated.chunk_terms(q, k, v, g, None, c, iso), None
+        terms, tm = gated.chunk_terms(q, k, v, g, None, c, iso, **options), None
     else:  # values [V | I_C] in every chunk make the terms carry Tm itself: u_bar = [Tm V | Tm]
         eye = jnp.broadcast_to(jnp.tile(jnp.eye(c), (n, 1))[None, :, None], (b, nc, h, c))
-        terms = gated.chunk_terms(q, k, jnp.concatenate([v, eye], -1), g, beta, c, iso)
+        terms = gated.chunk_terms(q, k, jnp.concatenate([v, eye], -1), g, beta, c, iso, **options)
         tm = terms.u_bar[..., vd:]
         terms = terms._replace(u_bar=terms.u_bar[..., :vd])
     transfer = terms.attn if tm is None else terms.attn @ tm
     read = gated.chunk_outputs(terms, jnp.eye(kd), u_bar=jnp.zeros((c, kd)))  # the output of S = I
     # Every chunk on its own (the chunk axis becomes a batch axis): through it from [I | 0] with [0 | Ubar].
-    alone = jax.tree.map(lambda x: x[:, :, None], terms)
+    alone = jax.tree.map(lambda x: x[:, :, :, None], terms)
     if tm is None:
-        _, own = gated.propagate(alone, jnp.zeros((b, h, n, kd, vd)))
+        _, own = state_pass(alone, jnp.zeros((b, h, n, kd, vd)))
         return _ChunkOperators(terms, tm, transfer, read, terms.chunk_decay[..., None], own)
     start = jnp.concatenate([jnp.broadcast_to(jnp.eye(kd), (b, h, n, kd, kd)),
                              jnp.zeros((b, h, n, kd, vd))], -1)
     u_bar = jnp.concatenate([jnp.zeros(terms.u_bar.shape[:-1] + (kd,)), terms.u_bar], -1)
-    _, end = gated.propagate(alone, start, u_bar=u_bar[:, :, None])
+    _, end = state_pass(alone, start, u_bar=u_bar[:, :, :, None])
     return _ChunkOperators(terms, tm, transfer, read, end[..., :kd], end[..., kd:])
 
 
@@ -172,17 +174,29 @@ def _final_levels(ops: _ChunkOperators, values, entering, levels_in, layout: _La
                               _advance(ops.transition[:, :, 0][:, :, None], levels_in))
 
 
-def log_linear_chunk(q, k, v, g, beta, lam, levels_in, position, iso=None, *, chunk_size):
+def log_linear_chunk(q, k, v, g, beta, lam, levels_in, position, iso=None, *, chunk_size, safe_gate=False,
+                     precision="highest"):
     """The chunked form on float32 inputs `[B, T, HV, .]` (q scaled, heads expanded), incoming levels
     `[B, HV, L, K, V]` at `position` (an int or a traced int32), isolated tokens `iso` `[B, T, HV]`
-    bool or None. Returns (o `[B, T, HV, V]`, levels)."""
+    bool or None. Returns (o `[B, T, HV, V]`, levels). The backward saves only the inputs and
+    recomputes the rest (`jax.checkpoint`): the chunk operators and the carried stack are O(T C + T K V)
+    and would otherwise stay alive from the forward to the backward."""
+    options = {"chunk_size": chunk_size, "safe_gate": safe_gate, "precision": precision}
+    if isinstance(position, int):  # a static position fixes the layout: keep it out of the traced inputs
+        run = jax.checkpoint(lambda *a: _log_linear_chunk(*a[:7], position, a[7], **options))
+        return run(q, k, v, g, beta, lam, levels_in, iso)
+    return jax.checkpoint(functools.partial(_log_linear_chunk, **options))(
+        q, k, v, g, beta, lam, levels_in, position, iso)
+
+
+def _log_linear_chunk(q, k, v, g, beta, lam, levels_in, position, iso, *, chunk_size, safe_gate, precision):
     t = q.shape[1]
     layout = _layout(t, chunk_size, position)
     position = jnp.asarray(position, jnp.int32)
     length = layout.n_chunks * layout.chunk
     q, k, v, g, lam = (_place(x, layout.offset, length) for x in (q, k, v, g, lam))
     beta, iso = (None if x is None else _place(x, layout.offset, length) for x in (beta, iso))
-    ops = _chunk_operators(q, k, v, g, beta, layout.chunk, iso)
+    ops = _chunk_operators(q, k, v, g, beta, layout.chunk, iso, safe_gate=safe_gate, precision=precision)
     values, lam = to_chunks(v, layout.chunk), to_chunks(lam, layout.chunk)  # lam: [B, H, N, C, L]
 
     o = _in_chunk_outputs(ops, lam, values)

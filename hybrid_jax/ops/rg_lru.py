@@ -24,9 +24,13 @@ Candidate isolation: with `isolated` `[B, T]` (bool), an isolated token reads
 `a_t h_{t-1} + sqrt(1 - a_t^2) i_t x_t` but passes `h_{t-1}` on unchanged, so it never reaches another
 token's output (docs/conventions.md); the step takes `isolated_t` `[B]`.
 
-The normalisation applies at every step, including the first: the op has no document starts
-(`segment_ids` is planned, docs/conventions.md), so a prompt's final state continues a sequence
-exactly. (RecurrentGemma skips the factor at a document's first token, where `h_{-1}` is reset.)
+Packed documents (`segment_ids` `[B, T]`, docs/conventions.md): `h_{t-1}` is replaced by 0 at the first
+token of every document after token 0, and padding tokens (id 0) are identity steps (their output is
+the carried `h_{t-1}`), so `initial_state` reaches the row's first document only and the final state is
+the last document's. The normalisation `sqrt(1 - a_t^2)` applies at every step, a document's first
+token included: then a document gives the same outputs alone, packed, or continued from a prompt's
+final state, whichever token it starts at. (RecurrentGemma instead skips the factor where its
+`segment_pos == 0` resets `h`, making a document's first token a position-dependent special case.)
 
 impl: "reference" (a lax.scan of the recurrence above, one token at a time), "scan" and "chunk"
 (the gates turned into `(log a_t, sqrt(1 - a_t^2) i_t x_t)` pairs for `first_order.linear_recurrence`:
@@ -38,9 +42,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from hybrid_jax.ops import first_order
+from hybrid_jax.ops import first_order, segments
 from hybrid_jax.ops._common import (Impl, check_chunk_size, check_floating, check_isolated, check_rank,
-                                    check_shape, check_time, resolve_impl, to_f32)
+                                    check_segment_ids, check_shape, check_time, resolve_impl, to_f32)
 
 SUPPORTED = first_order.SUPPORTED
 C_DEFAULT = 8.0  # Griffin's c: with r = 1, a = sigmoid(-Lambda) ** 8
@@ -86,42 +90,52 @@ def _initial(initial_state, state_shape, op):
     return jnp.zeros(state_shape, jnp.float32) if initial_state is None else to_f32(initial_state)
 
 
-def _advance(x_t, gate_x_t, gate_a_t, a_param, h, isolated_t, c):
-    """(the token's output h_t, the state passed on): h_{t-1} is passed on where isolated_t."""
+def _advance(x_t, gate_x_t, gate_a_t, a_param, h, isolated_t, c, reset_t=None, padding_t=None):
+    """(the token's output h_t, the state passed on): h_{t-1} is replaced by 0 where reset_t, the step
+    is the identity where padding_t, and h_{t-1} is passed on where isolated_t (all `[B]` or None)."""
+    per_row = lambda mask: mask.reshape(mask.shape + (1,) * (h.ndim - 1))  # noqa: E731
+    if reset_t is not None:
+        h = jnp.where(per_row(reset_t), 0.0, h)
     log_a, write = recurrence_inputs(x_t, gate_x_t, gate_a_t, a_param, c=c)
     stepped = jnp.exp(log_a) * h + write
+    if padding_t is not None:
+        stepped = jnp.where(per_row(padding_t), h, stepped)
     if isolated_t is None:
         return stepped, stepped
-    return stepped, jnp.where(isolated_t.reshape(isolated_t.shape + (1,) * (h.ndim - 1)), h, stepped)
+    return stepped, jnp.where(per_row(isolated_t), h, stepped)
 
 
-def rg_lru_reference(x, gate_x, gate_a, a_param, h0, *, c=C_DEFAULT, isolated=None):
+def rg_lru_reference(x, gate_x, gate_a, a_param, h0, *, c=C_DEFAULT, isolated=None, segment_ids=None):
     """The recurrence one token at a time (lax.scan over axis 1), float32; returns (h, h_{T-1})."""
 
     def step(h, inputs):
-        *token, isolated_t = inputs
-        out, h = _advance(*token, a_param, h, isolated_t, c)
+        *token, isolated_t, reset_t, padding_t = inputs
+        out, h = _advance(*token, a_param, h, isolated_t, c, reset_t, padding_t)
         return h, out
 
-    time_major = tuple(None if z is None else jnp.moveaxis(z, 1, 0) for z in (x, gate_x, gate_a, isolated))
-    final, hs = jax.lax.scan(step, h0, time_major)
+    resets = None if segment_ids is None else segments.reset_mask(segment_ids)
+    padding = None if segment_ids is None else segment_ids == 0
+    per_token = (x, gate_x, gate_a, isolated, resets, padding)
+    final, hs = jax.lax.scan(step, h0, tuple(None if z is None else jnp.moveaxis(z, 1, 0) for z in per_token))
     return jnp.moveaxis(hs, 0, 1), final
 
 
 def rg_lru(x, gate_x, gate_a, a_param, *, c=C_DEFAULT, initial_state=None, output_final_state=False,
-           isolated=None, impl="chunk", chunk_size=64):
+           isolated=None, segment_ids=None, impl="chunk", chunk_size=64):
     """RG-LRU over x `[B, T, *C]`. Returns (y `[B, T, *C]` in x's dtype, final state `[B, *C]` float32
-    or None); `isolated` `[B, T]` bool or None (module docstring)."""
-    choice = resolve_impl(impl, "rg_lru", SUPPORTED)
-    check_chunk_size(chunk_size, "rg_lru")
-    h0 = _initial(initial_state, _check("rg_lru", x, gate_x, gate_a, a_param, c), "rg_lru")
-    isolated = check_isolated("rg_lru", isolated, x.shape[:2])
+    or None); `isolated` `[B, T]` bool or None, `segment_ids` `[B, T]` int or None (module docstring)."""
+    op = "rg_lru"
+    choice = resolve_impl(impl, op, SUPPORTED)
+    check_chunk_size(chunk_size, op)
+    h0 = _initial(initial_state, _check(op, x, gate_x, gate_a, a_param, c), op)
+    isolated = check_isolated(op, isolated, x.shape[:2])
+    segment_ids = check_segment_ids(op, segment_ids, x.shape[:2])
     if choice is Impl.REFERENCE:
-        h, final = rg_lru_reference(x, gate_x, gate_a, a_param, h0, c=c, isolated=isolated)
+        h, final = rg_lru_reference(x, gate_x, gate_a, a_param, h0, c=c, isolated=isolated, segment_ids=segment_ids)
     else:
         log_a, write = recurrence_inputs(x, gate_x, gate_a, a_param, c=c)
-        h, final = first_order.linear_recurrence(log_a, write, initial_state=h0, log_a=True,
-                                                 isolated=isolated, impl=impl, chunk_size=chunk_size)
+        h, final = first_order.linear_recurrence(log_a, write, initial_state=h0, log_a=True, isolated=isolated,
+                                                 segment_ids=segment_ids, impl=impl, chunk_size=chunk_size)
     return h.astype(x.dtype), (final if output_final_state else None)
 
 

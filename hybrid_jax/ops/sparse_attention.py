@@ -35,6 +35,16 @@ rounding forward and backward:
 
 Selecting costs T x T / Bs score products (the pooled keys), as in MoBA's gate.
 
+Packed documents (`segment_ids` `[B, T]`, 0 = padding; docs/conventions.md): every document gets
+the blocks it would have alone. `block_grid` counts blocks from each document's first token: block
+(d, c) holds the keys s_d + c Bs .. s_d + c Bs + Bs - 1 of document d starting at s_d, and only
+complete blocks enter the table of pooled keys (numbered in row order, still at most ceil(T / Bs)),
+because a document's last partial block is only ever its own queries' own block. A query at
+position p within its document has own block c(p) = p // Bs (keys from its block's start up to the
+query) and candidates the blocks c < c(p) of its own document, so it never scores, selects or reads
+another document's keys, and selection, tie-breaking by block order included, and output are those
+of the document run alone. Without segment_ids the grid is the absolute one above.
+
 `block_token_attention` is NSA's compressed branch: attention over one (compressed) key/value
 token per complete block before the query's own, T x T / Bs logits.
 
@@ -46,20 +56,52 @@ statistics are float32.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from hybrid_jax.ops._common import Impl, check_floating, check_rank, check_shape, check_time, default_scale
-from hybrid_jax.ops._common import pad_time, repeat_heads, resolve_impl
-from hybrid_jax.ops.attention import check_grouped_heads, check_same_dtype, masked_softmax
+from hybrid_jax.ops import segments
+from hybrid_jax.ops._common import Impl, check_floating, check_grouped_heads, check_rank, check_same_dtype
+from hybrid_jax.ops._common import check_segment_ids, check_shape, check_time, default_scale, pad_time
+from hybrid_jax.ops._common import repeat_heads, resolve_impl
+from hybrid_jax.ops.attention import masked_softmax
 
 SUPPORTED = (Impl.REFERENCE, Impl.CHUNK)
 _F32 = jnp.float32
 
 
 # ---------------------------------------------------------------------------------------------
-# pooled keys and the selection (shared by every impl and the step)
+# the block grid, pooled keys and the selection (shared by every impl and the step)
+
+
+class BlockGrid(NamedTuple):
+    """Where the key blocks of a row lie (module docstring, "Packed documents")."""
+
+    block_start: jax.Array  # [B, NB] int32, NB = ceil(T / Bs): each block's first key (unused slots: 0)
+    first_block: jax.Array  # [B, T] int32: the first block of each token's document
+    position: jax.Array  # [B, T] int32: each token's position within its document
+    real: jax.Array  # [B, T] bool: not padding
+
+
+def block_grid(segment_ids, *, batch: int, time: int, block_size: int) -> BlockGrid:
+    """The blocks of rows of `time` tokens: absolute (block g = keys g Bs .. g Bs + Bs - 1) when
+    segment_ids is None, else the complete blocks of each document of segment_ids `[B, T]`, counted
+    from its first token, numbered in row order."""
+    nb = -(-time // block_size)
+    if segment_ids is None:
+        position = jnp.broadcast_to(jnp.arange(time, dtype=jnp.int32), (batch, time))
+        block_start = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32) * block_size, (batch, nb))
+        return BlockGrid(block_start, jnp.zeros((batch, time), jnp.int32), position, jnp.ones((batch, time), bool))
+    position, real = segments.position_in_document(segment_ids), segment_ids != 0
+    ends = (real & (position % block_size == block_size - 1)).astype(jnp.int32)  # a block's last key
+    ended_before = jnp.cumsum(ends, axis=1) - ends  # complete blocks ending before each token
+    slot = jnp.where(ends == 1, ended_before, nb)  # out of range where no block ends: dropped
+    first_key = jnp.arange(time, dtype=jnp.int32) - (block_size - 1)
+    block_start = jnp.zeros((batch, nb), jnp.int32).at[jnp.arange(batch)[:, None], slot].set(
+        jnp.broadcast_to(first_key, (batch, time)), mode="drop")
+    first_block = jnp.take_along_axis(ended_before, segments.document_start(segment_ids), axis=1)
+    return BlockGrid(block_start, first_block, position, real)
 
 
 def pool_block_keys(k: jax.Array, *, block_size: int) -> jax.Array:
@@ -71,11 +113,26 @@ def pool_block_keys(k: jax.Array, *, block_size: int) -> jax.Array:
     return jnp.mean(k.reshape(b, t // block_size, block_size, n, d), axis=2)
 
 
-def _top_blocks(q_sum, block_keys, q_pos, *, block_size: int, top_k: int):
-    """Blocks selected for queries `q_sum` `[B, Tq, N, K]` (summed over each group's heads) at
-    positions `q_pos` `[B, Tq]`: (index, valid), each `[B, Tq, N, min(top_k, NB)]`."""
+def _key_index(starts, block_size: int, length: int):
+    """The positions of the block_size keys from each of `starts`: `starts.shape + (Bs,)`. Positions
+    outside the `length` keys are clamped into range: callers mask them."""
+    return jnp.clip(starts[..., None] + jnp.arange(block_size), 0, length - 1)
+
+
+def _pool_grid_keys(k, grid: BlockGrid, block_size: int):
+    """kbar `[B, NB, HKV, K]` float32: the mean key of each block of the grid (garbage in unused slots,
+    which no query scores)."""
+    index = _key_index(grid.block_start, block_size, k.shape[1])  # [B, NB, Bs]
+    keys = jnp.take_along_axis(k.astype(_F32), index.reshape(k.shape[0], -1, 1, 1), axis=1)
+    return jnp.mean(keys.reshape(index.shape + k.shape[2:]), axis=2)
+
+
+def _top_blocks(q_sum, block_keys, first, count, *, top_k: int):
+    """Blocks selected for queries `q_sum` `[B, Tq, N, K]` (summed over each group's heads) among their
+    candidates first .. first + count - 1 (`[B, Tq]`): (index, valid), each `[B, Tq, N, min(top_k, NB)]`."""
     scores = jnp.einsum("btnd,bcnd->btnc", q_sum, block_keys, precision="highest")
-    candidate = jnp.arange(block_keys.shape[1]) < (q_pos // block_size)[:, :, None, None]
+    block = jnp.arange(block_keys.shape[1])
+    candidate = (block >= first[:, :, None, None]) & (block < (first + count)[:, :, None, None])
     scores = jnp.where(candidate, scores, -jnp.inf)
     # Fewer candidates than slots: the extra slots come back -inf and are marked invalid.
     best, index = jax.lax.top_k(scores, min(top_k, block_keys.shape[1]))
@@ -88,40 +145,54 @@ def _group_sum(q: jax.Array, kv_heads: int) -> jax.Array:
     return jnp.sum(q.astype(_F32).reshape(*lead, kv_heads, heads // kv_heads, d), axis=-2)
 
 
-def select_blocks(q, k, *, block_size: int, top_k: int):
-    """The blocks each query reads besides its own: (index, valid) `[B, T, HKV, min(top_k, NB)]`.
+def _to_steps(x, block_size: int):
+    """`[B, T, ...]` -> `[ceil(T / Bs), B, Bs, ...]`, zero padded: the query blocks the scans visit."""
+    x = pad_time(x, block_size, axis=1)
+    return jnp.moveaxis(x.reshape(x.shape[0], -1, block_size, *x.shape[2:]), 1, 0)
 
-    Computed one query block at a time (lax.map), so the T x NB scores are never held at once."""
+
+def _from_steps(x, time: int):
+    """The inverse of `_to_steps`, padded queries dropped."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :time]
+
+
+def select_blocks(q, k, grid: BlockGrid, *, block_size: int, top_k: int):
+    """The blocks each query reads besides its own: their first keys and valid flags,
+    `[B, T, HKV, min(top_k, NB)]`. A query's candidates are its document's complete blocks before its
+    own (none for padding). Computed one query block at a time (lax.map), so the T x NB scores are
+    never held at once."""
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
-    b, t = q.shape[:2]
-    block_keys = pool_block_keys(k, block_size=block_size)
-    q_sum = pad_time(_group_sum(q, k.shape[2]), block_size, axis=1)
-    nb = q_sum.shape[1] // block_size
-    q_sum = jnp.moveaxis(q_sum.reshape(b, nb, block_size, *q_sum.shape[2:]), 1, 0)
+    block_keys = _pool_grid_keys(k, grid, block_size)
+    count = jnp.where(grid.real, grid.position // block_size, 0)
+    xs = tuple(_to_steps(x, block_size) for x in (_group_sum(q, k.shape[2]), grid.first_block, count))
+    index, valid = jax.lax.map(lambda x: _top_blocks(*x[:1], block_keys, *x[1:], top_k=top_k), xs)
+    index, valid = _from_steps(index, q.shape[1]), _from_steps(valid, q.shape[1])
+    starts = jnp.take_along_axis(grid.block_start, index.reshape(index.shape[0], -1), axis=1)
+    return starts.reshape(index.shape), valid
 
-    def one_block(inputs):
-        q_blk, start = inputs
-        q_pos = jnp.broadcast_to(start + jnp.arange(block_size), (b, block_size))
-        return _top_blocks(q_blk, block_keys, q_pos, block_size=block_size, top_k=top_k)
 
-    index, valid = jax.lax.map(one_block, (q_sum, jnp.arange(nb) * block_size))
-    unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, nb * block_size, *x.shape[3:])[:, :t]  # noqa: E731
-    return unblock(index), unblock(valid)
+def _own_block(grid: BlockGrid, block_size: int):
+    """Each query's own block: its first key and the number of keys up to the query (0 for padding)."""
+    in_block = grid.position % block_size
+    return jnp.arange(grid.position.shape[1]) - in_block, jnp.where(grid.real, in_block + 1, 0)
 
 
 # ---------------------------------------------------------------------------------------------
 # reference
 
 
-def block_sparse_attention_reference(q, k, v, *, scale: float, block_size: int, top_k: int):
+def block_sparse_attention_reference(q, k, v, *, scale: float, block_size: int, top_k: int, segment_ids=None):
     """Dense float32 logits under the materialised block-sparse mask: the ground truth."""
-    t, heads = q.shape[1], q.shape[2]
-    index, valid = select_blocks(q, k, block_size=block_size, top_k=top_k)
-    key_block = np.arange(t) // block_size
-    own = (key_block[None, :] == key_block[:, None]) & (np.arange(t)[None, :] <= np.arange(t)[:, None])
+    b, t, heads = q.shape[:3]
+    grid = block_grid(segment_ids, batch=b, time=t, block_size=block_size)
+    starts, valid = select_blocks(q, k, grid, block_size=block_size, top_k=top_k)
+    own_start, own_count = (x[:, :, None] for x in _own_block(grid, block_size))
+    keys = jnp.arange(t)
+    own = (keys >= own_start) & (keys < own_start + own_count)  # [B, T, T]
     # hit[b, t, n, s, j]: key j lies in the s-th selected block of query t, a valid one.
-    hit = (index[..., None] == key_block) & valid[..., None]  # [B, T, N, S, T]
-    allowed = jnp.any(hit, axis=3) | own[None, :, None, :]  # [B, T, N, T]
+    hit = valid[..., None] & (keys >= starts[..., None]) & (keys < starts[..., None] + block_size)
+    allowed = jnp.any(hit, axis=3) | own[:, :, None, :]  # [B, T, N, T]
     allowed = repeat_heads(jnp.swapaxes(allowed, 1, 2), heads, axis=1)  # [B, H, T, T]
     k32, v32 = (repeat_heads(x.astype(_F32), heads) for x in (k, v))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(_F32), k32) * scale
@@ -132,20 +203,14 @@ def block_sparse_attention_reference(q, k, v, *, scale: float, block_size: int, 
 # gathered blocks (impl="chunk") and the decoding step share `_attend_blocks`
 
 
-def _as_blocks(x: jax.Array, block_size: int) -> jax.Array:
-    """`[B, S, N, D]` (S a multiple of Bs) -> `[B, S / Bs, Bs, N, D]`, a free reshape."""
-    b, s, n, d = x.shape
-    return x.reshape(b, s // block_size, block_size, n, d)
-
-
-def _attend_blocks(q, k_blocks, v_blocks, slots, key_ok, scale):
-    """Queries q `[B, Tq, N, G, K]` over the key blocks `slots` `[B, Tq, N, S]` of k_blocks /
-    v_blocks `[B, NB, Bs, N, D]`, keys allowed where key_ok `[B, Tq, N, S, Bs]`: o `[B, Tq, N, G, V]`
-    float32. Gathers only the S Bs keys each query reads."""
-    b, tq, n, s = slots.shape
-    rows, heads = jnp.arange(b)[:, None, None, None], jnp.arange(n)[None, None, :, None]
-    k_sel = k_blocks[rows, slots, :, heads]  # [B, Tq, N, S, Bs, K]
-    v_sel = v_blocks[rows, slots, :, heads]
+def _attend_blocks(q, k, v, starts, key_ok, scale):
+    """Queries q `[B, Tq, N, G, K]` over the key blocks from `starts` `[B, Tq, N, S]` of k / v
+    `[B, S_keys, N, D]`, keys allowed where key_ok `[B, Tq, N, S, Bs]`: o `[B, Tq, N, G, V]` float32.
+    Gathers only the S Bs keys each query reads."""
+    b, _, n, _, block_size = key_ok.shape
+    index = _key_index(starts, block_size, k.shape[1])  # [B, Tq, N, S, Bs]
+    rows, heads = jnp.arange(b)[:, None, None, None, None], jnp.arange(n)[None, None, :, None, None]
+    k_sel, v_sel = k[rows, index, heads], v[rows, index, heads]  # [B, Tq, N, S, Bs, D]
     logits = jnp.einsum("btngd,btnsjd->btngsj", q, k_sel, preferred_element_type=_F32) * scale
     flat = logits.shape[:4] + (-1,)
     allowed = jnp.broadcast_to(key_ok[:, :, :, None], logits.shape).reshape(flat)
@@ -153,42 +218,33 @@ def _attend_blocks(q, k_blocks, v_blocks, slots, key_ok, scale):
     return jnp.einsum("btngsj,btnsjv->btngv", weights.astype(v_sel.dtype), v_sel, preferred_element_type=_F32)
 
 
-def _with_own_block(index, valid, q_pos, block_size):
-    """Slots `[..., S + 1]` = the selected blocks and the query's own block, with the allowed keys
-    `[..., S + 1, Bs]`: every key of a valid selected block, and own-block keys up to the query."""
-    own = (q_pos // block_size)[:, :, None, None]
-    slots = jnp.concatenate([index, jnp.broadcast_to(own, index.shape[:3] + (1,))], axis=-1)
-    causal = jnp.arange(block_size) <= (q_pos % block_size)[:, :, None, None, None]
+def _with_own_block(starts, valid, own_start, own_count, block_size):
+    """Block starts `[B, Tq, N, S + 1]` = the selected blocks and the query's own block, with the
+    allowed keys `[B, Tq, N, S + 1, Bs]`: every key of a valid selected block, and the first
+    own_count `[B, Tq]` keys of the own block."""
+    own = jnp.broadcast_to(own_start[:, :, None, None], starts.shape[:3] + (1,))
     selected = jnp.broadcast_to(valid[..., None], valid.shape + (block_size,))
-    own_ok = jnp.broadcast_to(causal, valid.shape[:3] + (1, block_size))
-    return slots, jnp.concatenate([selected, own_ok], axis=-2)
+    own_ok = jnp.arange(block_size) < own_count[:, :, None, None, None]
+    own_ok = jnp.broadcast_to(own_ok, valid.shape[:3] + (1, block_size))
+    return jnp.concatenate([starts, own], axis=-1), jnp.concatenate([selected, own_ok], axis=-2)
 
 
-def block_sparse_attention_chunk(q, k, v, *, scale: float, block_size: int, top_k: int):
+def block_sparse_attention_chunk(q, k, v, *, scale: float, block_size: int, top_k: int, segment_ids=None):
     """The gathered-block form (module docstring): a scan over query blocks, rematerialised."""
     b, t, heads, dk = q.shape
     kv_heads = k.shape[2]
-    index, valid = select_blocks(q, k, block_size=block_size, top_k=top_k)
-    k_blocks, v_blocks = (_as_blocks(pad_time(x, block_size, axis=1), block_size) for x in (k, v))
-    nb = k_blocks.shape[1]
-
-    def to_steps(x):  # [B, T, ...] -> [NB, B, Bs, ...], padded queries dropped at the end
-        x = pad_time(x, block_size, axis=1)
-        return jnp.moveaxis(x.reshape(b, nb, block_size, *x.shape[2:]), 1, 0)
-
-    q_steps = to_steps(q.reshape(b, t, kv_heads, heads // kv_heads, dk))
+    grid = block_grid(segment_ids, batch=b, time=t, block_size=block_size)
+    starts, valid = select_blocks(q, k, grid, block_size=block_size, top_k=top_k)
 
     @jax.checkpoint  # the backward pass re-gathers one query block at a time instead of storing all
     def step(_, inputs):
-        q_blk, index_blk, valid_blk, start = inputs
-        q_pos = jnp.broadcast_to(start + jnp.arange(block_size), (b, block_size))
-        slots, key_ok = _with_own_block(index_blk, valid_blk, q_pos, block_size)
-        return None, _attend_blocks(q_blk, k_blocks, v_blocks, slots, key_ok, scale)
+        q_blk, *blocks = inputs
+        return None, _attend_blocks(q_blk, k, v, *_with_own_block(*blocks, block_size), scale)
 
-    xs = (q_steps, to_steps(index), to_steps(valid), jnp.arange(nb) * block_size)
-    _, o = jax.lax.scan(step, None, xs)
-    o = jnp.moveaxis(o, 0, 1).reshape(b, nb * block_size, heads, v.shape[-1])[:, :t]
-    return o.astype(v.dtype)
+    q_grouped = q.reshape(b, t, kv_heads, heads // kv_heads, dk)
+    xs = (q_grouped, starts, valid, *_own_block(grid, block_size))
+    _, o = jax.lax.scan(step, None, tuple(_to_steps(x, block_size) for x in xs))
+    return _from_steps(o, t).reshape(b, t, heads, v.shape[-1]).astype(v.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,12 +264,14 @@ def _check_heads_and_dtype(op: str, heads: int, kv_heads: int, **arrays) -> None
     check_same_dtype(op, **arrays)
 
 
-def block_sparse_attention(q, k, v, *, block_size=64, top_k=8, scale=None, impl="chunk"):
+def block_sparse_attention(q, k, v, *, block_size=64, top_k=8, scale=None, segment_ids=None, impl="chunk"):
     """Causal block-sparse attention: q `[B, T, H, K]`, k `[B, T, HKV, K]`, v `[B, T, HKV, V]` ->
     o `[B, T, H, V]`. Each query attends to its own block (causally) and to the `top_k` earlier
     blocks of `block_size` keys whose mean key scores highest against its group's summed query.
-    `impl` is "reference" (dense masked) or "chunk" (gathered blocks, default); `scale` defaults
-    to K ** -0.5. q, k, v share one dtype; o comes back in it.
+    `segment_ids` `[B, T]` int (packed documents, 0 = padding): blocks are counted from each
+    document's first token and a query reads its own document only, as if it ran alone (padding
+    queries return 0). `impl` is "reference" (dense masked) or "chunk" (gathered blocks, default);
+    `scale` defaults to K ** -0.5. q, k, v share one dtype; o comes back in it.
     """
     op = "block_sparse_attention"
     choice = resolve_impl(impl, op, SUPPORTED)
@@ -226,7 +284,8 @@ def block_sparse_attention(q, k, v, *, block_size=64, top_k=8, scale=None, impl=
     check_time(op, t, q=q, k=k, v=v)
     _check_heads_and_dtype(op, heads, kv_heads, q=q, k=k, v=v)
     _check_block_options(op, block_size, top_k)
-    options = dict(scale=default_scale(scale, dk), block_size=block_size, top_k=top_k)
+    options = dict(scale=default_scale(scale, dk), block_size=block_size, top_k=top_k,
+                   segment_ids=check_segment_ids(op, segment_ids, (b, t)))
     if choice is Impl.REFERENCE:
         return block_sparse_attention_reference(q, k, v, **options)
     return block_sparse_attention_chunk(q, k, v, **options)
@@ -263,7 +322,8 @@ def block_keys_update(block_keys, k_cache, length, *, block_size: int):
     _check_cache(op, k_cache, block_keys, block_size)
     length = _check_length(op, length, k_cache.shape[0])
     rows, block = jnp.arange(k_cache.shape[0]), (length - 1) // block_size
-    pooled = jnp.mean(_as_blocks(k_cache, block_size)[rows, block].astype(_F32), axis=1)
+    index = _key_index(block * block_size, block_size, k_cache.shape[1])  # [B, Bs]
+    pooled = jnp.mean(k_cache[rows[:, None], index].astype(_F32), axis=1)
     done = jnp.where(length % block_size == 0, block, block_keys.shape[1])  # out of range: dropped
     return block_keys.at[rows, done].set(pooled.astype(block_keys.dtype), mode="drop")
 
@@ -286,27 +346,32 @@ def block_sparse_attention_step(q_t, k_cache, v_cache, block_keys, *, length, bl
     _check_cache(op, k_cache, block_keys, block_size)
     q_pos = (_check_length(op, length, b) - 1)[:, None]
     q_sum = _group_sum(q_t[:, None], kv_heads)
-    index, valid = _top_blocks(q_sum, block_keys.astype(_F32), q_pos, block_size=block_size, top_k=top_k)
-    slots, key_ok = _with_own_block(index, valid, q_pos, block_size)
+    index, valid = _top_blocks(q_sum, block_keys.astype(_F32), jnp.zeros_like(q_pos), q_pos // block_size,
+                               top_k=top_k)
+    in_block = q_pos % block_size
+    starts, key_ok = _with_own_block(index * block_size, valid, q_pos - in_block, in_block + 1, block_size)
     q_grouped = q_t.reshape(b, 1, kv_heads, heads // kv_heads, dk)
-    k_blocks, v_blocks = _as_blocks(k_cache, block_size), _as_blocks(v_cache, block_size)
-    o = _attend_blocks(q_grouped, k_blocks, v_blocks, slots, key_ok, default_scale(scale, dk))
+    o = _attend_blocks(q_grouped, k_cache, v_cache, starts, key_ok, default_scale(scale, dk))
     return o.reshape(b, heads, dv).astype(v_cache.dtype)
-
 
 
 # ---------------------------------------------------------------------------------------------
 # one token per complete block (NSA's compressed branch)
 
 
-def block_token_attention(q, k_tokens, v_tokens, *, positions, block_size, scale=None):
+def block_token_attention(q, k_tokens, v_tokens, *, positions, block_size, segment_ids=None, scale=None):
     """Attention over one key/value token per block (NSA's compressed branch): q `[B, Tq, H, K]` at
     `positions` `[B, Tq]`, tokens k `[B, NB, HKV, K]`, v `[B, NB, HKV, V]` -> o `[B, Tq, H, V]`:
 
         o_{t,h} = sum_{c < p_t // Bs} softmax_c(scale q_{t,h} . k_{c,n}) v_{c,n}
 
     so a query reads the tokens of the complete blocks before its own (none: o = 0). T x NB logits,
-    as NSA's compressed attention. o comes back in v's dtype (q, k, v share one dtype)."""
+    as NSA's compressed attention. o comes back in v's dtype (q, k, v share one dtype).
+
+    Packed documents: with `segment_ids` `[B, Tq]` (the queries are a whole packed row), token c is
+    the `block_grid` block c (the complete blocks of each document from its first token, in row
+    order), `positions` are positions within each document, and a query reads its document's tokens
+    c - first_block < p_t // Bs only (padding queries none)."""
     op = "block_token_attention"
     for name, x in (("q", q), ("k_tokens", k_tokens), ("v_tokens", v_tokens)):
         check_rank(f"{op}: {name}", x, 4, "[B, T, H, D]")
@@ -318,9 +383,15 @@ def block_token_attention(q, k_tokens, v_tokens, *, positions, block_size, scale
     check_shape(f"{op}: positions", positions, (b, tq), "[B, Tq]")
     _check_heads_and_dtype(op, heads, kv_heads, q=q, k_tokens=k_tokens, v_tokens=v_tokens)
     _check_block_options(op, block_size, 1)
+    segment_ids = check_segment_ids(op, segment_ids, (b, tq), layout="[B, Tq]")
+    first, count = jnp.zeros((b, tq), jnp.int32), positions // block_size
+    if segment_ids is not None:
+        grid = block_grid(segment_ids, batch=b, time=tq, block_size=block_size)
+        first, count = grid.first_block, jnp.where(grid.real, count, 0)
     q_grouped = q.reshape(b, tq, kv_heads, heads // kv_heads, dk)
     logits = jnp.einsum("btngd,bcnd->btngc", q_grouped, k_tokens, preferred_element_type=_F32)
-    allowed = jnp.arange(nb) < (positions // block_size)[:, :, None, None, None]
+    token = jnp.arange(nb)
+    allowed = (token >= first[:, :, None, None, None]) & (token < (first + count)[:, :, None, None, None])
     weights = masked_softmax(logits * default_scale(scale, dk), allowed)
     o = jnp.einsum("btngc,bcnv->btngv", weights.astype(v_tokens.dtype), v_tokens, preferred_element_type=_F32)
     return o.reshape(b, tq, heads, dv).astype(v_tokens.dtype)

@@ -17,6 +17,8 @@ ssd (Mamba-2, one scalar decay per head, B/C shared by groups of heads):
 impl: "reference" | "scan" | "chunk" (default); ssd also "pallas" | "auto". States in float32; y (and
 each step's y_t) in the dtype of the value input: x for ssd, u for selective_scan (docs/conventions.md).
 Both take `isolated` `[B, T]` (steps: `isolated_t` `[B]`): tokens that read the state and never write.
+Both take `segment_ids` `[B, T]` int (packed documents: the state restarts at each document, padding
+tokens are identity steps; docs/conventions.md).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from hybrid_jax.ops._common import (
     check_floating,
     check_isolated,
     check_rank,
+    check_segment_ids,
     check_shape,
     check_time,
     resolve_impl,
@@ -64,16 +67,20 @@ def _skip(y, D, value, *, head_dim: bool = False):
 
 
 def selective_scan(u, dt, A, B, C, *, D=None, initial_state=None, output_final_state=False,
-                   isolated=None, impl="chunk", chunk_size=64):
+                   isolated=None, segment_ids=None, impl="chunk", chunk_size=64):
     """Mamba S6. Returns (y `[B, T, D]`, final state `[B, D, N]` float32 or None). `isolated` `[B, T]`
-    bool: those tokens read exp(dt_t A) h_{t-1} + dt_t B_t u_t but pass h_{t-1} on unchanged."""
+    bool: those tokens read exp(dt_t A) h_{t-1} + dt_t B_t u_t but pass h_{t-1} on unchanged.
+    `segment_ids` `[B, T]` int (packed documents): h restarts at 0 at each document's first token after
+    token 0 and padding tokens (id 0) pass h on (`first_order.segment_steps`); y there is C_t h + D u_t."""
     b, t, d, n = _check_selective(u, dt, A, B, C, D, "selective_scan")
     resolve_impl(impl, "selective_scan", first_order.SUPPORTED)
     check_shape("selective_scan: initial_state", initial_state, (b, d, n), "[B, D, N]")
     isolated = check_isolated("selective_scan", isolated, (b, t))
+    segment_ids = check_segment_ids("selective_scan", segment_ids, (b, t))
     log_decay, write = _selective_inputs(u, dt, A, B)
     h, final = first_order.linear_recurrence(log_decay, write, initial_state=initial_state, log_a=True,
-                                             isolated=isolated, impl=impl, chunk_size=chunk_size)
+                                             isolated=isolated, segment_ids=segment_ids, impl=impl,
+                                             chunk_size=chunk_size)
     y = _skip(jnp.einsum("btdn,btn->btd", h, to_f32(C)), D, u)
     return y.astype(u.dtype), (final if output_final_state else None)
 
@@ -108,15 +115,16 @@ def _check_ssd(x, dt, A, B, C, D, op):
 
 
 def ssd(x, dt, A, B, C, *, D=None, initial_state=None, output_final_state=False, isolated=None,
-        impl="chunk", chunk_size=64):
+        segment_ids=None, impl="chunk", chunk_size=64, precision=None):
     """Mamba-2 SSD. Returns (y `[B, T, H, P]`, final state `[B, H, N, P]` float32 or None); `isolated`
-    `[B, T]` bool as in `gated.gated_op`."""
+    `[B, T]` bool, `segment_ids` `[B, T]` int (packed documents) and `precision` (the chunk form's
+    matmuls) as in `gated.gated_op`."""
     _check_ssd(x, dt, A, B, C, D, "ssd")
     dt32 = to_f32(dt)
     y, final = gated.gated_op(
         "ssd", C, B, dt32[..., None] * to_f32(x), g=dt32 * to_f32(A), per_channel=False, beta=None,
         scale=1.0, initial_state=initial_state, output_final_state=output_final_state, impl=impl,
-        chunk_size=chunk_size, isolated=isolated)
+        chunk_size=chunk_size, isolated=isolated, segment_ids=segment_ids, precision=precision)
     return _skip(y, D, x, head_dim=True).astype(x.dtype), final
 
 

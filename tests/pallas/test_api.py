@@ -9,7 +9,8 @@ import pytest
 
 import pallas_kernels
 from pallas_kernels import api
-from pallas_kernels.chunk_math import KernelConfig, chunked_recurrence
+from pallas_kernels.chunk_math import KernelConfig
+from pallas_kernels.recurrence import chunked_recurrence
 
 B, T, H = 1, 40, 2
 

@@ -1,0 +1,250 @@
+r"""The chunked gated recurrence with a recomputing backward: the pass over chunks and the `jax.custom_vjp`
+shared by hybrid_jax.ops (backend "xla", pure JAX) and the Pallas kernels (backends "gpu" / "tpu").
+
+With the per-chunk terms of `chunk_math` (Q Gam, Tril(Aqk), W, Ubar, K exp(G_C - G), Gam_C) and S_0
+the state entering a chunk, the forward pass is
+
+    U = Ubar - W S_0,   O = (Q Gam) S_0 + Tril(Aqk) U,   S_C = Diag(Gam_C) S_0 + (K exp(G_C - G))^T U
+
+and its reverse, for the cotangents dO of the outputs and dS_C of the state leaving the chunk,
+
+    dU = Tril(Aqk)^T dO + (K exp(G_C - G)) dS_C,   dS_0 = (Q Gam)^T dO + Diag(Gam_C) dS_C - W^T dU.
+
+`chunked_recurrence` saves only its inputs and the state entering every chunk (`[.., N, K, V]`;
+the kernels recompute even those); the backward recomputes the terms under `jax.vjp`, runs the
+reverse pass for the state cotangents and transposes `chunk_math.chunk_step` (`step_cotangents`)
+for all chunks at once. Autodiff of the plain forward would instead keep every term and every intermediate of the
+decayed products (s x s x K per sub-chunk) alive until the backward.
+
+Backend "xla" blocks both passes (`KernelConfig.block_chunks`): a `lax.scan` over blocks of chunks
+forms one block's terms, passes the state through it and emits its outputs, so the intermediates of
+one block stay cache-sized at any T; the backward walks the blocks in reverse the same way.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.chunk_math import ChunkTerms, KernelConfig, chunk_terms, matmul, matmul_t
+
+BLOCK_BYTES = 4 << 20  # the target size of one block's terms (backend "xla"; tuned on CPU, see block_chunks)
+
+
+def block_chunks(n_chunks: int, chunk: int, k_dim: int, v_dim: int, lead: int, per_channel: bool) -> int:
+    """Chunks per block so that one block's float32 terms and products take about BLOCK_BYTES:
+    per chunk and head Tril(Aqk) and the products (2 C^2, C^2 / 16 K more per channel), and seven
+    `[C, K or V]` slabs; `lead` is the product of the leading (batch x head) axes."""
+    floats = 2 * chunk * chunk + 7 * chunk * max(k_dim, v_dim)
+    if per_channel:
+        floats += chunk * chunk * k_dim // 16
+    per_chunk = 4 * floats * max(lead, 1)
+    return max(1, min(n_chunks, BLOCK_BYTES // per_chunk))
+
+
+def state_pass(terms: ChunkTerms, s0, *, u_bar=None, precision: str = "highest", with_u: bool = False):
+    """The sequential pass over the chunk axis (the one before C; any leading axes, shared with s0
+    `[.., K, V]`). Returns (state entering each chunk `[.., N, K, V]`, final state `[.., K, V]`), and
+    with `with_u` also U = Ubar - W S_0 `[.., N, C, V]` (the pass forms it anyway; Ubar without the
+    delta rule). `u_bar` overrides `terms.u_bar` (log-linear attention propagates older levels with
+    Ubar = 0)."""
+    u_bar = terms.u_bar if u_bar is None else u_bar
+    axis = s0.ndim - 2
+    if terms.w is None:
+        # Non-delta: the chunk's own writes do not depend on the incoming state, so form them all at once.
+        inputs = (terms.chunk_decay[..., None], matmul_t(terms.k_to_end, u_bar, precision))
+
+        def step(s, x):
+            decay, write = x
+            return decay * s + write, (s, None)
+    else:
+        inputs = (terms.chunk_decay[..., None], terms.w, terms.k_to_end, u_bar)
+
+        def step(s, x):
+            decay, w, k_to_end, u_bar_c = x
+            u = u_bar_c - matmul(w, s, precision)
+            return decay * s + matmul_t(k_to_end, u, precision), (s, u if with_u else None)
+
+    final, (entering, u) = jax.lax.scan(step, s0, jax.tree.map(lambda x: jnp.moveaxis(x, axis, 0), inputs))
+    entering = jnp.moveaxis(entering, 0, axis)
+    if not with_u:
+        return entering, final
+    return entering, final, u_bar if u is None else jnp.moveaxis(u, 0, axis)
+
+
+def reverse_state_pass(terms: ChunkTerms, d_o, d_final, precision: str = "highest"):
+    """The reverse pass (module docstring): (cotangent of the state leaving each chunk `[.., N, K, V]`,
+    cotangent of the initial state `[.., K, V]`, dU `[.., N, C, V]` or None without the delta rule,
+    where the pass does not need it) from dO `[.., N, C, V]` and dS of the final state."""
+    axis = d_final.ndim - 2
+    read = matmul_t(terms.q_decayed, d_o, precision)  # (Q Gam)^T dO, all chunks at once
+    inputs = (terms.chunk_decay[..., None], read)
+    if terms.w is not None:
+        inputs += (terms.w, terms.k_to_end, matmul_t(terms.attn, d_o, precision))
+
+    def step(d_s, x):
+        decay, read_c = x[:2]
+        d_entering, d_u = read_c + decay * d_s, None
+        if terms.w is not None:
+            w, k_to_end, attn_d_o = x[2:]
+            d_u = attn_d_o + matmul(k_to_end, d_s, precision)
+            d_entering = d_entering - matmul_t(w, d_u, precision)
+        return d_entering, (d_s, d_u)
+
+    d_s0, (leaving, d_u) = jax.lax.scan(step, d_final, jax.tree.map(lambda x: jnp.moveaxis(x, axis, 0), inputs),
+                                        reverse=True)
+    return jnp.moveaxis(leaving, 0, axis), d_s0, None if d_u is None else jnp.moveaxis(d_u, 0, axis)
+
+
+def step_cotangents(terms: ChunkTerms, entering, leaving_grad, d_o, precision: str = "highest",
+                    d_u=None) -> ChunkTerms:
+    """The cotangents of every chunk's terms, all chunks at once, from the states entering the chunks,
+    the cotangents of the states leaving them and of the outputs (the transpose of `chunk_step`):
+
+        dU = Tril(Aqk)^T dO + (K exp(G_C - G)) dS_C,   d(Q Gam) = dO S_0^T,   d Tril(Aqk) = dO U^T,
+        dW = -dU S_0^T,   dUbar = dU,   d(K exp(G_C - G)) = U dS_C^T,   dGam_C = sum_V dS_C * S_0
+
+    (`d_u`: dU when the reverse pass has formed it)."""
+    u = terms.u_bar if terms.w is None else terms.u_bar - matmul(terms.w, entering, precision)
+    if d_u is None:
+        d_u = matmul_t(terms.attn, d_o, precision) + matmul(terms.k_to_end, leaving_grad, precision)
+    t = lambda x: jnp.swapaxes(x, -1, -2)  # noqa: E731
+    d_decay = jnp.sum(leaving_grad * entering, axis=-1)  # [.., N, K]
+    if terms.chunk_decay.shape[-1] == 1:
+        d_decay = jnp.sum(d_decay, axis=-1, keepdims=True)
+    return ChunkTerms(
+        q_decayed=matmul(d_o, t(entering), precision),
+        attn=matmul(d_o, t(u), precision),
+        w=None if terms.w is None else -matmul(d_u, t(entering), precision),
+        u_bar=d_u,
+        k_to_end=matmul(u, t(leaving_grad), precision),
+        chunk_decay=d_decay,
+    )
+
+
+def _terms(config: KernelConfig, inputs) -> ChunkTerms:
+    return chunk_terms(*inputs, safe_gate=config.safe_gate, precision=config.precision)
+
+
+# ----------------------------------------------------------------------------- backend "xla": blocked passes
+
+
+def _to_blocks(x, axis: int, per_block: int):
+    """`[.., N, ...]` -> `[N_B, .., per_block, ...]`, N padded with zero (identity) chunks."""
+    if x is None:
+        return None
+    n = x.shape[axis]
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, (-n) % per_block)
+    x = jnp.pad(x, pad)
+    x = x.reshape(x.shape[:axis] + (-1, per_block) + x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def _from_blocks(x, axis: int, n: int):
+    if x is None:
+        return None
+    x = jnp.moveaxis(x, 0, axis)
+    return jax.lax.slice_in_dim(x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:]), 0, n, axis=axis)
+
+
+def _xla_forward(config: KernelConfig, inputs, s0):
+    """Returns ((O `[.., N, C, V]`, final state), state entering each chunk `[.., N, K, V]`)."""
+    axis = s0.ndim - 2
+    n = inputs[0].shape[axis]
+    per_block = config.block_chunks or n
+
+    def block(s, block_inputs):
+        terms = _terms(config, block_inputs)
+        entering, s, u = state_pass(terms, s, precision=config.precision, with_u=True)
+        o = matmul(terms.q_decayed, entering, config.precision) + matmul(terms.attn, u, config.precision)
+        return s, (o, entering)
+
+    blocks = tuple(_to_blocks(x, axis, per_block) for x in inputs)
+    final, (o, entering) = jax.lax.scan(block, s0, blocks)
+    return (_from_blocks(o, axis, n), final), _from_blocks(entering, axis, n)
+
+
+def _xla_backward(config: KernelConfig, inputs, entering, d_o, d_final):
+    axis = d_final.ndim - 2
+    n = inputs[0].shape[axis]
+    per_block = config.block_chunks or n
+
+    def block(d_s, xs):
+        block_inputs, entering_b, d_o_b = xs
+        terms, terms_vjp = jax.vjp(functools.partial(_terms, config), block_inputs)
+        leaving_grad, d_s, d_u = reverse_state_pass(terms, d_o_b, d_s, config.precision)
+        d_terms = step_cotangents(terms, entering_b, leaving_grad, d_o_b, config.precision, d_u)
+        return d_s, terms_vjp(d_terms)[0]
+
+    to_blocks = functools.partial(_to_blocks, axis=axis, per_block=per_block)
+    xs = (tuple(map(to_blocks, inputs)), to_blocks(entering), to_blocks(d_o))
+    d_s0, d_inputs = jax.lax.scan(block, d_final, xs, reverse=True)
+    return tuple(_from_blocks(d, axis, n) for d in d_inputs), d_s0
+
+
+# ----------------------------------------------------------------------------- the state-pass kernels
+
+
+def _kernels(backend: str):
+    """The state-pass kernels of a backend, `pallas_kernels.gpu.state_pass` or `.tpu.state_pass`,
+    imported on first use: the Triton / Mosaic modules load only when a kernel runs."""
+    return importlib.import_module(f"pallas_kernels.{backend}.state_pass")
+
+
+def _kernel_forward(config: KernelConfig, inputs, s0):
+    terms = _terms(config, inputs)
+    o, final = _kernels(config.backend).forward_pass(terms, s0, emit_states=False, block_v=config.block_v,
+                                                     interpret=config.interpret)
+    return o.reshape(terms.u_bar.shape[:3] + o.shape[-1:]), final
+
+
+def _kernel_backward(config: KernelConfig, inputs, s0, d_o, d_final):
+    kernels = _kernels(config.backend)
+    terms, terms_vjp = jax.vjp(functools.partial(_terms, config), inputs)
+    # The same kernel, emitting the state entering each chunk instead of the outputs.
+    entering, _ = kernels.forward_pass(terms, s0, emit_states=True, block_v=config.block_v,
+                                       interpret=config.interpret)
+    entering = entering.reshape(terms.q_decayed.shape[:2] + terms.q_decayed.shape[-1:] + entering.shape[-1:])
+    d_o_slab = d_o.reshape((d_o.shape[0], -1, d_o.shape[-1]))
+    leaving_grad, d_s0 = kernels.backward(terms, d_o_slab, d_final, block_v=config.block_v,
+                                          interpret=config.interpret)
+    leaving_grad = leaving_grad.reshape(entering.shape)
+    return terms_vjp(step_cotangents(terms, entering, leaving_grad, d_o, config.precision))[0], d_s0
+
+
+# ----------------------------------------------------------------------------- the custom_vjp
+
+
+# `config` is static (hashable): a nondiff argument, not traced.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def chunked_recurrence(config: KernelConfig, inputs, s0):
+    """The differentiable chunked recurrence with a recomputing backward.
+
+    inputs: the positional arguments of `chunk_math.chunk_terms`, (q, k, v, g[, beta[, isolated[,
+    resets]]]) (beta, isolated may be None), chunked `[.., N, C, .]` (the kernels: `[BH, N, C, .]`;
+    beta and the 0/1 float masks `[.., N, C]`; g with a last dim of K or 1), s0 `[.., K, V]`. Returns (o `[.., N, C, V]`, final state `[.., K, V]`).
+    """
+    if config.backend == "xla":
+        return _xla_forward(config, inputs, s0)[0]
+    return _kernel_forward(config, inputs, s0)
+
+
+def _chunked_recurrence_fwd(config, inputs, s0):
+    if config.backend == "xla":
+        out, entering = _xla_forward(config, inputs, s0)
+        return out, (inputs, s0, entering)
+    return _kernel_forward(config, inputs, s0), (inputs, s0, None)
+
+
+def _chunked_recurrence_bwd(config, residuals, cotangents):
+    inputs, s0, entering = residuals
+    d_o, d_final = cotangents
+    if config.backend == "xla":
+        return _xla_backward(config, inputs, entering, d_o, d_final)
+    return _kernel_backward(config, inputs, s0, d_o, d_final)
+
+
+chunked_recurrence.defvjp(_chunked_recurrence_fwd, _chunked_recurrence_bwd)

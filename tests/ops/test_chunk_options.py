@@ -1,0 +1,161 @@
+"""Options of the chunked gated family: the safe gate (per-channel decays bounded below, diagonal
+blocks as matmuls), the matmul precision, and the recomputing, blocked backward of
+`pallas_kernels.recurrence.chunked_recurrence`.
+
+Tolerances, per precision (relative to max|expected| + 1, `mixers.assert_close`; gradients 10x):
+* "highest" (and, on CPU, "high" / "default", which XLA:CPU computes in float32 anyway): 2e-5, the
+  float32 rounding of the other tests.
+* "bfloat16" (operands rounded to 8 mantissa bits, float32 accumulation): 3e-2 on outputs and
+  states; the measured error here is ~5e-3, and the test also checks that it is not float32-exact.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hybrid_jax import ops
+from hybrid_jax.ops import log_linear as ll
+from pallas_kernels import chunk_math, recurrence
+from pallas_kernels.chunk_math import KernelConfig
+from tests.ops import mixers
+from tests.ops.mixers import MixerSpec, Shape, assert_close, check_against_reference
+
+BOUND = -5.0
+
+
+def _make_bounded(key, s, dtype, *, delta, at_bound):
+    """Per-channel gates in [BOUND, 0): all at the bound (the largest factors the matmul form meets)
+    or uniform."""
+    k1, k2 = jax.random.split(key)
+    args, kw = (mixers.make_gated_delta(k1, s, dtype, per_channel=True) if delta
+                else mixers.make_gla(k1, s, dtype, per_channel=True))
+    shape = (s.batch, s.time, s.value_heads, s.key_dim)
+    kw["g"] = (jnp.full(shape, BOUND) if at_bound else BOUND * jax.random.uniform(k2, shape)).astype(dtype)
+    return args, kw
+
+
+for _name, _op, _delta in [("kda", ops.kda, True), ("gla", ops.gla, False)]:
+    for _at_bound in (True, False):
+        _key = f"{_name}_safe" + ("_at_bound" if _at_bound else "")
+        mixers.OPTION_SPECS[_key] = MixerSpec(_key, functools.partial(_op, safe_gate=True, lower_bound=BOUND),
+                                       functools.partial(_make_bounded, delta=_delta, at_bound=_at_bound),
+                                       mixers.SPECS[_name].state_shape)
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("kda_safe_at_bound", Shape(time=37)),
+    ("gla_safe_at_bound", Shape(time=37)),
+    ("kda_safe", Shape(batch=1, time=1, heads=1, value_heads=1)),
+])
+def test_safe_gate_matches_reference(name, shape):
+    """T = 37 with chunks of 16 (a partial last chunk), grouped heads, an initial state, gradients."""
+    check_against_reference(name, "chunk", shape, chunk_size=16)
+
+
+def test_safe_gate_long_chunks_at_the_bound():
+    """Chunks of 64 (four sub-chunks, so the between-sub-chunk factors are exercised) at the bound."""
+    check_against_reference("kda_safe_at_bound", "chunk", Shape(batch=1, time=150, heads=1, value_heads=2),
+                            chunk_size=64)
+
+
+def test_safe_gate_clamps_below_the_bound_and_checks_its_promise():
+    (q, k, v), kw = _make_bounded(jax.random.PRNGKey(0), Shape(time=20), jnp.float32, delta=True, at_bound=False)
+    below = kw["g"].at[:, 3].set(-9.0)
+    clamped = jnp.maximum(below, BOUND)
+    o = jax.jit(lambda g: ops.kda(q, k, v, g=g, beta=kw["beta"], safe_gate=True)[0])(below)
+    o_ref = jax.jit(lambda g: ops.kda(q, k, v, g=g, beta=kw["beta"], impl="reference")[0])(clamped)
+    assert_close(o, o_ref, what="a gate below the bound acts as the bound")
+    with pytest.raises(ValueError, match=r"gla: safe_gate=True needs a per-channel gate"):
+        ops.gla(q, k, v, g=kw["g"][..., 0], safe_gate=True)
+    with pytest.raises(ValueError, match=r"kda: lower_bound must be a float in \[-5.0, 0\)"):
+        ops.kda(q, k, v, g=kw["g"], beta=kw["beta"], safe_gate=True, lower_bound=-8.0)
+
+
+def test_safe_gate_log_linear_kda():
+    """The log-linear chunk form over a KDA transition with every gate at the bound."""
+    shape = Shape(batch=1, time=37, heads=1, value_heads=2)
+    (q, k, v), kw = _make_bounded(jax.random.PRNGKey(3), shape, jnp.float32, delta=True, at_bound=True)
+    levels = ll.num_levels(shape.time)
+    lam = jax.random.normal(jax.random.PRNGKey(4), (1, shape.time, 2, levels))
+
+    def loss(impl, q, k, v):
+        o, final = ll.log_linear_attention(q, k, v, g=kw["g"], beta=kw["beta"], level_scales=lam, impl=impl,
+                                           chunk_size=16, safe_gate=True, output_final_state=True)
+        return jnp.sum(jnp.sin(o)) + jnp.sum(final.levels ** 2), o
+
+    run = lambda impl: jax.jit(jax.value_and_grad(functools.partial(loss, impl), (0, 1, 2), has_aux=True))  # noqa: E731
+    (_, o), grads = run("chunk")(q, k, v)
+    (_, o_ref), grads_ref = run("reference")(q, k, v)
+    assert_close(o, o_ref, what="log-linear KDA safe gate output")
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close(g, g_ref, 2e-4, what="log-linear KDA safe gate grads")
+
+
+def test_precision_choices():
+    shape = Shape(batch=1, time=40, heads=1, value_heads=2)
+    (q, k, v), kw = mixers.make_gated_delta(jax.random.PRNGKey(1), shape, jnp.float32, per_channel=True)
+    run = jax.jit(functools.partial(ops.kda, output_final_state=True, chunk_size=16),
+                  static_argnames=("impl", "precision"))
+    o_ref, s_ref = run(q, k, v, **kw, impl="reference")
+    for precision in ("highest", "high", "default"):  # XLA:CPU computes every one in float32
+        o, s = run(q, k, v, **kw, precision=precision)
+        assert_close(o, o_ref, what=f"precision={precision}")
+    o, s = run(q, k, v, **kw, precision="bfloat16")
+    assert o.dtype == jnp.float32 and s.dtype == jnp.float32
+    assert_close(o, o_ref, 3e-2, what="bfloat16 output")
+    assert_close(s, s_ref, 3e-2, what="bfloat16 state")
+    assert float(jnp.max(jnp.abs(o - o_ref))) > 1e-4, "bfloat16 operands should not be float32-exact"
+    with pytest.raises(ValueError, match=r"kda: unknown precision='fp8'; valid choices are \['highest'"):
+        ops.kda(q, k, v, **kw, precision="fp8")
+
+
+def _plain_chunked(inputs, s0):
+    """Autodiff's chunked recurrence: the same terms and passes with no custom VJP and no blocks."""
+    terms = chunk_math.chunk_terms(*inputs)
+    entering, final = recurrence.state_pass(terms, s0)
+    return chunk_math.chunk_step(terms, entering)[0], final
+
+
+@pytest.mark.parametrize("delta,isolated", [(True, False), (False, True)])
+def test_recomputing_blocked_backward_equals_autodiff(delta, isolated):
+    """Five chunks in blocks of 2 (the last block half identity padding) and in one block: outputs,
+    final state and every gradient equal autodiff of the plain chunked form (with document resets
+    in the delta case, isolated tokens in the other)."""
+    b, h, n, c, kd, vd = 2, 3, 5, 8, 4, 6
+    keys = jax.random.split(jax.random.PRNGKey(7), 8)
+    q, k = (jax.random.normal(x, (b, h, n, c, kd)) for x in keys[:2])
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    v = jax.random.normal(keys[2], (b, h, n, c, vd))
+    g = -jax.nn.softplus(jax.random.normal(keys[3], (b, h, n, c, kd)))
+    beta = jax.nn.sigmoid(jax.random.normal(keys[4], (b, h, n, c))) if delta else None
+    inputs = (q, k, v, g, beta)
+    mask = (jax.random.uniform(keys[5], (b, h, n, c)) < 0.3).astype(jnp.float32)
+    inputs += (mask,) if isolated else (None, mask)  # isolated tokens, or document resets
+    s0 = jax.random.normal(keys[6], (b, h, kd, vd))
+    cot_o, cot_s = jax.random.normal(keys[7], (b, h, n, c, vd)), jnp.ones((b, h, kd, vd))
+
+    def loss(run, inputs, s0):
+        o, final = run(inputs, s0)
+        return jnp.sum(o * cot_o) + jnp.sum(final * cot_s * final)
+
+    expected = jax.jit(jax.grad(functools.partial(loss, _plain_chunked), (0, 1)))(inputs, s0)
+    plain_o = jax.jit(_plain_chunked)(inputs, s0)[0]
+    for blocks in (2, 0):
+        config = KernelConfig(c, "xla", False, 0, block_chunks=blocks)
+        run = functools.partial(recurrence.chunked_recurrence, config)
+        assert_close(jax.jit(run)(inputs, s0)[0], plain_o, what=f"blocks={blocks} output")
+        grads = jax.jit(jax.grad(functools.partial(loss, run), (0, 1)))(inputs, s0)
+        for path, got in jax.tree.leaves_with_path(grads):
+            want = functools.reduce(lambda x, key: x[key.idx], path, expected)
+            assert_close(got, want, what=f"blocks={blocks} grad {jax.tree_util.keystr(path)}")
+
+
+def test_block_chunks_is_cache_sized():
+    """Long sequences run in several blocks of about BLOCK_BYTES, short ones in one."""
+    assert recurrence.block_chunks(2, 64, 64, 64, 4, per_channel=True) == 2
+    long_blocks = recurrence.block_chunks(256, 64, 64, 64, 4, per_channel=True)
+    assert 1 <= long_blocks < 256
+    floats = 2 * 64 * 64 + 7 * 64 * 64 + 64 * 64 * 64 // 16
+    assert long_blocks * 4 * floats * 4 <= recurrence.BLOCK_BYTES < (long_blocks + 1) * 4 * floats * 4

@@ -3,7 +3,9 @@
     from hybrid_jax import data
     train_iter, val_batches, tokenizer, stats = data.make_datasets(
         data.default_data_config(), seq_len=256, batch_size=32, seed=0)
-    batch = next(train_iter)            # {"inputs": int32 [32, 256], "targets": int32 [32, 256]}
+    batch = next(train_iter)            # {"inputs", "targets", "segment_ids", "positions": int32 [32, 256],
+                                        #  "loss_mask": float32 [32, 256]}: packed documents
+                                        # (hybrid_jax.data.packing; data.packing = "stream": inputs, targets)
     state = train_iter.get_state()      # save with the checkpoint; train_iter.set_state(state)
     for batch in val_batches(): ...     # one finite pass over this process's validation shard
     stats.bits_per_byte(loss_nats)      # compare with stats.unigram_bits_per_byte

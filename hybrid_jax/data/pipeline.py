@@ -3,6 +3,11 @@
     tokens  = concat(encode(doc_0), [eos], encode(doc_1), [eos], ...)    eos only if the tokenizer
                                                                           has one; cached in memory
     train   = tokens[:n - v],  val = tokens[n - v:],  v = round(val_fraction * n)
+
+`data.packing` chooses how rows are cut from a split. "documents" (the default) keeps documents
+apart: each row holds whole documents (or pieces of long ones) with "segment_ids", "positions" and
+"loss_mask" (`hybrid_jax.data.packing`). "stream" cuts windows across document boundaries:
+
     window i of a split = split[i*L : i*L + L + 1]                        (L = seq_len)
     batch   = {"inputs": windows[:, :-1], "targets": windows[:, 1:]}     int32 [b, L] each
 
@@ -19,10 +24,11 @@ its position exactly (grain.checkpoint.CheckpointSave/Restore wrap it for orbax)
 `data.source = "mqar"` or `"selective_copy"` builds a synthetic task instead (`hybrid_jax.data.tasks`):
 same interface, no tokenizer (ids come from the model's vocabulary), batches with a "loss_mask".
 
-Stats for reporting loss in bits per byte: bytes_per_token = UTF-8 bytes / tokens of a split, and
-a unigram baseline, the cross-entropy of the validation tokens under add-one-smoothed training-split
-token frequencies,  H = -1/|val| sum_t log2((c_train[x_t] + 1) / (|train| + V)),  divided by the
-validation bytes per token.
+Stats for reporting loss in bits per byte: bytes_per_token = UTF-8 bytes / tokens of a split's
+targets (stream: every token of the split; documents: every token but each document's first, the
+tokens the loss scores; padding is no token), and a unigram baseline, the cross-entropy of the
+validation tokens under add-one-smoothed training-split token frequencies,
+H = -1/|val| sum_t log2((c_train[x_t] + 1) / (|train| + V)), divided by the bytes per validation token.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ import grain
 import ml_collections
 import numpy as np
 
-from hybrid_jax.checks import fail, require_int
+from hybrid_jax.checks import check_choice, fail, require_int
+from hybrid_jax.data import packing as packing_lib
 from hybrid_jax.data.sources import Source, resolve_source
 from hybrid_jax.data.tasks import DEFAULT_VAL_ROWS, TASKS, TaskStats, default_task_configs, task_datasets
 from hybrid_jax.data.tokenizers import Tokenizer, get_tokenizer
@@ -55,6 +62,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.source = "shakespeare"  # or a folder of .txt, a .txt, .npy or .array_record file
     config.tokenizer = "byte"  # "byte", "gpt2", or a SentencePiece ".model" path
     config.val_fraction = 0.05  # the last val_fraction of the tokens are held out
+    config.packing = "documents"  # or "stream": windows across document boundaries
     # Synthetic sources (source = "mqar" / "selective_copy", hybrid_jax.data.tasks): their keys and
     # the size of their held-out set.
     for name, section in default_task_configs().items():
@@ -79,6 +87,7 @@ def _checked_config(data_config: Mapping | ml_collections.ConfigDict | None) -> 
     fraction = config["val_fraction"]
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
         raise ValueError(f"data.val_fraction must be a number in (0, 1), got {fraction!r}")
+    check_choice(config, "packing", packing_lib.PACKINGS, prefix="data")
     return config
 
 
@@ -89,6 +98,7 @@ def _checked_config(data_config: Mapping | ml_collections.ConfigDict | None) -> 
 class TokenizedCorpus:
     tokens: np.ndarray  # int32 [n], read-only (shared by every pipeline built on it)
     num_documents: int | None  # None for pre-tokenised sources
+    document_starts: np.ndarray  # int64 [num_documents]: first token of each; [0] if pre-tokenised
 
 
 _CORPUS_CACHE: collections.OrderedDict[tuple, TokenizedCorpus] = collections.OrderedDict()
@@ -103,15 +113,17 @@ def tokenize_corpus(source: Source, tokenizer: Tokenizer) -> TokenizedCorpus:
         return _CORPUS_CACHE[key]
     if source.is_pretokenized:
         tokens, num_documents = source.token_ids(tokenizer.vocab_size), None
+        starts = np.zeros(1, np.int64)
     else:
         documents = source.documents()
         eos = [] if tokenizer.eos_id is None else [np.array([tokenizer.eos_id], np.int32)]
-        pieces = [piece for doc in documents for piece in (tokenizer.encode_array(doc), *eos)]
-        tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+        encoded = [np.concatenate([tokenizer.encode_array(doc), *eos]) for doc in documents]
+        tokens = np.concatenate(encoded) if encoded else np.zeros(0, np.int32)
         num_documents = len(documents)
+        starts = np.cumsum([0] + [len(doc) for doc in encoded[:-1]], dtype=np.int64)
     tokens = tokens.astype(np.int32, copy=False)
     tokens.flags.writeable = False
-    corpus = TokenizedCorpus(tokens, num_documents)
+    corpus = TokenizedCorpus(tokens, num_documents, starts)
     _CORPUS_CACHE[key] = corpus
     if len(_CORPUS_CACHE) > _CORPUS_CACHE_SIZE:
         _CORPUS_CACHE.popitem(last=False)
@@ -157,16 +169,11 @@ def windows_to_batch(windows: list[np.ndarray]) -> Batch:
     }
 
 
-def _shard(dataset: grain.MapDataset, shard_index: int, shard_count: int) -> grain.MapDataset:
-    usable = len(dataset) - len(dataset) % shard_count
-    return dataset[:usable][shard_index::shard_count]
-
-
 def train_dataset(tokens: np.ndarray, *, seq_len: int, local_batch_size: int, seed: int,
                   shard_index: int, shard_count: int) -> grain.IterDataset:
     """Endless shuffled batches of this shard's windows, reshuffled each epoch."""
     windows = grain.MapDataset.source(PackedSequences(tokens, seq_len)).shuffle(seed)
-    windows = _shard(windows, shard_index, shard_count).repeat(None)
+    windows = packing_lib.shard_dataset(windows, shard_index, shard_count).repeat(None)
     batches = windows.batch(local_batch_size, drop_remainder=True, batch_fn=windows_to_batch)
     return batches.to_iter_dataset(_READ_OPTIONS)
 
@@ -174,7 +181,7 @@ def train_dataset(tokens: np.ndarray, *, seq_len: int, local_batch_size: int, se
 def eval_dataset(tokens: np.ndarray, *, seq_len: int, local_batch_size: int,
                  shard_index: int, shard_count: int) -> grain.MapDataset:
     """One in-order pass over this shard's windows in full batches."""
-    windows = _shard(grain.MapDataset.source(PackedSequences(tokens, seq_len)),
+    windows = packing_lib.shard_dataset(grain.MapDataset.source(PackedSequences(tokens, seq_len)),
                      shard_index, shard_count)
     return windows.batch(local_batch_size, drop_remainder=True, batch_fn=windows_to_batch)
 
@@ -191,11 +198,17 @@ class DataStats:
     total_tokens: int
     train_tokens: int
     val_tokens: int
-    train_sequences: int  # windows of seq_len + 1 over all shards, before the per-shard remainder
+    # stream: windows of seq_len + 1 over all shards, before the per-shard remainder; documents:
+    # training pieces (their rows vary by epoch) and packed validation rows
+    train_sequences: int
     val_sequences: int
-    train_bytes_per_token: float
+    train_bytes_per_token: float  # per target token (documents: padding and document starts excluded)
     bytes_per_token: float  # of the validation split, the one eval losses are measured on
     unigram_bits_per_byte: float  # baseline: a model that ignores context
+    packing: str = "stream"
+    # real tokens / row slots: validation exactly, training over its first rows (hybrid_jax.data.packing)
+    train_packing_efficiency: float = 1.0
+    val_packing_efficiency: float = 1.0
 
     def bits_per_byte(self, loss_nats_per_token: float, *, split: str = "val") -> float:
         """Converts a mean next-token loss in nats to bits per UTF-8 byte of `split`."""
@@ -218,6 +231,8 @@ class DataStats:
             f"{self.train_tokens:,} train / {self.val_tokens:,} val tokens, "
             f"{self.bytes_per_token:.3f} bytes/token, "
             f"unigram baseline {self.unigram_bits_per_byte:.3f} bits/byte"
+            + (f", packed documents: {self.train_packing_efficiency:.2%} train / "
+               f"{self.val_packing_efficiency:.2%} val of row tokens are real" if self.packing == "documents" else "")
         )
 
 
@@ -231,6 +246,11 @@ def unigram_bits_per_token(train: np.ndarray, val: np.ndarray, vocab_size: int) 
 def _bytes_per_token(tokens: np.ndarray, byte_lengths: np.ndarray) -> float:
     num_bytes = np.bincount(tokens, minlength=len(byte_lengths)) @ byte_lengths
     return float(num_bytes / len(tokens)) if num_bytes else float("nan")
+
+
+def _target_bytes_per_token(tokens: np.ndarray, starts: np.ndarray, byte_lengths: np.ndarray) -> float:
+    """Bytes per token over the targets of document packing: every token but each document's first."""
+    return _bytes_per_token(tokens[packing_lib.target_mask(len(tokens), starts)], byte_lengths)
 
 
 def compute_stats(source: Source, tokenizer: Tokenizer, corpus: TokenizedCorpus,
@@ -292,7 +312,9 @@ def make_datasets(data_config: Mapping | ml_collections.ConfigDict | None = None
     Returns:
       `Datasets(train_iter, val_batches, tokenizer, stats)`, unpackable as a 4-tuple. Batches are
       `{"inputs": int32 [b, seq_len], "targets": int32 [b, seq_len]}`, plus "loss_mask" float32
-      [b, seq_len] for the synthetic tasks (their tokenizer is None and their stats a `TaskStats`).
+      [b, seq_len] for the synthetic tasks (their tokenizer is None and their stats a `TaskStats`) and,
+      with `packing = "documents"`, "segment_ids" and "positions" int32 [b, seq_len] and "loss_mask"
+      (`hybrid_jax.data.packing`).
     """
     config = _checked_config(data_config)
     seq_len = require_int(seq_len, "seq_len")
@@ -316,24 +338,29 @@ def make_datasets(data_config: Mapping | ml_collections.ConfigDict | None = None
         return Datasets(train_iter, val_batches, None, stats)
     source = resolve_source(config["source"])
     tokenizer = get_tokenizer(config["tokenizer"])
-
     corpus = tokenize_corpus(source, tokenizer)
     train, val = split_tokens(corpus.tokens, config["val_fraction"])
-    for split, tokens in (("training", train), ("validation", val)):
-        per_shard = len(PackedSequences(tokens, seq_len)) // shard_count
-        if per_shard < local_batch_size:
-            raise ValueError(
-                f"the {split} split of {source.name!r} ({len(tokens)} tokens) gives {per_shard} "
-                f"windows of seq_len + 1 = {seq_len + 1} per shard, fewer than one batch of "
-                f"{local_batch_size}; use more data, a smaller seq_len or batch_size, or change "
-                f"data.val_fraction ({config['val_fraction']})"
-            )
-    stats = compute_stats(source, tokenizer, corpus, train, val, seq_len)
 
-    shard = dict(shard_index=shard_index, shard_count=shard_count)
-    train_iter = iter(train_dataset(train, seq_len=seq_len, local_batch_size=local_batch_size,
-                                    seed=seed, **shard))
-    val_batches_all = eval_dataset(val, seq_len=seq_len, local_batch_size=local_batch_size, **shard)
+    def require_batch(split: str, tokens: np.ndarray, count: int, unit: str) -> None:
+        if count // shard_count < local_batch_size:
+            raise ValueError(
+                f"the {split} split of {source.name!r} ({len(tokens)} tokens) gives {count // shard_count} "
+                f"{unit} per shard, fewer than one batch of {local_batch_size}; use more data, a smaller "
+                f"seq_len or batch_size, or change data.val_fraction ({config['val_fraction']})"
+            )
+
+    shard = dict(shard_index=shard_index, shard_count=shard_count, local_batch_size=local_batch_size)
+    if config["packing"] == "stream":
+        for split, tokens in (("training", train), ("validation", val)):
+            windows = len(PackedSequences(tokens, seq_len))
+            require_batch(split, tokens, windows, f"windows of seq_len + 1 = {seq_len + 1}")
+        stats = compute_stats(source, tokenizer, corpus, train, val, seq_len)
+        train_data = train_dataset(train, seq_len=seq_len, seed=seed, **shard)
+        val_batches_all = eval_dataset(val, seq_len=seq_len, **shard)
+    else:
+        train_data, val_batches_all, stats = _document_datasets(
+            source, tokenizer, corpus, train, val, require_batch, seq_len=seq_len, seed=seed, **shard)
+    train_iter = iter(train_data)
 
     def val_batches(max_batches: int | None = None) -> Iterator[Batch]:
         """A fresh in-order pass over this shard's validation batches (the first `max_batches`)."""
@@ -343,6 +370,28 @@ def make_datasets(data_config: Mapping | ml_collections.ConfigDict | None = None
         return iter(dataset.to_iter_dataset(_READ_OPTIONS))
 
     return Datasets(train_iter, val_batches, tokenizer, stats)
+
+
+def _document_datasets(source: Source, tokenizer: Tokenizer, corpus: TokenizedCorpus, train: np.ndarray,
+                       val: np.ndarray, require_batch: Callable, *, seq_len: int, seed: int, local_batch_size: int,
+                       shard_index: int, shard_count: int) -> tuple[grain.IterDataset, grain.MapDataset, DataStats]:
+    """(training batches, validation batches, stats) of `data.packing = "documents"`."""
+    train_starts, val_starts = packing_lib.split_document_starts(corpus.document_starts, len(train))
+    train_pieces = packing_lib.DocumentPieces(train, train_starts, seq_len)
+    require_batch("training", train, len(train_pieces), f"document pieces of <= seq_len = {seq_len} tokens")
+    val_rows = packing_lib.PackedRows(packing_lib.DocumentPieces(val, val_starts, seq_len), seq_len)
+    require_batch("validation", val, len(val_rows), f"packed rows of seq_len = {seq_len}")
+    byte_lengths = tokenizer.token_byte_lengths()
+    stats = dataclasses.replace(
+        compute_stats(source, tokenizer, corpus, train, val, seq_len), packing="documents",
+        train_sequences=len(train_pieces), val_sequences=len(val_rows),
+        train_bytes_per_token=_target_bytes_per_token(train, train_starts, byte_lengths),
+        bytes_per_token=_target_bytes_per_token(val, val_starts, byte_lengths),
+        train_packing_efficiency=packing_lib.train_packing_efficiency(train_pieces, seq_len=seq_len, seed=seed),
+        val_packing_efficiency=val_rows.efficiency)
+    shard = dict(shard_index=shard_index, shard_count=shard_count, local_batch_size=local_batch_size)
+    train_data = packing_lib.document_train_dataset(train_pieces, seq_len=seq_len, seed=seed, **shard)
+    return train_data, packing_lib.document_eval_dataset(val_rows, **shard), stats
 
 
 __all__ = [

@@ -4,6 +4,8 @@
                        synthetic task: "mqar", "selective_copy" (`hybrid_jax.data.tasks`)
     data.tokenizer     "byte", "gpt2" or a SentencePiece ".model" path (text sources only)
     data.val_fraction  text sources: the last val_fraction of the tokens are held out
+    data.packing       "documents" (rows of whole documents kept apart by segment ids, the default)
+                       or "stream" (windows across document boundaries); `hybrid_jax.data.packing`
     data.val_rows      synthetic tasks: the size of the held-out set (rows)
     data.mqar          {num_kv_pairs, power_a}: the MQAR task (vocabulary: model.vocab_size)
     data.selective_copy {num_tokens}: the selective-copying task
@@ -15,7 +17,8 @@ train.batch_size), so that a bad task config fails in `validate`, before anythin
 
 from __future__ import annotations
 
-from hybrid_jax.checks import check_number, fail, is_int
+from hybrid_jax.checks import check_choice, check_number, fail, is_int
+from hybrid_jax.data.packing import PACKINGS
 from hybrid_jax.data.tasks import DEFAULT_VAL_ROWS, TASKS, check_task, default_task_configs
 
 TOKENIZERS = ("byte", "gpt2")  # or the path of a SentencePiece ".model" file
@@ -27,6 +30,7 @@ def default_data_section() -> dict:
         "source": "shakespeare",  # or a folder of .txt, a .txt, .npy or .array_record file, or a task
         "tokenizer": "gpt2",
         "val_fraction": 0.05,  # the last val_fraction of the tokens are held out
+        "packing": "documents",  # or "stream" (hybrid_jax.data.packing)
         "worker_count": 0,
         "val_rows": DEFAULT_VAL_ROWS,  # synthetic tasks: held-out rows
         **default_task_configs(),
@@ -40,6 +44,7 @@ def validate_data_section(data_cfg, *, seq_len: int, vocab_size: int, batch_size
         fail("data.tokenizer",
              f"{tokenizer!r} is not valid; valid values are {list(TOKENIZERS)} or a SentencePiece .model path")
     check_number(data_cfg, "val_fraction", low=0, high=1, low_inclusive=False, high_inclusive=False, prefix="data")
+    check_choice(data_cfg, "packing", PACKINGS, prefix="data")
     if not is_int(data_cfg.worker_count) or data_cfg.worker_count != 0:
         # grain workers would each copy the in-memory token array the LM pipeline slices.
         fail("data.worker_count", "the LM pipeline slices an in-memory token array in the training "

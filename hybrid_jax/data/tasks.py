@@ -18,7 +18,8 @@ step does not depend on the process count, and the iterator's whole state is its
 
 Every batch carries "loss_mask" [B, T] float32, 1 at the answer positions: the trainer's loss,
 `val_accuracy` (argmax == target) and the chance baseline (one over the number of possible answers)
-are over those positions only.
+are over those positions only. With `data.packing = "documents"` (the default) a row is one
+document, one task instance: "segment_ids" are all 1 and "positions" 0 .. T - 1 (int32 [B, T]).
 """
 
 from __future__ import annotations
@@ -137,9 +138,10 @@ class _Rows:
     """Random-access batches of one process: batch i = its share of global rows i*B .. i*B + B - 1."""
 
     def __init__(self, generate_row: Callable[[int], Batch], num_batches: int, global_batch: int,
-                 local_batch: int, shard_index: int):
+                 local_batch: int, shard_index: int, documents: bool):
         self._generate_row = generate_row
         self._len, self._global, self._local, self._shard = num_batches, global_batch, local_batch, shard_index
+        self._documents = documents
 
     def __len__(self) -> int:
         return self._len
@@ -151,6 +153,10 @@ class _Rows:
         rows = [self._generate_row(first + j) for j in range(self._local)]
         batch = {key: np.concatenate([row[key] for row in rows]) for key in ("inputs", "targets")}
         batch["loss_mask"] = np.concatenate([row["mask"] for row in rows])
+        if self._documents:  # one instance per row: a single segment
+            shape = batch["inputs"].shape
+            batch["segment_ids"] = np.ones(shape, np.int32)
+            batch["positions"] = np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()
         return batch
 
 
@@ -165,9 +171,11 @@ def task_datasets(data_config: Mapping, *, seq_len: int, vocab_size: int, batch_
         return lambda row: task.generate(np.random.default_rng([seed, stream, row]), 1, seq_len, vocab_size,
                                          task_config)
 
-    train_rows = _Rows(row_maker(TRAIN_STREAM), _TRAIN_BATCHES, batch_size, local, shard_index)
+    documents = data_config.get("packing", "documents") == "documents"
+    train_rows = _Rows(row_maker(TRAIN_STREAM), _TRAIN_BATCHES, batch_size, local, shard_index, documents)
     train_iter = iter(grain.MapDataset.source(train_rows).to_iter_dataset(_READ_OPTIONS))
-    val_rows = _Rows(row_maker(VAL_STREAM), data_config["val_rows"] // batch_size, batch_size, local, shard_index)
+    val_rows = _Rows(row_maker(VAL_STREAM), data_config["val_rows"] // batch_size, batch_size, local, shard_index,
+                     documents)
     val_all = grain.MapDataset.source(val_rows)
 
     def val_batches(max_batches: int | None = None):

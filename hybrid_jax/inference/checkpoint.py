@@ -24,6 +24,7 @@ from flax import nnx
 from hybrid_jax.config import get_default_config, validate_model
 from hybrid_jax.models import build_model
 from hybrid_jax.models.hybrid_lm import HybridLM
+from hybrid_jax.nn import MIXERS
 from hybrid_jax.nn.moe import ExpertBias
 
 CONFIG_FILE = "config.json"
@@ -44,8 +45,20 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     for key in defaults.keys():
         if key not in config.model:
             config.model[key] = defaults[key]
+    _fill_legacy_mixer_defaults(config.model.mixers)
     validate_model(config.model)
     return config
+
+
+def _fill_legacy_mixer_defaults(mixers) -> None:
+    """A mixer key whose default changed behaviour (`Mixer.LEGACY_DEFAULTS`, e.g. KDA's gate_lower_bound)
+    and that a saved mixer config lacks gets the value reproducing what that config computed. Malformed
+    sections are left for `validate_model` to report."""
+    for mixer_cfg in (mixers.values() if hasattr(mixers, "values") else ()):
+        kind = mixer_cfg.get("kind") if hasattr(mixer_cfg, "get") else None
+        for key, value in (MIXERS[kind].LEGACY_DEFAULTS if isinstance(kind, str) and kind in MIXERS else {}).items():
+            if key not in mixer_cfg:
+                mixer_cfg[key] = value
 
 
 def load_model(workdir: str, step: int | None = None) -> tuple[HybridLM, ml_collections.ConfigDict, int]:

@@ -47,6 +47,14 @@ Ragged prompts: right-pad them to T and pass `lengths` `[B]`; each row's cache t
 its first `lengths[b]` tokens (attention caches write only those positions, recurrent mixers turn
 padded steps into identity steps, log-linear ones shift the row, see `hybrid_jax.nn.log_linear`),
 and decoding continues every row at its own position. Logits at padded positions are meaningless.
+
+Packed documents: `model(tokens, segment_ids=..., positions=...)` takes `[B, T]` int32 segment ids
+(1, 2, ... per document within a row, 0 = padding) and positions within the documents (default:
+counted from each document's first token). Every mixer keeps the documents apart (attention never
+crosses them, recurrent states and short convolutions restart with each, `hybrid_jax.nn.segments`),
+and RoPE rotates by the positions, so a packed row gives each document the logits it gets alone.
+Without either the model runs exactly as unpacked. `prefill(tokens, segment_ids=..., positions=...)`
+keeps each row's last document in the cache and decoding continues it at its last position + 1.
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ from hybrid_jax.config import ffn_plan, layer_pattern, validate_model
 from hybrid_jax.nn import Dense, Embed, RMSNorm, build_mixer
 from hybrid_jax.nn.common import ModuleList
 from hybrid_jax.nn.moe import build_ffn
+from hybrid_jax.nn.segments import packed_documents, packed_prompt
 
 # model.remat -> what a rematerialised period keeps for the backward pass (None: no remat).
 CHECKPOINT_POLICIES = {
@@ -98,16 +107,17 @@ class Block(nnx.Module):
         y, stats = self.ffn(self.ffn_norm(x), dispatch=dispatch)
         return x + y, stats
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.forward(x)[0]
+    def __call__(self, x: jax.Array, documents: dict | None = None) -> jax.Array:
+        return self.forward(x, documents)[0]
 
-    def forward(self, x: jax.Array) -> tuple[jax.Array, dict | None]:
-        """(the block's output, its MoE statistics or None)."""
-        return self._feed_forward(x + self.mixer(self.mixer_norm(x)))
+    def forward(self, x: jax.Array, documents: dict | None = None) -> tuple[jax.Array, dict | None]:
+        """(the block's output, its MoE statistics or None); `documents`: the mixer's packed-document
+        keywords (segment_ids, positions), or None."""
+        return self._feed_forward(x + self.mixer(self.mixer_norm(x), **(documents or {})))
 
     # Decoding never drops a token, whatever the training dispatch (hybrid_jax.nn.moe).
-    def prefill(self, x: jax.Array, *, max_len: int, lengths: jax.Array | None):
-        y, cache = self.mixer.prefill(self.mixer_norm(x), max_len=max_len, lengths=lengths)
+    def prefill(self, x: jax.Array, *, max_len: int, lengths: jax.Array | None, documents: dict | None = None):
+        y, cache = self.mixer.prefill(self.mixer_norm(x), max_len=max_len, lengths=lengths, **(documents or {}))
         return self._feed_forward(x + y, "dropless")[0], cache
 
     def decode(self, x: jax.Array, cache, position: jax.Array):
@@ -124,21 +134,22 @@ class Period(nnx.Module):
             [Block(mixers[letter], model_cfg, kind, rngs=rngs) for letter, kind in zip(model_cfg.pattern, ffn_kinds)]
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.forward(x)[0]
+    def __call__(self, x: jax.Array, documents: dict | None = None) -> jax.Array:
+        return self.forward(x, documents)[0]
 
-    def forward(self, x: jax.Array) -> tuple[jax.Array, tuple]:
+    def forward(self, x: jax.Array, documents: dict | None = None) -> tuple[jax.Array, tuple]:
         """(output, one MoE statistics dict or None per block)."""
         all_stats = []
         for block in self.blocks:
-            x, stats = block.forward(x)
+            x, stats = block.forward(x, documents)
             all_stats.append(stats)
         return x, tuple(all_stats)
 
-    def prefill(self, x: jax.Array, *, max_len: int, lengths: jax.Array | None) -> tuple[jax.Array, tuple]:
+    def prefill(self, x: jax.Array, *, max_len: int, lengths: jax.Array | None,
+                documents: dict | None = None) -> tuple[jax.Array, tuple]:
         caches = []
         for block in self.blocks:
-            x, cache = block.prefill(x, max_len=max_len, lengths=lengths)
+            x, cache = block.prefill(x, max_len=max_len, lengths=lengths, documents=documents)
             caches.append(cache)
         return x, tuple(caches)
 
@@ -191,24 +202,24 @@ class HybridLM(nnx.Module):
         scanned = () if self.periods is None else tuple(self.periods.blocks)
         return tuple(block for period in self.lead_periods for block in period.blocks) + scanned
 
-    def _apply_periods(self, x: jax.Array) -> tuple[jax.Array, dict]:
-        def run_period(period: Period, h: jax.Array) -> tuple[jax.Array, tuple]:
-            return period.forward(h)
+    def _apply_periods(self, x: jax.Array, documents: dict | None) -> tuple[jax.Array, dict]:
+        def run_period(period: Period, h: jax.Array, documents: dict | None) -> tuple[jax.Array, tuple]:
+            return period.forward(h, documents)
 
         if self.remat != "none":
             run_period = nnx.remat(run_period, policy=CHECKPOINT_POLICIES[self.remat])
 
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0), transform_metadata=_STACK)
-        def scan_periods(h: jax.Array, period: Period) -> tuple[jax.Array, tuple]:
-            return run_period(period, h)
+        @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=(nnx.Carry, 0), transform_metadata=_STACK)
+        def scan_periods(h: jax.Array, period: Period, documents: dict | None) -> tuple[jax.Array, tuple]:
+            return run_period(period, h, documents)
 
         lead_stats = []
         for period in self.lead_periods:
-            x, stats = run_period(period, x)
+            x, stats = run_period(period, x, documents)
             lead_stats.append(stats)
         scanned_stats = ()
         if self.periods is not None:
-            x, scanned_stats = scan_periods(x, self.periods)
+            x, scanned_stats = scan_periods(x, self.periods, documents)
         return x, {"lead": tuple(lead_stats), "scanned": scanned_stats}
 
     @staticmethod
@@ -227,15 +238,20 @@ class HybridLM(nnx.Module):
             return self.embed.attend(x)
         return self.lm_head(x).astype(jnp.float32)
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        return self.forward(tokens)[0]
+    def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        return self.forward(tokens, segment_ids=segment_ids, positions=positions)[0]
 
-    def forward(self, tokens: jax.Array) -> tuple[jax.Array, dict]:
+    def forward(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+                positions: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """(logits `[B, T, vocab]`, MoE statistics: {"lead": per lead period, "scanned": per block
-        stacked over the scanned periods}; every entry None for a dense block)."""
+        stacked over the scanned periods}; every entry None for a dense block). `segment_ids`,
+        `positions` `[B, T]`: packed documents (module docstring)."""
         self._check_tokens(tokens, "")
-        x, moe_stats = self._apply_periods(self._embed(tokens))
+        documents = packed_documents(tokens.shape, segment_ids, positions, "HybridLM")
+        x, moe_stats = self._apply_periods(self._embed(tokens), documents)
         return self._logits(x), moe_stats
+
 
     def moe_layer_stats(self, moe_stats: dict) -> list[tuple[int, dict]]:
         """`(layer index, statistics)` of every MoE layer, in depth order, from `forward`'s stats."""
@@ -261,7 +277,8 @@ class HybridLM(nnx.Module):
                     block.ffn.update_bias(stats["load"])
 
     def prefill(
-        self, tokens: jax.Array, *, max_len: int | None = None, lengths: jax.Array | None = None
+        self, tokens: jax.Array, *, max_len: int | None = None, lengths: jax.Array | None = None,
+        segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
     ) -> tuple[jax.Array, DecodeCache]:
         """Logits `[B, T, vocab]` for every prompt position and the cache to decode from.
 
@@ -270,6 +287,10 @@ class HybridLM(nnx.Module):
         log-linear, sliding windows W <= T); otherwise leaving it out is a ValueError, as the
         default T would leave no room to decode.
         `lengths` `[B]`: prompt lengths of right-padded rows (default: all T).
+        `segment_ids`, `positions` `[B, T]`: a packed prompt (module docstring); the cache holds each
+        row's last document, which decoding continues at its last position + 1. Its positions must
+        count from 0, as the default ones (the positions within the documents) do. Padding is id 0,
+        so `lengths` is not given with them; `positions` alone make each row one document.
         """
         self._check_tokens(tokens, ".prefill")
         batch, t = tokens.shape
@@ -281,19 +302,22 @@ class HybridLM(nnx.Module):
         for block in self.period_blocks:
             if not hasattr(block.mixer, "prefill"):
                 raise ValueError(f"HybridLM.prefill: mixer {type(block.mixer).__name__} has no decoding path")
+        if segment_ids is None and positions is None:
+            documents, position = None, jnp.full((batch,), t, jnp.int32) if lengths is None else lengths
+        else:
+            documents, lengths, position = packed_prompt(tokens.shape, lengths, segment_ids, positions)
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=(nnx.Carry, 0), transform_metadata=_STACK)
-        def scan_periods(h: jax.Array, period: Period, lengths: jax.Array | None):
-            return period.prefill(h, max_len=max_len, lengths=lengths)
+        @nnx.scan(in_axes=(nnx.Carry, 0, None, None), out_axes=(nnx.Carry, 0), transform_metadata=_STACK)
+        def scan_periods(h: jax.Array, period: Period, lengths: jax.Array | None, documents: dict | None):
+            return period.prefill(h, max_len=max_len, lengths=lengths, documents=documents)
 
         x, lead = self._embed(tokens), []
         for period in self.lead_periods:
-            x, period_caches = period.prefill(x, max_len=max_len, lengths=lengths)
+            x, period_caches = period.prefill(x, max_len=max_len, lengths=lengths, documents=documents)
             lead.append(period_caches)
         caches = ()
         if self.periods is not None:
-            x, caches = scan_periods(x, self.periods, lengths)
-        position = jnp.full((batch,), t, jnp.int32) if lengths is None else lengths
+            x, caches = scan_periods(x, self.periods, lengths, documents)
         cache = DecodeCache(caches, position, tuple(lead))
         if not given and self.decode_limit(cache) is not None:
             raise ValueError(

@@ -20,6 +20,10 @@ sliding-window layer keeps exactly its last W tokens and a global one its whole 
 cached after RoPE. `prefill` runs the training path over the prompt and writes its k, v into the
 cache; `decode` writes one token's k, v and attends to the min(p + 1, S) filled slots (softmax does
 not care about slot order). Per sequence: 2 * HKV * Dh * min(context, W) elements.
+
+Packed documents: `segment_ids` `[B, T]` keep documents apart (a query attends keys of its own
+document only) and RoPE rotates by `positions` (default: the position within each document); a
+packed `prefill` caches only each row's last document (`hybrid_jax.nn.segments`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from hybrid_jax.nn.lora import attention_projections, check_projection_config, p
 from hybrid_jax.nn.norms import RMSNorm
 from hybrid_jax.nn.registry import Mixer, register_mixer
 from hybrid_jax.nn.rope import apply_rope, rotary_dim_for
+from hybrid_jax.nn.segments import prompt_tail, resolve_positions, segment_option
 from hybrid_jax.ops.attention import kv_cache_update, softmax_attention, softmax_attention_step
 
 
@@ -119,23 +124,30 @@ class Attention(Mixer):
             k = apply_rope(k, positions, theta=self.rope_theta, rotary_dim=self.rotary_dim)
         return q, k, v
 
-    def attend(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """The layer output `[B, T, d_model]` over a whole sequence, and its k, v (what a cache holds)."""
-        q, k, v = self.project_qkv(x, jnp.arange(x.shape[1]))
-        o = softmax_attention(q, k, v, causal=True, window=self.window, impl=self.impl)
+    def attend(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The layer output `[B, T, d_model]` over a whole sequence, and its k, v (what a cache holds).
+        Packed documents (`segment_ids`) never attend across; RoPE rotates by `positions` (default:
+        the positions within the documents, else 0 .. T - 1)."""
+        q, k, v = self.project_qkv(x, resolve_positions(x.shape[1], segment_ids, positions))
+        o = softmax_attention(q, k, v, causal=True, window=self.window, impl=self.impl, **segment_option(segment_ids))
         return self.o_proj(o), k, v
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.attend(x)[0]
+    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        return self.attend(x, segment_ids=segment_ids, positions=positions)[0]
 
     def cache_capacity(self, max_len: int) -> int:
         return max_len if self.window is None else min(self.window, max_len)
 
-    def prefill(self, x: jax.Array, *, max_len: int, lengths: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
-        """Output over the prompt x `[B, T, d_model]` and the cache for decoding up to `max_len` tokens."""
-        y, k, v = self.attend(x)
+    def prefill(self, x: jax.Array, *, max_len: int, lengths: jax.Array | None = None,
+                segment_ids: jax.Array | None = None, positions: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """Output over the prompt x `[B, T, d_model]` and the cache for decoding up to `max_len` tokens
+        (of the last document only, given `segment_ids`: `hybrid_jax.nn.segments.prompt_tail`)."""
+        y, k, v = self.attend(x, segment_ids=segment_ids, positions=positions)
         capacity = self.cache_capacity(max_len)
-        return y, KVCache(prompt_ring_buffer(k, capacity, lengths), prompt_ring_buffer(v, capacity, lengths))
+        tail = None if segment_ids is None else prompt_tail(segment_ids, positions)
+        return y, KVCache(*(prompt_ring_buffer(a, capacity, lengths, tail) for a in (k, v)))
 
     def decode_limit(self, cache: KVCache) -> int | None:
         """A ring buffer of S slots overwrites position p - S at position p: harmless only for a window

@@ -13,6 +13,13 @@ the padding, which comes after them). The convolution is W shifted multiply-adds
 XLA fuses; no im2col or FFT is worth it at this width. Products accumulate in float32; y and the
 state come back in the input dtype.
 
+Packed documents: with `segment_ids` `[B, T]` (documents as runs of one id, `hybrid_jax.ops.segments`)
+a token sees only the taps of its own document, tap x_{t-k} (k >= 1) counting iff k <= position[t]
+(the position within the document); the history (a given state) belongs to the document of token 0
+only. The new state is the last W-1 inputs of the document ending at token `lengths[b] - 1` (default:
+the last real token), zero before that document's start: the state a prompt of that document alone
+leaves.
+
 `ConvProjection` is a Dense followed by a ShortConv over the flattened output dims. The published
 layers convolve one concatenation of several projections (Mamba-2's (x, B, C), the q, k, v of the
 delta-rule layers); a depthwise conv of a concatenation is the concatenation of the convs, so each
@@ -28,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybrid_jax.nn.common import NO_DECAY, WEIGHT, Dense, activation, logical_param
+from hybrid_jax.ops.segments import document_start
 
 
 class ShortConv(nnx.Module):
@@ -75,24 +83,52 @@ class ShortConv(nnx.Module):
         return activation(self.activation_name)(y)
 
     def __call__(
-        self, x: jax.Array, conv_state: jax.Array | None = None, *, lengths: jax.Array | None = None
+        self, x: jax.Array, conv_state: jax.Array | None = None, *, lengths: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """x `[B, T, C]`, optional state `[B, W-1, C]` -> (y `[B, T, C]`, new state `[B, W-1, C]`).
 
         `lengths` `[B]` (ints in [0, T]): the new state ends at each row's `lengths[b]`-th input.
+        `segment_ids` `[B, T]`: packed documents, kept apart (module docstring).
         """
         self._check(x, conv_state, 3, "[B, T, C]")
         width, t = self.kernel_size, x.shape[1]
         history = self.init_state(x.shape[0], x.dtype) if conv_state is None else conv_state.astype(x.dtype)
         padded = jnp.concatenate([history, x], axis=1)  # [B, W-1+T, C]
         taps = padded.astype(jnp.float32)  # accumulate the W products in float32
-        y = sum(taps[:, i : i + t] * self.weight[i] for i in range(width))
-        if lengths is None:
-            new_state = padded[:, padded.shape[1] - (width - 1) :]
-        else:  # inputs lengths-W+1 .. lengths-1 sit at padded rows lengths .. lengths+W-2
-            rows = jnp.asarray(lengths)[:, None] + jnp.arange(width - 1)
-            new_state = jnp.take_along_axis(padded, rows[:, :, None], axis=1)
+        if segment_ids is None:
+            y = sum(taps[:, i : i + t] * self.weight[i] for i in range(width))
+        else:
+            y = self._segment_taps(taps, segment_ids)
+        if lengths is None and segment_ids is None:
+            return self._finish(y).astype(x.dtype), padded[:, padded.shape[1] - (width - 1) :]
+        if lengths is not None:
+            ends = jnp.asarray(lengths, jnp.int32)
+        else:  # the row's last real (non-padding) token
+            ends = jnp.max(jnp.where(segment_ids != 0, jnp.arange(1, t + 1, dtype=jnp.int32), 0), axis=1)
+        # inputs lengths-W+1 .. lengths-1 sit at padded rows lengths .. lengths+W-2
+        rows = ends[:, None] + jnp.arange(width - 1)
+        new_state = jnp.take_along_axis(padded, rows[:, :, None], axis=1)
+        if segment_ids is not None:  # only the last document's inputs (its history if it starts at 0)
+            start = jnp.take_along_axis(document_start(segment_ids), jnp.maximum(ends - 1, 0)[:, None], axis=1)
+            mine = (rows - (width - 1) >= start) | (start == 0)
+            new_state = jnp.where(mine[:, :, None], new_state, jnp.zeros((), x.dtype))
         return self._finish(y).astype(x.dtype), new_state
+
+    def _segment_taps(self, taps: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """sum_i w[i] x_{t-k}, k = W-1-i, over the taps of token t's own document (float32)."""
+        width, t = self.kernel_size, segment_ids.shape[1]
+        starts = document_start(segment_ids)
+        position = jnp.arange(t, dtype=jnp.int32) - starts
+        first_document = starts == 0  # its earlier taps, history included, are its own
+        y = 0.0
+        for i in range(width):
+            lag = width - 1 - i
+            tap = taps[:, i : i + t]
+            if lag:
+                tap = jnp.where(((lag <= position) | first_document)[:, :, None], tap, 0.0)
+            y = y + tap * self.weight[i]
+        return y
 
     def step(self, x_t: jax.Array, conv_state: jax.Array) -> tuple[jax.Array, jax.Array]:
         """One token: x_t `[B, C]`, state `[B, W-1, C]` -> (y_t `[B, C]`, new state)."""
@@ -116,19 +152,21 @@ class ConvProjection(nnx.Module):
         self.conv = ShortConv(math.prod(out_shape), kernel_size=conv_size, activation_name=activation_name,
                               use_bias=use_bias, axis_name=out_axes[0], rngs=rngs)
 
-    def with_state(self, x: jax.Array, conv_state: jax.Array | None = None, *, lengths=None):
+    def with_state(self, x: jax.Array, conv_state: jax.Array | None = None, *, lengths=None, segment_ids=None):
         """(y, new conv history `[B, W-1, C]`) continuing from `conv_state` (see `ShortConv`)."""
         h = self.proj(x)
-        y, state = self.conv(h.reshape(h.shape[:2] + (-1,)), conv_state, lengths=lengths)
+        y, state = self.conv(h.reshape(h.shape[:2] + (-1,)), conv_state, lengths=lengths, segment_ids=segment_ids)
         return y.reshape(h.shape), state
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.with_state(x)[0]
 
 
-def conv_projections(projections, x: jax.Array, conv_states: tuple | None, lengths) -> tuple[tuple, tuple]:
-    """Runs each `ConvProjection` on x from its history in `conv_states` (None: empty histories);
-    returns (outputs, new histories)."""
+def conv_projections(projections, x: jax.Array, conv_states: tuple | None, lengths,
+                     segment_ids: jax.Array | None = None) -> tuple[tuple, tuple]:
+    """Runs each `ConvProjection` on x from its history in `conv_states` (None: empty histories), the
+    documents of `segment_ids` kept apart; returns (outputs, new histories)."""
     states = (None,) * len(projections) if conv_states is None else conv_states
-    pairs = [proj.with_state(x, state, lengths=lengths) for proj, state in zip(projections, states)]
+    pairs = [proj.with_state(x, state, lengths=lengths, segment_ids=segment_ids)
+             for proj, state in zip(projections, states)]
     return tuple(y for y, _ in pairs), tuple(state for _, state in pairs)

@@ -6,6 +6,15 @@ dt_bias (every dt-parameterised layer): dt ~ exp(U(log dt_min, log dt_max)) floo
 
 so softplus(dt_bias) starts log-uniform in [dt_min, dt_max] (Mamba's initialisation).
 
+KDA's safe gate g = lb * sigmoid(A (f + dt_bias)) (lb < 0 its lower bound) gets the dt_bias that
+starts it, at f = 0, at the decay the softplus gate starts at, g = -A dt:
+
+    dt_bias = logit(min(A dt / |lb|, 1/2)) / A,
+
+capped at the sigmoid's midpoint where A dt would not fit under the bound. softplus^{-1}(dt) there
+instead would put A dt_bias at -2 .. -110, deep in the sigmoid's lower tail: g ~ 0 and a vanishing
+gradient for most channels, which trains measurably worse.
+
 A_log (per-head decay rates of Mamba-2, Gated DeltaNet and KDA): A ~ U(1, 16), A_log = log A, and
 the layers use A = -exp(A_log) < 0 (Mamba's own S4D-real init, A_log[e, n] = log(n + 1), lives in
 its layer).
@@ -26,11 +35,29 @@ def inverse_softplus(y: jax.Array) -> jax.Array:
     return y + jnp.log(-jnp.expm1(-y))
 
 
-def dt_bias_init(key: jax.Array, shape, dt_min: float = DT_MIN, dt_max: float = DT_MAX) -> jax.Array:
-    """softplus^{-1} of dt log-uniform in [dt_min, dt_max] (floored at DT_FLOOR)."""
+def log_uniform_dt(key: jax.Array, shape, dt_min: float = DT_MIN, dt_max: float = DT_MAX) -> jax.Array:
+    """dt log-uniform in [dt_min, dt_max], floored at DT_FLOOR."""
     u = jax.random.uniform(key, shape, jnp.float32)
     dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-    return inverse_softplus(jnp.maximum(dt, DT_FLOOR))
+    return jnp.maximum(dt, DT_FLOOR)
+
+
+def dt_bias_init(key: jax.Array, shape, dt_min: float = DT_MIN, dt_max: float = DT_MAX) -> jax.Array:
+    """softplus^{-1} of dt log-uniform in [dt_min, dt_max] (floored at DT_FLOOR)."""
+    return inverse_softplus(log_uniform_dt(key, shape, dt_min, dt_max))
+
+
+SAFE_GATE_MAX_START = 0.5  # the largest starting sigmoid(A dt_bias) of the safe gate: its midpoint
+
+
+def safe_gate_bias_init(key: jax.Array, shape, a_log: jax.Array, lower_bound: float, dt_min: float = DT_MIN,
+                        dt_max: float = DT_MAX) -> jax.Array:
+    """dt_bias `shape` = `[HV, K]` of the safe gate (module docstring) for A = exp(a_log) `[HV]`: the
+    gate starts at the softplus gate's decay -A dt (dt log-uniform in [dt_min, dt_max])."""
+    rate = jnp.exp(a_log)[:, None]
+    dt = log_uniform_dt(key, shape, dt_min, dt_max)
+    start = jnp.minimum(rate * dt / -lower_bound, SAFE_GATE_MAX_START)
+    return jax.scipy.special.logit(start) / rate
 
 
 def a_log_init(key: jax.Array, shape) -> jax.Array:

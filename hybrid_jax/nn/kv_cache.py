@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from hybrid_jax.checks import check_choice
 from hybrid_jax.nn.layer_config import impl_names
+from hybrid_jax.nn.segments import PromptTail
 from hybrid_jax.ops.attention import SUPPORTED as ATTENTION_IMPLS
 
 
@@ -33,13 +34,21 @@ class KVCache(NamedTuple):
     v: jax.Array  # [B, S, HKV, Dh]
 
 
-def prompt_ring_buffer(values: jax.Array, capacity: int, lengths: jax.Array | None) -> jax.Array:
+def prompt_ring_buffer(values: jax.Array, capacity: int, lengths: jax.Array | None,
+                       tail: PromptTail | None = None) -> jax.Array:
     """`[B, capacity, ...]` holding row b's positions max(0, L_b - capacity) .. L_b - 1 of `values`
-    `[B, T, ...]` (L_b = lengths[b], default T), position p in slot p mod capacity; other slots 0."""
+    `[B, T, ...]` (L_b = lengths[b], default T), position p in slot p mod capacity; other slots 0.
+
+    A packed prompt's `tail` (`hybrid_jax.nn.segments.prompt_tail`) keeps only each row's last
+    document instead: its tokens at positions max(0, E_b - capacity) .. E_b - 1, E_b = tail.end[b]."""
     b, t = values.shape[:2]
-    positions = jnp.arange(t)[None, :]
-    lengths = jnp.full((b, 1), t) if lengths is None else jnp.asarray(lengths)[:, None]
-    keep = (positions < lengths) & (positions >= lengths - capacity)
+    if tail is None:
+        positions = jnp.arange(t)[None, :]
+        lengths = jnp.full((b, 1), t) if lengths is None else jnp.asarray(lengths)[:, None]
+        keep = (positions < lengths) & (positions >= lengths - capacity)
+    else:
+        positions = tail.positions
+        keep = tail.keep & (positions >= tail.end[:, None] - capacity)
     slots = jnp.where(keep, positions % capacity, capacity)  # slot `capacity` is out of range: dropped
     buffer = jnp.zeros((b, capacity) + values.shape[2:], values.dtype)
     return buffer.at[jnp.arange(b)[:, None], slots].set(values, mode="drop")

@@ -6,13 +6,18 @@ relative to the mixer config; the model config adds the letter and kind in front
 
 Sizes: `heads_and_dim` gives (H, head_dim) with head_dim = d_model // H unless set; an `expand_*`
 width is expand * d_model, split over the heads (`expanded_dim`).
+
+Op options the layers pass through: `precision` (the matmul precision of the chunked ops, one of
+`PRECISIONS` or None for the platform default) and `gate_lower_bound` (the safe per-channel gate's
+bound, None or a number in [MIN_LOWER_BOUND, 0)).
 """
 from __future__ import annotations
 
 import ml_collections
 
-from hybrid_jax.checks import check_choice, check_int, check_optional_int, check_positive_number, fail
+from hybrid_jax.checks import check_choice, check_int, check_optional_int, check_positive_number, fail, is_number
 from hybrid_jax.ops.gated import SUPPORTED as GATED_IMPLS
+from hybrid_jax.ops._common import MIN_LOWER_BOUND, PRECISIONS
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -43,6 +48,19 @@ def check_impl(cfg: ConfigDict, supported=GATED_IMPLS) -> None:
     """`impl` is one of the op's implementations (`supported`, an enum) and `chunk_size` an int >= 1."""
     check_choice(cfg, "impl", impl_names(supported))
     check_int(cfg, "chunk_size")
+
+
+def check_precision(cfg: ConfigDict) -> None:
+    """`precision` is None (the platform default) or one of the chunked ops' matmul precisions."""
+    check_choice(cfg, "precision", (None, *PRECISIONS))
+
+
+def check_gate_lower_bound(cfg: ConfigDict) -> None:
+    """`gate_lower_bound` is None (unbounded gate) or a number in [MIN_LOWER_BOUND, 0)."""
+    bound = cfg.gate_lower_bound
+    if bound is not None and not (is_number(bound) and MIN_LOWER_BOUND <= bound < 0):
+        fail("gate_lower_bound", f"must be None (the unbounded softplus gate) or a number in "
+                                 f"[{MIN_LOWER_BOUND}, 0) (the safe gate's bound), got {bound!r}")
 
 
 def heads_and_dim(cfg: ConfigDict, d_model: int) -> tuple[int, int]:

@@ -22,7 +22,8 @@ GLA (Yang et al. 2024, "Gated Linear Attention Transformers with Hardware-Effici
     y = (RMSNorm(o) * SiLU(x W_gate)) W_o
 
 Both are `LinearMixer`s (hybrid_jax.nn.linear_mixer): cache, FLOPs, prefill and decode come from
-the base class through the hooks project / pad_as_identity / mix / mix_step / finish.
+the base class through the hooks project / pad_as_identity / mix / mix_step / finish. `precision`
+(None: the platform default) is the chunked op's matmul precision.
 """
 from __future__ import annotations
 
@@ -40,12 +41,14 @@ from hybrid_jax.nn.layer_config import (
     check_impl,
     check_ints,
     check_positive_numbers,
+    check_precision,
     expanded_dim,
     heads_and_dim,
 )
 from hybrid_jax.nn.linear_mixer import LinearMixer, at_step, zero_where_invalid
 from hybrid_jax.nn.norms import GatedRMSNorm, RMSNorm
 from hybrid_jax.nn.registry import register_mixer
+from hybrid_jax.nn.segments import segment_option
 from hybrid_jax.ops.linear_attention import gla, gla_step, linear_attention, linear_attention_step
 
 FEATURE_MAPS = ("identity", "elu", "relu", "hedgehog")
@@ -74,6 +77,7 @@ class LinearAttention(LinearMixer):
                 "norm_eps": 1e-5,
                 "impl": "chunk",
                 "chunk_size": 64,
+                "precision": config_dict.placeholder(str),  # None: the platform default
             }
         )
 
@@ -87,6 +91,7 @@ class LinearAttention(LinearMixer):
                                 "feature_map='identity' is not, use 'elu', 'relu' or 'hedgehog'")
         check_positive_numbers(cfg, "norm_eps")
         check_impl(cfg)
+        check_precision(cfg)
 
     @classmethod
     def feature_dim(cls, cfg, d_model: int) -> int:
@@ -105,7 +110,7 @@ class LinearAttention(LinearMixer):
     def __init__(self, cfg: ml_collections.ConfigDict, d_model: int, *, rngs: nnx.Rngs):
         heads, head_dim = heads_and_dim(cfg, d_model)
         self.feature_map, self.output_norm = cfg.feature_map, cfg.output_norm
-        self.eps, self.impl, self.chunk_size = cfg.norm_eps, cfg.impl, cfg.chunk_size
+        self.eps, self.impl, self.chunk_size, self.precision = cfg.norm_eps, cfg.impl, cfg.chunk_size, cfg.precision
         self.q_proj = Dense(d_model, (heads, head_dim), ("embed", "heads", "kv"), rngs=rngs)
         self.k_proj = Dense(d_model, (heads, head_dim), ("embed", "heads", "kv"), rngs=rngs)
         self.v_proj = Dense(d_model, (heads, head_dim), ("embed", "heads", "kv"), rngs=rngs)
@@ -129,7 +134,7 @@ class LinearAttention(LinearMixer):
         # q . sum k itself.
         return None if self.norm is not None else 1.0
 
-    def project(self, x, conv_states=None, *, lengths=None):
+    def project(self, x, conv_states=None, *, lengths=None, segment_ids=None):
         q, k = self.features(x)
         v = self.v_proj(x)
         if self.norm is None:  # the all-ones value column accumulates the denominator q . sum k
@@ -140,9 +145,9 @@ class LinearAttention(LinearMixer):
         q, k, v = inputs
         return q, zero_where_invalid(k, valid), v
 
-    def mix(self, x, inputs, *, final=False, max_len=None, lengths=None):
+    def mix(self, x, inputs, *, final=False, max_len=None, lengths=None, segment_ids=None):
         return linear_attention(*inputs, scale=self.scale, output_final_state=final, impl=self.impl,
-                                chunk_size=self.chunk_size)
+                                chunk_size=self.chunk_size, precision=self.precision, **segment_option(segment_ids))
 
     def mix_step(self, x, inputs, state):
         o, state = linear_attention_step(*at_step(inputs), state, scale=self.scale)
@@ -172,6 +177,7 @@ class GLA(LinearMixer):
                 "norm_eps": 1e-5,
                 "impl": "chunk",
                 "chunk_size": 64,
+                "precision": config_dict.placeholder(str),  # None: the platform default
             }
         )
 
@@ -186,6 +192,7 @@ class GLA(LinearMixer):
         cls.dims(cfg, d_model)
         check_positive_numbers(cfg, "gate_logit_normalizer", "norm_eps")
         check_impl(cfg)
+        check_precision(cfg)
 
     @classmethod
     def state_elements(cls, cfg, d_model: int, context: int) -> int:
@@ -199,6 +206,7 @@ class GLA(LinearMixer):
     def __init__(self, cfg: ml_collections.ConfigDict, d_model: int, *, rngs: nnx.Rngs):
         heads, key_dim, value_dim = self.dims(cfg, d_model)
         self.normalizer, self.impl, self.chunk_size = cfg.gate_logit_normalizer, cfg.impl, cfg.chunk_size
+        self.precision = cfg.precision
         self.q_proj = Dense(d_model, (heads, key_dim), ("embed", "heads", "kv"), rngs=rngs)
         self.k_proj = Dense(d_model, (heads, key_dim), ("embed", "heads", "kv"), rngs=rngs)
         self.v_proj = Dense(d_model, (heads, value_dim), ("embed", "heads", "kv"), rngs=rngs)
@@ -214,16 +222,17 @@ class GLA(LinearMixer):
         logits = self.gate_up(self.gate_down(x)).astype(jnp.float32)
         return jax.nn.log_sigmoid(logits) / self.normalizer
 
-    def project(self, x, conv_states=None, *, lengths=None):
+    def project(self, x, conv_states=None, *, lengths=None, segment_ids=None):
         return (self.q_proj(x), self.k_proj(x), self.v_proj(x), self.forget_gate(x)), ()
 
     def pad_as_identity(self, inputs, valid):
         q, k, v, g = inputs
         return q, zero_where_invalid(k, valid), v, zero_where_invalid(g, valid)
 
-    def mix(self, x, inputs, *, final=False, max_len=None, lengths=None):
+    def mix(self, x, inputs, *, final=False, max_len=None, lengths=None, segment_ids=None):
         q, k, v, g = inputs
-        return gla(q, k, v, g=g, output_final_state=final, impl=self.impl, chunk_size=self.chunk_size)
+        return gla(q, k, v, g=g, output_final_state=final, impl=self.impl, chunk_size=self.chunk_size,
+                   precision=self.precision, **segment_option(segment_ids))
 
     def mix_step(self, x, inputs, state):
         q, k, v, g = at_step(inputs)

@@ -23,6 +23,14 @@ Decoding, through four hooks:
 The training path is `finish(mix(project(x)))`; `prefill` runs the same chunked op over the prompt
 and keeps its final state, `decode` feeds one token through `project` (with the conv histories) and
 the op's one-token step. The cache is `RecurrentCache(state, conv)`.
+
+Packed documents: `__call__` and `prefill` take `segment_ids` `[B, T]` (`hybrid_jax.nn.segments`),
+which `project` hands to the short convolutions and `mix` to the op (`segment_option`: the op is
+called exactly as before when there are none). The op's state then restarts with every document and
+its final state is that of the last document, so a packed prefill decodes on from its last document
+(the model passes `lengths` = the last real token + 1 with the segments, which the conv histories
+end at). The linear mixers take `positions` for uniformity and ignore them: they carry position in
+their state.
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ from flax import nnx
 
 from hybrid_jax.nn.common import count_params
 from hybrid_jax.nn.registry import Mixer
+from hybrid_jax.nn.segments import segment_option
 
 STATE_BYTES = 4  # recurrent states are float32 (see the module docstring)
 
@@ -86,16 +95,20 @@ class LinearMixer(Mixer):
         abstract = nnx.eval_shape(lambda: cls(cfg, d_model, rngs=nnx.Rngs(0)))
         return int(round(2 * count_params(abstract) + cls.mixing_flops(cfg, d_model, context)))
 
-    def project(self, x: jax.Array, conv_states: tuple | None = None, *, lengths=None) -> tuple[tuple, tuple]:
-        """(op inputs `[B, T, ...]`, new conv histories) for x `[B, T, d_model]`."""
+    def project(self, x: jax.Array, conv_states: tuple | None = None, *, lengths=None,
+                segment_ids=None) -> tuple[tuple, tuple]:
+        """(op inputs `[B, T, ...]`, new conv histories) for x `[B, T, d_model]`; the short convs keep
+        the documents of `segment_ids` apart."""
         raise NotImplementedError(f"{type(self).__name__}.project")
 
     def pad_as_identity(self, inputs: tuple, valid: jax.Array) -> tuple:
         """`inputs` with the steps where valid `[B, T]` is False made identity steps."""
         raise NotImplementedError(f"{type(self).__name__}.pad_as_identity")
 
-    def mix(self, x: jax.Array, inputs: tuple, *, final: bool = False, max_len=None, lengths=None):
-        """(o `[B, T, ...]`, final state if `final` else None): the chunked op over the inputs."""
+    def mix(self, x: jax.Array, inputs: tuple, *, final: bool = False, max_len=None, lengths=None,
+            segment_ids=None):
+        """(o `[B, T, ...]`, final state if `final` else None): the chunked op over the inputs, its
+        state restarting with each document of `segment_ids`."""
         raise NotImplementedError(f"{type(self).__name__}.mix")
 
     def mix_step(self, x: jax.Array, inputs: tuple, state):
@@ -105,17 +118,22 @@ class LinearMixer(Mixer):
     def finish(self, o: jax.Array, x: jax.Array) -> jax.Array:
         raise NotImplementedError(f"{type(self).__name__}.finish")
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        inputs, _ = self.project(x)
-        o, _ = self.mix(x, inputs)
+    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        del positions  # the state carries position
+        inputs, _ = self.project(x, **segment_option(segment_ids))
+        o, _ = self.mix(x, inputs, **segment_option(segment_ids))
         return self.finish(o, x)
 
-    def prefill(self, x: jax.Array, *, max_len: int, lengths: jax.Array | None = None):
-        """Output over the prompt x `[B, T, d_model]` and the `RecurrentCache` after each row's prompt."""
-        inputs, conv = self.project(x, lengths=lengths)
+    def prefill(self, x: jax.Array, *, max_len: int, lengths: jax.Array | None = None,
+                segment_ids: jax.Array | None = None, positions: jax.Array | None = None):
+        """Output over the prompt x `[B, T, d_model]` and the `RecurrentCache` after each row's prompt
+        (its last document, given `segment_ids`)."""
+        del positions
+        inputs, conv = self.project(x, lengths=lengths, **segment_option(segment_ids))
         if lengths is not None:
             inputs = self.pad_as_identity(inputs, jnp.arange(x.shape[1])[None, :] < lengths[:, None])
-        o, state = self.mix(x, inputs, final=True, max_len=max_len, lengths=lengths)
+        o, state = self.mix(x, inputs, final=True, max_len=max_len, lengths=lengths, **segment_option(segment_ids))
         return self.finish(o, x), RecurrentCache(state, conv)
 
     def decode(self, x: jax.Array, cache: RecurrentCache, position: jax.Array):

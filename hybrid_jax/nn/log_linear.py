@@ -45,6 +45,7 @@ from hybrid_jax.checks import fail
 from hybrid_jax.nn.common import NO_DECAY, Dense, logical_param
 from hybrid_jax.nn.layer_config import check_impl, check_ints, check_optional_ints
 from hybrid_jax.nn.linear_mixer import at_step
+from hybrid_jax.nn.segments import segment_option
 from hybrid_jax.ops.log_linear import SUPPORTED as LOG_LINEAR_IMPLS
 from hybrid_jax.ops.log_linear import FenwickState, log_linear_attention, log_linear_attention_step, num_levels
 
@@ -104,7 +105,8 @@ class LogLinearMixin:
     """Turns a single-state mixer layer into its log-linear version (config, cache, FLOPs, lambda,
     and `mix` / `mix_step` over Fenwick states).
 
-    The base layer provides `value_heads` and its `LinearMixer` hooks; the concrete class defines
+    The base layer provides `value_heads`, `op_options()` (the op's precision and, for KDA, the safe
+    gate: passed to the log-linear op as they are) and its `LinearMixer` hooks; the concrete class defines
     `fenwick_args(inputs) -> ((q, k, v, g, beta), scale)` (the op's view of the base inputs) and
     `fenwick_output(o, inputs)`.
     """
@@ -155,21 +157,25 @@ class LogLinearMixin:
             )
         return needed
 
-    def mix(self, x, inputs, *, final=False, max_len=None, lengths=None):
+    def mix(self, x, inputs, *, final=False, max_len=None, lengths=None, segment_ids=None):
         args, scale = self.fenwick_args(inputs)
 
         def run(args, lam, initial_state):
             q, k, v, g, beta = args
             return log_linear_attention(q, k, v, g=g, beta=beta, level_scales=lam, scale=scale,
                                         initial_state=initial_state, output_final_state=final, impl=self.impl,
-                                        chunk_size=self.chunk_size)
+                                        chunk_size=self.chunk_size, **self.op_options(),
+                                        **segment_option(segment_ids))
 
         lam = self.level_scales(x)
         if not final:
             o, state = run(args, lam, None)
-        elif lengths is None:
+        elif lengths is None or segment_ids is not None:
+            # With segment ids the op itself makes padding identity steps and restarts the levels with
+            # each document: the state is the last document's, at its own position (per row).
             o, state = run(args, lam[..., : self.cache_levels(max_len)], None)
-            state = FenwickState(state.levels, jnp.full((x.shape[0],), state.position, jnp.int32))
+            position = jnp.broadcast_to(jnp.asarray(state.position, jnp.int32), (x.shape[0],))
+            state = FenwickState(state.levels, position)
         else:
             o, state = ragged_fenwick_prefill(run, args, lam, lengths, self.cache_levels(max_len))
         return self.fenwick_output(o, inputs), state

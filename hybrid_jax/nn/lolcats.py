@@ -30,6 +30,10 @@ slot p mod W). Step p first folds the token leaving the window (position p - W, 
 about to be overwritten) into S with `linear_attention_step`, which also reads the linear terms for
 q_p, then writes k_p, v_p into that slot and attends to the W slots. Memory per sequence is constant
 in the context: 4 H 2F (Dh + 1) + 2 HKV Dh min(context, W) * dtype bytes.
+
+Packed documents (`segment_ids`, `hybrid_jax.nn.segments`): the window terms count only keys of the
+query's document, a pair delayed into another document is dropped, and the linear op's state restarts
+with each document; a packed prefill keeps the last document's state and window.
 """
 from __future__ import annotations
 
@@ -46,13 +50,15 @@ from hybrid_jax.checks import check_int, check_number, check_optional_int, fail
 from hybrid_jax.nn.common import NO_DECAY, logical_param
 from hybrid_jax.nn.feature_maps import HedgehogFeatureMap
 from hybrid_jax.nn.kv_cache import KVCache, mean_attended_keys, prompt_ring_buffer, written_in_place
-from hybrid_jax.nn.layer_config import check_heads, check_impl, heads_and_dim
+from hybrid_jax.nn.layer_config import check_heads, check_impl, check_precision, heads_and_dim
 from hybrid_jax.nn.linear_mixer import STATE_BYTES
 from hybrid_jax.nn.lora import attention_projections, check_projection_config, projection_defaults
 from hybrid_jax.nn.registry import Mixer, register_mixer
 from hybrid_jax.nn.rope import apply_rope, rotary_dim_for
+from hybrid_jax.nn.segments import prompt_tail, resolve_positions, segment_option
 from hybrid_jax.ops.attention import kv_cache_update
 from hybrid_jax.ops.linear_attention import linear_attention, linear_attention_step
+from hybrid_jax.ops.segments import document_index
 
 _F32 = jnp.float32
 # Parameters stage 1 (attention transfer) trains; everything else stays frozen.
@@ -66,9 +72,11 @@ class LolcatsCache(NamedTuple):
     window: KVCache  # k, v [B, W, HKV, Dh]
 
 
-def window_softmax_terms(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int, scale: float):
+def window_softmax_terms(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int, scale: float,
+                         segment_ids: jax.Array | None = None):
     """(sum_i e^{s_ni - c_n} v_i `[B, T, H, Dv]`, sum_i e^{s_ni - c_n} `[B, T, H]`) over each query's
-    last `window` keys (module docstring), float32; k, v have HKV heads dividing q's H."""
+    last `window` keys (module docstring), float32; k, v have HKV heads dividing q's H. With
+    `segment_ids` `[B, T]` only the keys of the query's own document count."""
     b, t, heads, dk = q.shape
     kv_heads, dv = k.shape[2], v.shape[3]
     groups, blocks = heads // kv_heads, -(-t // window)
@@ -87,6 +95,11 @@ def window_softmax_terms(q: jax.Array, k: jax.Array, v: jax.Array, *, window: in
     allowed = (offset >= 0) & (offset < window)
     allowed = allowed[None, :, :] & (key_pos >= 0)[:, None, :]  # [n, W, 2W]
     allowed = allowed[None, :, None, None]
+    if segment_ids is not None:  # [B, n, 1, 1, W, 2W]: key and query in one document
+        docs = jnp.broadcast_to(document_index(segment_ids)[:, :, None, None], (b, t, kv_heads, 1)).astype(_F32)
+        query_docs = jnp.pad(docs[:, :, 0, 0], ((0, 0), (0, pad))).reshape(b, blocks, window)
+        same = query_docs[..., :, None] == key_blocks(docs)[..., 0, 0][:, :, None, :]
+        allowed = allowed & same[:, :, None, None]
     logits = jnp.where(allowed, logits, -jnp.inf)
     weights = jnp.where(allowed, jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), 0.0)
     numerator = jnp.einsum("bnkgqs,bnskv->bnqkgv", weights, key_blocks(v))
@@ -131,6 +144,7 @@ class LolcatsAttention(Mixer):
             "mix_init": 0.0,  # initial mixing logit: gamma = sigmoid(mix_init) on the window part
             "impl": "chunk",  # linear_attention implementation
             "chunk_size": 64,
+            "precision": config_dict.placeholder(str),  # its matmul precision; None: the platform default
             **projection_defaults(),
         })
 
@@ -145,6 +159,7 @@ class LolcatsAttention(Mixer):
         check_number(cfg, "rope_fraction", low=0, high=1)
         check_number(cfg, "mix_init")
         check_impl(cfg)
+        check_precision(cfg)
         check_projection_config(cfg)
         head_dim = heads_and_dim(cfg, d_model)[1]
         if cfg.rope and rotary_dim_for(head_dim, cfg.rope_fraction) == 0:
@@ -174,6 +189,7 @@ class LolcatsAttention(Mixer):
         self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.rotary_dim = rotary_dim_for(head_dim, cfg.rope_fraction) if cfg.rope else 0
         self.rope_theta, self.window, self.impl, self.chunk_size = cfg.rope_theta, cfg.window, cfg.impl, cfg.chunk_size
+        self.precision = cfg.precision
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attention_projections(
             cfg, d_model, heads, kv_heads, head_dim, rngs=rngs)
         self.feature_map_q = HedgehogFeatureMap(heads, head_dim, feature_dim)
@@ -205,30 +221,42 @@ class LolcatsAttention(Mixer):
         denominator = gamma[..., 0] * window_den + (1 - gamma[..., 0]) * linear_out[..., -1]
         return numerator / denominator[..., None]
 
-    def _forward(self, x: jax.Array, *, final: bool = False, lengths: jax.Array | None = None):
+    def _forward(self, x: jax.Array, *, final: bool = False, lengths: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, positions: jax.Array | None = None):
         """(layer output, k, v, the linear state after each row's `lengths` tokens if `final`)."""
         t = x.shape[1]
-        q, k, v = self.project_qkv(x, jnp.arange(t))
-        window_num, window_den = window_softmax_terms(q, k, v, window=self.window, scale=self.head_dim ** -0.5)
+        q, k, v = self.project_qkv(x, resolve_positions(t, segment_ids, positions))
+        window_num, window_den = window_softmax_terms(q, k, v, window=self.window, scale=self.head_dim ** -0.5,
+                                                      segment_ids=segment_ids)
         keys, values = self._linear_inputs(k, v)
         delay = ((0, 0), (self.window, 0), (0, 0), (0, 0))  # position t reads the pair of t - W
         keys, values = jnp.pad(keys, delay)[:, :t], jnp.pad(values, delay)[:, :t]
         if lengths is not None:  # padded steps of ragged prompts add nothing to the state
             valid = (jnp.arange(t)[None, :] < lengths[:, None])[..., None, None]
             keys, values = jnp.where(valid, keys, 0.0), jnp.where(valid, values, 0.0)
+        if segment_ids is not None:  # a pair delayed into another document is no pair of this one
+            docs = document_index(segment_ids)
+            own = (docs == jnp.pad(docs, ((0, 0), (self.window, 0)))[:, :t])[..., None, None]
+            keys, values = jnp.where(own, keys, 0.0), jnp.where(own, values, 0.0)
         linear_out, state = linear_attention(self.feature_map_q(q.astype(_F32)), keys, values, scale=1.0,
-                                             output_final_state=final, impl=self.impl, chunk_size=self.chunk_size)
+                                             output_final_state=final, impl=self.impl, chunk_size=self.chunk_size,
+                                             precision=self.precision, **segment_option(segment_ids))
         y = self._mix(window_num, window_den, linear_out).astype(x.dtype)
         return self.o_proj(y), k, v, state
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self._forward(x)[0]
+    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        return self._forward(x, segment_ids=segment_ids, positions=positions)[0]
 
-    def prefill(self, x: jax.Array, *, max_len: int, lengths: jax.Array | None = None):
-        """Output over the prompt and the cache after each row's prompt (`max_len` does not size it)."""
+    def prefill(self, x: jax.Array, *, max_len: int, lengths: jax.Array | None = None,
+                segment_ids: jax.Array | None = None, positions: jax.Array | None = None):
+        """Output over the prompt and the cache after each row's prompt, its last document given
+        `segment_ids` (`max_len` does not size it)."""
         del max_len
-        y, k, v, state = self._forward(x, final=True, lengths=lengths)
-        ring = KVCache(prompt_ring_buffer(k, self.window, lengths), prompt_ring_buffer(v, self.window, lengths))
+        y, k, v, state = self._forward(x, final=True, lengths=lengths, segment_ids=segment_ids, positions=positions)
+        tail = None if segment_ids is None else prompt_tail(segment_ids, positions)
+        ring = KVCache(prompt_ring_buffer(k, self.window, lengths, tail),
+                       prompt_ring_buffer(v, self.window, lengths, tail))
         return y, LolcatsCache(state, ring)
 
     def decode(self, x: jax.Array, cache: LolcatsCache, position: jax.Array):

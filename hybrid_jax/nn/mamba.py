@@ -21,7 +21,8 @@ over the concatenated (x, B, C) as one depthwise ShortConv per stream (a depthwi
 concatenation is the concatenation of the convs).
 
 dt_bias and Mamba-2's A_log start as in `hybrid_jax.nn.initializers`. Both layers share the inputs
-(x, dt, B, C), A = -exp(A_log) and the identity padding (dt = 0) through `SelectiveSSM`.
+(x, dt, B, C), A = -exp(A_log) and the identity padding (dt = 0) through `SelectiveSSM`. Mamba-2's
+`precision` (None: the platform default) is the matmul precision of the chunked SSD.
 
 Log-linear Mamba-2 (`LogLinearMamba2`, Guo et al. 2025; machinery in `hybrid_jax.nn.log_linear`)
 replaces the single state by a Fenwick tree of states and maps the SSD onto the log-linear op as
@@ -48,11 +49,13 @@ from hybrid_jax.nn.layer_config import (
     check_ints,
     check_optional_ints,
     check_positive_numbers,
+    check_precision,
 )
 from hybrid_jax.nn.linear_mixer import LinearMixer, at_step, zero_where_invalid
 from hybrid_jax.nn.log_linear import LogLinearMixin
 from hybrid_jax.nn.norms import rms_normalize
 from hybrid_jax.nn.registry import register_mixer
+from hybrid_jax.nn.segments import segment_option
 from hybrid_jax.ops import first_order, gated
 from hybrid_jax.ops.ssm import selective_scan, selective_scan_step, ssd, ssd_step
 
@@ -78,10 +81,14 @@ class SelectiveSSM(LinearMixer):
         """A = -exp(A_log)."""
         return -jnp.exp(self.A_log[...])
 
-    def mix(self, u, inputs, *, final=False, max_len=None, lengths=None):
+    def op_options(self) -> dict:
+        """Keyword options of `OP` beyond impl and chunk_size (the first-order scan takes none)."""
+        return {}
+
+    def mix(self, u, inputs, *, final=False, max_len=None, lengths=None, segment_ids=None):
         x, dt, B, C = inputs
         return self.OP(x, dt, self.decay_rate(), B, C, D=self.D[...], output_final_state=final, impl=self.impl,
-                       chunk_size=self.chunk_size)
+                       chunk_size=self.chunk_size, **self.op_options(), **segment_option(segment_ids))
 
     def mix_step(self, u, inputs, state):
         x, dt, B, C = at_step(inputs)
@@ -149,9 +156,9 @@ class Mamba(SelectiveSSM):
         self.D = logical_param(jnp.ones((inner,), jnp.float32), ("mlp",), role=NO_DECAY)
         self.out_proj = Dense(inner, d_model, ("mlp", "embed"), rngs=rngs)
 
-    def project(self, u, conv_states=None, *, lengths=None):
+    def project(self, u, conv_states=None, *, lengths=None, segment_ids=None):
         """(x, dt, B, C) of the selective scan and the conv history of x."""
-        (x,), conv = conv_projections((self.x_proj,), u, conv_states, lengths)
+        (x,), conv = conv_projections((self.x_proj,), u, conv_states, lengths, segment_ids)
         dt = jax.nn.softplus(self.dt_up(self.dt_down(x)).astype(jnp.float32) + self.dt_bias[...])
         return (x, dt, self.b_proj(x), self.c_proj(x)), conv
 
@@ -197,6 +204,7 @@ class Mamba2(SelectiveSSM):
                 "norm_eps": 1e-5,
                 "impl": "chunk",
                 "chunk_size": 64,
+                "precision": config_dict.placeholder(str),  # None: the platform default
             }
         )
 
@@ -205,6 +213,7 @@ class Mamba2(SelectiveSSM):
         super().check_config(cfg, d_model)
         check_ints(cfg, "head_dim", "num_groups")
         check_positive_numbers(cfg, "norm_eps")
+        check_precision(cfg)
         inner = cfg.expand * d_model
         if inner % cfg.head_dim:
             fail("head_dim", f"{cfg.head_dim} must divide the inner width expand * d_model = {inner}")
@@ -237,7 +246,7 @@ class Mamba2(SelectiveSSM):
 
     def __init__(self, cfg: ml_collections.ConfigDict, d_model: int, *, rngs: nnx.Rngs):
         heads, head_dim, groups, state = self.dims(cfg, d_model)
-        self.impl, self.chunk_size = cfg.impl, cfg.chunk_size
+        self.impl, self.chunk_size, self.precision = cfg.impl, cfg.chunk_size, cfg.precision
         conv = dict(conv_size=cfg.conv_size, use_bias=True, rngs=rngs)
         self.z_proj = Dense(d_model, (heads, head_dim), ("embed", "heads", "kv"), rngs=rngs)
         self.x_proj = ConvProjection(d_model, (heads, head_dim), ("heads", "kv"), **conv)
@@ -252,9 +261,13 @@ class Mamba2(SelectiveSSM):
         self.norm = GroupGatedRMSNorm(heads, head_dim, groups, eps=cfg.norm_eps)
         self.out_proj = Dense((heads, head_dim), d_model, ("heads", "kv", "embed"), rngs=rngs)
 
-    def project(self, u, conv_states=None, *, lengths=None):
+    def op_options(self) -> dict:
+        return {"precision": self.precision}
+
+    def project(self, u, conv_states=None, *, lengths=None, segment_ids=None):
         """(x `[B,T,H,P]`, dt `[B,T,H]`, B, C `[B,T,G,N]`) and the conv histories of x, B, C."""
-        (x, B, C), conv = conv_projections((self.x_proj, self.b_proj, self.c_proj), u, conv_states, lengths)
+        (x, B, C), conv = conv_projections((self.x_proj, self.b_proj, self.c_proj), u, conv_states, lengths,
+                                           segment_ids)
         dt = jax.nn.softplus(self.dt_proj(u).astype(jnp.float32) + self.dt_bias[...])
         return (x, dt, B, C), conv
 

@@ -26,6 +26,9 @@ max_len, compute dtype). `prefill` runs the training path over the prompt and ke
 
 i.e. multi-query attention of the H latent queries over the one cached latent "head", the cache
 serving as both keys and values (the k^R columns of o^L are dropped; FlashMLA's layout).
+
+Packed documents: `segment_ids` keep documents apart and RoPE rotates by `positions` (default: the
+position within each document), as in the attention layer; a packed prefill caches the last document.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from hybrid_jax.nn.layer_config import check_ints
 from hybrid_jax.nn.norms import RMSNorm
 from hybrid_jax.nn.registry import Mixer, register_mixer
 from hybrid_jax.nn.rope import apply_rope
+from hybrid_jax.nn.segments import prompt_tail, resolve_positions, segment_option
 from hybrid_jax.ops.attention import softmax_attention, softmax_attention_step
 
 
@@ -147,24 +151,31 @@ class MLA(Mixer):
         entries = c_kv[:, :, None, :]
         return entries if k_pe is None else jnp.concatenate([entries, k_pe], axis=-1)
 
-    def attend(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """The layer output over a whole sequence (per-head k, v materialised) and its cache entries."""
-        positions = jnp.arange(x.shape[1])
+    def attend(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """The layer output over a whole sequence (per-head k, v materialised) and its cache entries;
+        packed documents (`segment_ids`) never attend across, RoPE rotates by `positions`."""
+        positions = resolve_positions(x.shape[1], segment_ids, positions)
         q = self.rotate_query(self.query(x), positions)
         c_kv, k_pe = self.latent(x, positions)
         k, v = self.k_up(c_kv), self.v_up(c_kv)
         if k_pe is not None:
             k = jnp.concatenate([k, jnp.broadcast_to(k_pe, k.shape[:3] + (self.rope_dim,))], axis=-1)
-        o = softmax_attention(q, k, v, causal=True, impl=self.impl)
+        o = softmax_attention(q, k, v, causal=True, impl=self.impl, **segment_option(segment_ids))
         return self.o_proj(o), self.cache_entries(c_kv, k_pe)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.attend(x)[0]
+    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        return self.attend(x, segment_ids=segment_ids, positions=positions)[0]
 
-    def prefill(self, x: jax.Array, *, max_len: int, lengths: jax.Array | None = None) -> tuple[jax.Array, LatentCache]:
-        """Output over the prompt x `[B, T, d_model]` and the latent cache for up to `max_len` tokens."""
-        y, entries = self.attend(x)
-        return y, LatentCache(prompt_ring_buffer(entries, max_len, lengths))
+    def prefill(self, x: jax.Array, *, max_len: int, lengths: jax.Array | None = None,
+                segment_ids: jax.Array | None = None,
+                positions: jax.Array | None = None) -> tuple[jax.Array, LatentCache]:
+        """Output over the prompt x `[B, T, d_model]` and the latent cache for up to `max_len` tokens
+        (of the last document only, given `segment_ids`)."""
+        y, entries = self.attend(x, segment_ids=segment_ids, positions=positions)
+        tail = None if segment_ids is None else prompt_tail(segment_ids, positions)
+        return y, LatentCache(prompt_ring_buffer(entries, max_len, lengths, tail))
 
     def decode_limit(self, cache: LatentCache) -> int:
         """The latent ring buffer of S slots would overwrite position p - S at position p."""

@@ -34,10 +34,11 @@ from flax import nnx
 from ml_collections import config_dict
 
 from hybrid_jax.nn.common import Dense
-from hybrid_jax.nn.layer_config import check_heads, check_impl, check_positive_numbers, heads_and_dim
+from hybrid_jax.nn.layer_config import check_heads, check_impl, check_positive_numbers, check_precision, heads_and_dim
 from hybrid_jax.nn.linear_mixer import LinearMixer, RecurrentCache, at_step, zero_where_invalid
 from hybrid_jax.nn.norms import GatedRMSNorm
 from hybrid_jax.nn.registry import register_mixer
+from hybrid_jax.nn.segments import segment_option
 from hybrid_jax.ops.linear_attention import linear_attention, linear_attention_step
 
 
@@ -47,15 +48,16 @@ class QLA(LinearMixer):
 
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:
-        # head_dim None: d_model // num_heads
+        # head_dim None: d_model // num_heads; precision None: the platform default
         return ml_collections.ConfigDict(dict(num_heads=4, head_dim=config_dict.placeholder(int), norm_eps=1e-5,
-                                              impl="chunk", chunk_size=64))
+                                              impl="chunk", chunk_size=64, precision=config_dict.placeholder(str)))
 
     @classmethod
     def check_config(cls, cfg: ml_collections.ConfigDict, d_model: int) -> None:
         check_heads(cfg, d_model)
         check_positive_numbers(cfg, "norm_eps")
         check_impl(cfg)
+        check_precision(cfg)
 
     @classmethod
     def state_elements(cls, cfg, d_model: int, context: int) -> int:
@@ -68,23 +70,23 @@ class QLA(LinearMixer):
 
     def __init__(self, cfg: ml_collections.ConfigDict, d_model: int, *, rngs: nnx.Rngs):
         heads, head_dim = heads_and_dim(cfg, d_model)
-        self.impl, self.chunk_size = cfg.impl, cfg.chunk_size
+        self.impl, self.chunk_size, self.precision = cfg.impl, cfg.chunk_size, cfg.precision
         axes = ("embed", "heads", "kv")
         self.q_proj, self.k_proj, self.v_proj, self.u_proj = (
             Dense(d_model, (heads, head_dim), axes, rngs=rngs) for _ in range(4))
         self.norm = GatedRMSNorm(head_dim, activation_name="silu", eps=cfg.norm_eps)
         self.o_proj = Dense((heads, head_dim), d_model, ("heads", "kv", "embed"), rngs=rngs)
 
-    def project(self, x, conv_states=None, *, lengths=None):
+    def project(self, x, conv_states=None, *, lengths=None, segment_ids=None):
         return (jax.nn.silu(self.q_proj(x)), jax.nn.silu(self.k_proj(x)), self.v_proj(x)), ()
 
     def pad_as_identity(self, inputs, valid):
         q, k, v = inputs
         return q, zero_where_invalid(k, valid), v
 
-    def mix(self, x, inputs, *, final=False, max_len=None, lengths=None, isolated=None):
+    def mix(self, x, inputs, *, final=False, max_len=None, lengths=None, isolated=None, segment_ids=None):
         return linear_attention(*inputs, output_final_state=final, isolated=isolated, impl=self.impl,
-                                chunk_size=self.chunk_size)
+                                chunk_size=self.chunk_size, precision=self.precision, **segment_option(segment_ids))
 
     def mix_step(self, x, inputs, state, isolated=None):
         o, state = linear_attention_step(*at_step(inputs), state,
@@ -94,17 +96,19 @@ class QLA(LinearMixer):
     def finish(self, o, x):
         return self.o_proj(self.norm(o, self.u_proj(x)))
 
-    def __call__(self, x: jax.Array, isolated: jax.Array | None = None) -> jax.Array:
-        """x `[B, T, d_model]`; isolated `[B, T]` bool or None (the candidates)."""
+    def __call__(self, x: jax.Array, isolated: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        """x `[B, T, d_model]`; isolated `[B, T]` bool or None (the candidates); packed documents
+        `segment_ids` `[B, T]` (`positions` are not read: the state carries position)."""
         inputs, _ = self.project(x)
-        return self.finish(self.mix(x, inputs, isolated=isolated)[0], x)
+        return self.finish(self.mix(x, inputs, isolated=isolated, **segment_option(segment_ids))[0], x)
 
-    def prefill(self, x, *, max_len: int, lengths=None, isolated=None):
+    def prefill(self, x, *, max_len: int, lengths=None, isolated=None, segment_ids=None, positions=None):
         """As `LinearMixer.prefill`, with the candidates `isolated` `[B, T]` (they never enter the cache)."""
         inputs, conv = self.project(x)
         if lengths is not None:
             inputs = self.pad_as_identity(inputs, jnp.arange(x.shape[1])[None, :] < lengths[:, None])
-        o, state = self.mix(x, inputs, final=True, isolated=isolated)
+        o, state = self.mix(x, inputs, final=True, isolated=isolated, **segment_option(segment_ids))
         return self.finish(o, x), RecurrentCache(state, conv)
 
     def decode(self, x, cache: RecurrentCache, position, isolated=None):

@@ -15,8 +15,8 @@ A mixer is the sequence-mixing half of a block (attention, MLA, KDA, Mamba-2, ..
            @classmethod
            def flops_per_token(cls, cfg, d_model, context) -> int: ...
            def __init__(self, cfg, d_model, *, rngs): ...
-           def __call__(self, x): ...                       # [B, T, d_model] -> [B, T, d_model]
-           def prefill(self, x, *, max_len, lengths=None): ...  # -> (y, cache): same math as __call__
+           def __call__(self, x, *, segment_ids=None, positions=None): ...  # [B, T, d_model] -> [B, T, d_model]
+           def prefill(self, x, *, max_len, lengths=None, segment_ids=None, positions=None): ...  # (y, cache)
            def decode(self, x, cache, position): ...        # x [B, 1, d_model], position [B] -> (y, cache)
            def decode_limit(self, cache): ...                # optional: first position the cache can't hold
 
@@ -31,6 +31,11 @@ Contract:
 * `layer(x)` maps `[B, T, d_model]` to `[B, T, d_model]`, is causal (output t depends on inputs
   <= t only), computes in x.dtype, and creates every parameter with `logical_param` (axis names and
   a weight-decay role: "weight", "embedding" or "no_decay", see `hybrid_jax.nn.common`).
+* Packed documents: `layer(x, segment_ids=..., positions=...)` (`[B, T]` int32, `hybrid_jax.nn.segments`)
+  gives every document the output it gets alone (its op called with `segment_ids`, short convs and
+  windows kept inside a document, RoPE by `positions`); without them it computes exactly what it did
+  before. `prefill` with them keeps each row's last document for `decode`, as a prompt of that
+  document alone would.
 * `cache_bytes` is the decode cache / recurrent state one sequence needs at `context` tokens, in
   bytes for elements of `dtype_bytes` (KV cache for attention, latent cache for MLA, state plus
   conv history for linear mixers).
@@ -68,6 +73,10 @@ class Mixer(nnx.Module):
     """Base class of mixer layers; see the module docstring for the contract."""
 
     kind: ClassVar[str] = ""
+    # Config keys added with a default that changes what a config without them computed, mapped to
+    # the value that keeps the old behaviour: a saved run written before the key existed loads with
+    # it (`hybrid_jax.inference.load_run_config`), so it decodes as it trained.
+    LEGACY_DEFAULTS: ClassVar[dict] = {}
 
     @classmethod
     def default_config(cls) -> ConfigDict:

@@ -37,6 +37,7 @@ from hybrid_jax.nn.initializers import inverse_softplus
 from hybrid_jax.nn.layer_config import check_impl, check_ints, check_positive_numbers, expanded_dim
 from hybrid_jax.nn.linear_mixer import LinearMixer, at_step, zero_where_invalid
 from hybrid_jax.nn.registry import register_mixer
+from hybrid_jax.nn.segments import segment_option
 from hybrid_jax.ops import first_order
 from hybrid_jax.ops.rg_lru import C_DEFAULT, rg_lru, rg_lru_step
 
@@ -122,9 +123,9 @@ class GriffinRecurrent(LinearMixer):
         self.a_param = logical_param(lam, ("heads", "kv"), role=NO_DECAY)
         self.out_proj = Dense((heads, width), d_model, ("heads", "kv", "embed"), use_bias=True, rngs=rngs)
 
-    def project(self, x, conv_states=None, *, lengths=None):
+    def project(self, x, conv_states=None, *, lengths=None, segment_ids=None):
         """(u, i, r) of the RG-LRU, `[B, T, H, P]` (gates float32), and the conv history of u."""
-        (u,), conv = conv_projections((self.in_proj,), x, conv_states, lengths)
+        (u,), conv = conv_projections((self.in_proj,), x, conv_states, lengths, segment_ids)
         gate_x = jax.nn.sigmoid(self.input_gate(u).astype(jnp.float32))
         gate_a = jax.nn.sigmoid(self.a_gate(u).astype(jnp.float32))
         return (u, gate_x, gate_a), conv
@@ -135,9 +136,9 @@ class GriffinRecurrent(LinearMixer):
         u, gate_x, gate_a = inputs
         return zero_where_invalid(u, valid), gate_x, zero_where_invalid(gate_a, valid)
 
-    def mix(self, x, inputs, *, final=False, max_len=None, lengths=None):
+    def mix(self, x, inputs, *, final=False, max_len=None, lengths=None, segment_ids=None):
         return rg_lru(*inputs, self.a_param[...], c=self.c, output_final_state=final, impl=self.impl,
-                      chunk_size=self.chunk_size)
+                      chunk_size=self.chunk_size, **segment_option(segment_ids))
 
     def mix_step(self, x, inputs, state):
         y, state = rg_lru_step(*at_step(inputs), self.a_param[...], state, c=self.c)

@@ -36,6 +36,10 @@ to the selection blocks (l = l' = d = Bs); and the selected branch is the shared
 ranks blocks by the group's summed query against mean-pooled keys rather than by the compressed
 branch's attention probabilities. Its cache adds the window's ring buffer, the compressed tokens and
 the open block's sources (`NSACache`).
+
+Packed documents (`segment_ids`, `hybrid_jax.nn.segments`): every branch keeps documents apart, the
+blocks (selected and compressed) counting from each document's first token (`block_grid` of the op),
+and a packed prefill caches the last document, its blocks counted from its start as the op counts them.
 """
 
 from __future__ import annotations
@@ -55,9 +59,11 @@ from hybrid_jax.nn.kv_cache import KVCache, mean_attended_keys, prompt_ring_buff
 from hybrid_jax.nn.layer_config import check_heads, check_ints, check_optional_ints, heads_and_dim, impl_names
 from hybrid_jax.nn.registry import Mixer, register_mixer
 from hybrid_jax.nn.rope import apply_rope
+from hybrid_jax.nn.segments import prompt_tail, resolve_positions, segment_option, segment_positions
 from hybrid_jax.ops.attention import kv_cache_update, softmax_attention, softmax_attention_step
 from hybrid_jax.ops.sparse_attention import (
     SUPPORTED,
+    block_grid,
     block_keys_update,
     block_sparse_attention,
     block_sparse_attention_step,
@@ -160,20 +166,25 @@ class BlockSparseAttention(Mixer):
     def _options(self) -> dict:
         return dict(block_size=self.block_size, top_k=self.top_k)
 
-    def attend(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def attend(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The layer output `[B, T, d_model]` over a whole sequence, and its k, v."""
-        q, k, v = self._qkv(x, jnp.arange(x.shape[1]))
-        o = block_sparse_attention(q, k, v, impl=self.impl, **self._options())
+        q, k, v = self._qkv(x, resolve_positions(x.shape[1], segment_ids, positions))
+        o = block_sparse_attention(q, k, v, impl=self.impl, **self._options(), **segment_option(segment_ids))
         return self.o_proj(o), k, v
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.attend(x)[0]
+    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        return self.attend(x, segment_ids=segment_ids, positions=positions)[0]
 
-    def prefill(self, x: jax.Array, *, max_len: int, lengths: jax.Array | None = None):
-        """Output over the prompt x `[B, T, d_model]` and the cache for decoding up to `max_len` tokens."""
-        y, k, v = self.attend(x)
+    def prefill(self, x: jax.Array, *, max_len: int, lengths: jax.Array | None = None,
+                segment_ids: jax.Array | None = None, positions: jax.Array | None = None):
+        """Output over the prompt x `[B, T, d_model]` and the cache for decoding up to `max_len` tokens
+        (of the last document only, given `segment_ids`)."""
+        y, k, v = self.attend(x, segment_ids=segment_ids, positions=positions)
         slots = -(-max_len // self.block_size) * self.block_size
-        k_cache, v_cache = (prompt_ring_buffer(a, slots, lengths) for a in (k, v))
+        tail = None if segment_ids is None else prompt_tail(segment_ids, positions)
+        k_cache, v_cache = (prompt_ring_buffer(a, slots, lengths, tail) for a in (k, v))
         # The partly filled block pools a partial mean; it is pooled again when decoding completes it.
         return y, BlockSparseCache(k_cache, v_cache, pool_block_keys(k_cache, block_size=self.block_size))
 
@@ -265,39 +276,57 @@ class NativeSparseAttention(BlockSparseAttention):
             k_win = apply_rope(k_win, positions, theta=self.rope_theta)
         return (k_win, v_win), (k_src, v_src)
 
-    def _combine(self, x, q, o_slc, o_win, tokens, positions):
+    def _combine(self, x, q, o_slc, o_win, tokens, positions, documents=None):
         """y = W_o (g_cmp o_cmp + g_slc o_slc + g_win o_win), gates g = sigmoid(x W_g) per head."""
-        o_cmp = block_token_attention(q, *tokens, positions=positions, block_size=self.block_size)
+        o_cmp = block_token_attention(q, *tokens, positions=positions, block_size=self.block_size, **(documents or {}))
         gates = jax.nn.sigmoid(self.gate(x))[..., None]  # [B, T, H, 3, 1]
         o = gates[..., 0, :] * o_cmp + gates[..., 1, :] * o_slc + gates[..., 2, :] * o_win
         return self.o_proj(o)
 
-    def _forward(self, x):
+    def _forward(self, x, segment_ids=None, positions=None):
         b, t = x.shape[:2]
-        positions = jnp.arange(t)
+        positions = resolve_positions(t, segment_ids, positions)
         q, k, v = self._qkv(x, positions)
         (k_win, v_win), sources = self._branch_kv(x, positions)
-        o_slc = block_sparse_attention(q, k, v, impl=self.impl, **self._options())
-        o_win = softmax_attention(q, k_win, v_win, window=self.window)
-        blocks = [_blocks(a, self.block_size) for a in sources]
+        documents = segment_option(segment_ids)
+        o_slc = block_sparse_attention(q, k, v, impl=self.impl, **self._options(), **documents)
+        o_win = softmax_attention(q, k_win, v_win, window=self.window, **documents)
+        blocks = [self._compression_blocks(a, segment_ids) for a in sources]
         tokens = (self.compress_k(blocks[0]), self.compress_v(blocks[1]))
-        y = self._combine(x, q, o_slc, o_win, tokens, jnp.broadcast_to(positions, (b, t)))
+        # blocks count from each document's first token, whatever positions RoPE rotates by
+        block_positions = jnp.arange(t) if segment_ids is None else segment_positions(segment_ids)
+        y = self._combine(x, q, o_slc, o_win, tokens, jnp.broadcast_to(block_positions, (b, t)), documents)
         return y, (k, v), (k_win, v_win), sources
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self._forward(x)[0]
+    def _compression_blocks(self, source: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        """`[B, NB, Bs, HKV, Dh]`: the sources of each block; with segment ids the complete blocks of
+        each document from its first token, in the order `block_token_attention` numbers them."""
+        if segment_ids is None:
+            return _blocks(source, self.block_size)
+        b, t = source.shape[:2]
+        grid = block_grid(segment_ids, batch=b, time=t, block_size=self.block_size)
+        keys = grid.block_start[:, :, None] + jnp.arange(self.block_size)  # [B, NB, Bs]; unused slots: never read
+        return jnp.take_along_axis(source, jnp.minimum(keys, t - 1).reshape(b, -1)[:, :, None, None], axis=1
+                                   ).reshape(b, *keys.shape[1:], *source.shape[2:])
 
-    def prefill(self, x: jax.Array, *, max_len: int, lengths: jax.Array | None = None):
-        """Output over the prompt and the cache; tokens of blocks the prompt leaves open (or fills
-        with padding) are compressed again when decoding completes them."""
-        y, (k, v), window, sources = self._forward(x)
+    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        return self._forward(x, segment_ids, positions)[0]
+
+    def prefill(self, x: jax.Array, *, max_len: int, lengths: jax.Array | None = None,
+                segment_ids: jax.Array | None = None, positions: jax.Array | None = None):
+        """Output over the prompt and the cache (of its last document, given `segment_ids`); tokens of
+        blocks the prompt leaves open (or fills with padding) are compressed again when decoding
+        completes them."""
+        y, (k, v), window, sources = self._forward(x, segment_ids, positions)
         slots = -(-max_len // self.block_size) * self.block_size
-        k_cache, v_cache = (prompt_ring_buffer(a, slots, lengths) for a in (k, v))
+        tail = None if segment_ids is None else prompt_tail(segment_ids, positions)
+        k_cache, v_cache = (prompt_ring_buffer(a, slots, lengths, tail) for a in (k, v))
         sparse = BlockSparseCache(k_cache, v_cache, pool_block_keys(k_cache, block_size=self.block_size))
-        window = KVCache(*(prompt_ring_buffer(a, min(self.window, slots), lengths) for a in window))
-        blocks = [_blocks(prompt_ring_buffer(a, slots, lengths), self.block_size) for a in sources]
+        window = KVCache(*(prompt_ring_buffer(a, min(self.window, slots), lengths, tail) for a in window))
+        blocks = [_blocks(prompt_ring_buffer(a, slots, lengths, tail), self.block_size) for a in sources]
         tokens = KVCache(self.compress_k(blocks[0]), self.compress_v(blocks[1]))
-        open_block = KVCache(*(prompt_ring_buffer(a, self.block_size, lengths) for a in sources))
+        open_block = KVCache(*(prompt_ring_buffer(a, self.block_size, lengths, tail) for a in sources))
         return y, NSACache(sparse, window, tokens, open_block)
 
     def decode_limit(self, cache: NSACache) -> int:

@@ -12,8 +12,10 @@ The masked next-token loss (nats per counted token):
 `m` is the batch's optional "loss_mask" (float32 [B, T]; absent = all ones, the plain mean over
 B T tokens). It says which positions are scored: the answer positions of the synthetic recall tasks
 (`hybrid_jax.data.tasks`), and, for packed documents with padding, 0 on the padding. Accuracy
-(argmax == target) is counted over the same positions. Every key of a batch is sharded alike (rows
-over the `batch` mesh axes), so a mask travels with its inputs and targets.
+(argmax == target) is counted over the same positions. Packed batches (`data.packing = "documents"`,
+`hybrid_jax.data.packing`) also carry "segment_ids" and "positions" (int32 [B, T]), which the steps
+hand to the model (`model_inputs`). Every key of a batch is sharded alike (rows over the `batch`
+mesh axes), so masks, segment ids and positions travel with their inputs and targets.
 
 The model is split once into a static `graphdef` and a parameter tree (`nnx.split`); the steps are
 pure functions of `(TrainState, batch)` jitted with `jax.jit`, which is several times faster per
@@ -81,6 +83,12 @@ def _merge(graphdef: nnx.GraphDef, params: Params, buffers: Params | None):
 
 
 LOSS_MASK = "loss_mask"  # the optional batch key of the masked loss (module docstring)
+DOCUMENT_KEYS = ("segment_ids", "positions")  # optional batch keys of packed documents, passed to the model
+
+
+def model_inputs(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(tokens, the packed-document keywords of `HybridLM.forward` the batch carries)."""
+    return batch["inputs"], {key: batch[key] for key in DOCUMENT_KEYS if key in batch}
 
 
 def loss_weight(batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -114,7 +122,8 @@ def model_loss(graphdef: nnx.GraphDef, params: Params, buffers: Params | None, b
     `loss_weight` (a micro-batch passes its whole batch's, so the micro-batch losses add up).
     """
     model = _merge(graphdef, params, buffers)
-    logits, moe_stats = model.forward(batch["inputs"])
+    tokens, documents = model_inputs(batch)
+    logits, moe_stats = model.forward(tokens, **documents)
     weight = loss_weight(batch) if weight is None else weight
     loss = masked_token_sums(logits, batch)["nll"] / weight
     return loss + penalty_scale * _moe_penalty(model, moe_stats), (loss, moe_stats)
@@ -231,7 +240,8 @@ def make_eval_step(
     """
 
     def token_sums(params: Params, buffers: Params, batch: dict) -> dict[str, jax.Array]:
-        logits, _ = _merge(graphdef, params, buffers).forward(batch["inputs"])
+        tokens, documents = model_inputs(batch)
+        logits, _ = _merge(graphdef, params, buffers).forward(tokens, **documents)
         return masked_token_sums(logits, batch)
 
     evaluate = jax.jit(
@@ -242,5 +252,5 @@ def make_eval_step(
     return lambda params, batch, buffers=None: evaluate(params, buffers or {}, batch)
 
 
-__all__ = ["LOSS_MASK", "TrainState", "cross_entropy_loss", "loss_weight", "make_eval_step", "make_train_step",
-           "masked_token_sums", "model_loss", "moe_metrics"]
+__all__ = ["DOCUMENT_KEYS", "LOSS_MASK", "TrainState", "cross_entropy_loss", "loss_weight", "make_eval_step",
+           "make_train_step", "masked_token_sums", "model_inputs", "model_loss", "moe_metrics"]

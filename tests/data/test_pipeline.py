@@ -1,7 +1,8 @@
 """The grain pipeline: packing, splits, shuffling, resume, sharding, and the bits-per-byte stats.
 
 Most tests read a .npy corpus of ids 0, 1, ..., N-1 (GPT-2 vocabulary), so every token names its
-own position and every window is identified by its first id.
+own position and every window is identified by its first id. They test `data.packing = "stream"`;
+tests/data/test_packing.py tests the default, "documents".
 """
 import math
 
@@ -19,7 +20,7 @@ VAL_FRACTION = 0.1
 def arange_source(tmp_path_factory):
     path = tmp_path_factory.mktemp("npy") / "arange.npy"
     np.save(path, np.arange(NUM_TOKENS, dtype=np.int32))
-    return {"source": str(path), "tokenizer": "gpt2", "val_fraction": VAL_FRACTION}
+    return {"source": str(path), "tokenizer": "gpt2", "val_fraction": VAL_FRACTION, "packing": "stream"}
 
 
 def build(config, *, batch_size=4, seed=0, shard_index=0, shard_count=1, seq_len=SEQ_LEN):
@@ -142,9 +143,9 @@ def test_gpt2_shakespeare_bits_per_byte_is_per_byte():
 
 def test_default_config_is_byte_shakespeare_and_jax_picks_the_shard():
     config = data.default_data_config()
-    assert {key: config[key] for key in ("source", "tokenizer", "val_fraction")} == {
-        "source": "shakespeare", "tokenizer": "byte", "val_fraction": 0.05}
-    assert set(config) == {"source", "tokenizer", "val_fraction", "val_rows", *data.TASKS}  # + synthetic tasks
+    assert {key: config[key] for key in ("source", "tokenizer", "val_fraction", "packing")} == {
+        "source": "shakespeare", "tokenizer": "byte", "val_fraction": 0.05, "packing": "documents"}
+    assert set(config) == {"source", "tokenizer", "val_fraction", "packing", "val_rows", *data.TASKS}  # + tasks
     datasets = data.make_datasets(config, seq_len=32, batch_size=4, seed=0)
     text = datasets.tokenizer.decode(next(datasets.train_iter)["inputs"][0])
     assert len(text) == 32 and "#" not in text

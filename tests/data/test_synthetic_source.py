@@ -27,7 +27,11 @@ def test_rows_are_mqar_rows_of_their_own_seed():
     datasets = build(num_kv_pairs=4)
     assert datasets.tokenizer is None and datasets.stats.chance_accuracy == 1 / 32
     first, second = take(datasets.train_iter, 2)
-    assert set(first) == {"inputs", "targets", "loss_mask"} and first["loss_mask"].dtype == np.float32
+    assert set(first) == {"inputs", "targets", "loss_mask", "segment_ids", "positions"}
+    assert first["loss_mask"].dtype == np.float32
+    # packing = "documents" (the default): one instance per row, a single segment
+    np.testing.assert_array_equal(first["segment_ids"], 1)
+    np.testing.assert_array_equal(first["positions"], np.broadcast_to(np.arange(SEQ_LEN), (BATCH, SEQ_LEN)))
     np.testing.assert_array_equal(first["loss_mask"].sum(axis=1), 4)
     # Global row r of the training stream is the MQAR row of rng([seed, 0, r]); batch 1 holds rows 8..15.
     row_9 = mqar_batch(np.random.default_rng([0, 0, 9]), 1, SEQ_LEN, VOCAB, 4)

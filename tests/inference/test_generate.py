@@ -103,6 +103,24 @@ def test_cli_errors(workdir, tmp_path, capsys):
     assert "no checkpoint at step 7" in capsys.readouterr().err
 
 
+def test_a_kda_run_saved_before_the_safe_gate_keeps_the_softplus_gate(tmp_path):
+    """KDA's gate_lower_bound (default -5) did not exist in older runs, which trained the softplus gate."""
+    import json
+
+    from hybrid_jax.inference import load_run_config
+
+    config = load_config(os.path.join(ROOT, "experiments", "configs", "kimi_linear.py") + ":tiny")
+    saved = json.loads(config.to_json_best_effort())
+    for letter, bound in (("K", None), ("L", -3.0)):  # "L": a config that sets the key keeps it
+        saved["model"]["mixers"][letter] = dict(saved["model"]["mixers"]["K"], gate_lower_bound=bound)
+    del saved["model"]["mixers"]["K"]["gate_lower_bound"]
+    saved["model"]["pattern"] = "KLMM"
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    mixers = load_run_config(str(tmp_path)).model.mixers
+    assert mixers["K"].gate_lower_bound is None and mixers["L"].gate_lower_bound == -3.0
+    assert config.model.mixers["K"].gate_lower_bound == -5.0  # what a new run trains
+
+
 def test_a_run_saved_before_a_model_key_existed_still_loads(workdir, tmp_path):
     """config.json written before model.moe / model.moe_layers existed: those keys take their defaults."""
     import json

@@ -94,7 +94,8 @@ def test_log_linear_too_many_tokens_for_its_levels():
 
 @pytest.mark.parametrize("kind", ["mamba", "mamba2", "gated_deltanet", "kda"])
 def test_dt_and_decay_initialisation(kind):
-    layer = _layer(kind)
+    # KDA with the softplus gate; the safe gate's start: tests/nn/test_op_options.py
+    layer = _layer(kind, **({"gate_lower_bound": None} if kind == "kda" else {}))
     dt = jax.nn.softplus(layer.dt_bias[...])
     assert np.all((dt >= 1e-3 * (1 - 1e-5)) & (dt <= 0.1 * (1 + 1e-5))), "softplus(dt_bias) must start in [dt_min, dt_max]"
     rates = np.exp(np.asarray(layer.A_log[...]))
@@ -105,7 +106,7 @@ def test_dt_and_decay_initialisation(kind):
 
 
 def test_kda_gates():
-    layer = _layer("kda")
+    layer = _layer("kda", gate_lower_bound=None)  # the softplus gate (the safe gate: test_op_options.py)
     x = _normal(5, (B, T, D_MODEL))
     g, beta = layer.gates(x)
     assert g.shape == (B, T, 4, D_MODEL // 2) and beta.shape == (B, T, 4)

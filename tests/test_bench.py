@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from experiments.bench import mixers, report
+from experiments.bench import mixers, presets, report
 
 
 def test_main_writes_table_json_and_plot(tmp_path):
@@ -41,15 +41,48 @@ def test_budget_skips_and_bad_flags(tmp_path):
     for row in data["rows"]:
         for mode in ("fwd", "fwd_bwd"):
             assert row[mode]["status"] == "skipped" and "budget" in row[mode]["note"]
-    for argv in (["--mixers", "kdaa"], ["--impls", "bogus"], ["--softmax-impls", "scan"], ["--lengths", "12,x"]):
+    for argv in (["--mixers", "kdaa"], ["--impls", "bogus"], ["--softmax-impls", "scan"], ["--lengths", "12,x"],
+                 ["--extra-runs", "kda:reference"], ["--extra-runs", "kda:bogus:64"], ["--extra-runs", "nope:chunk:64"],
+                 ["--extra-runs", "kda:chunk:0"]):
         with pytest.raises(SystemExit):
             mixers.parse_args(argv)
+
+
+def test_issue14_preset_plan():
+    """The grid of every chunked mixer (kda_safe included) at T = 1K..16K, plus one reference run."""
+    args = mixers.parse_args(["--preset", "issue14"])
+    plan, _ = mixers.mixer_plan(args)
+    runs = [(spec.name, impl, tuple(lengths)) for spec, impl, lengths in plan]
+    grid = (1024, 2048, 4096, 8192, 16384)
+    assert ("kda_safe", "chunk", grid) in runs and ("kda_safe", "reference", (4096,)) in runs
+    assert runs[-1] == ("softmax", "chunk", grid)
+    assert (args.batch, args.heads, args.head_dim, args.dtype) == (1, 4, 64, "float32")
+    # an explicit flag still wins over the preset
+    assert mixers.parse_args(["--preset", "issue14", "--extra-runs", "gla:reference:64"]).extra_runs == [
+        ("gla", "reference", 64)]
 
 
 def _rows(times):
     """Rows shaped like the benchmark's from {(mixer, T): seconds}."""
     return [{"mixer": m, "impl": "chunk", "T": t, "fwd": {"status": "ok", "seconds": s, "peak_fraction": 0.5},
              "fwd_bwd": {"status": "skipped"}} for (m, t), s in times.items()]
+
+
+def test_issue14_preset_lines_on_known_rows():
+    ok = lambda seconds, fraction=None: {"status": "ok", "seconds": seconds, "peak_fraction": fraction}  # noqa: E731
+    rows = [{"mixer": "kda_safe", "impl": "reference", "T": 4096, "fwd": ok(1.0), "fwd_bwd": ok(3.0)},
+            {"mixer": "kda_safe", "impl": "chunk", "T": 4096, "fwd": ok(0.1), "fwd_bwd": ok(0.5)},
+            {"mixer": "kda_safe", "impl": "chunk", "T": 8192, "fwd": ok(0.2, 0.3), "fwd_bwd": ok(1.0)},
+            {"mixer": "kda", "impl": "chunk", "T": 8192, "fwd": ok(0.4, 0.1), "fwd_bwd": ok(2.0)}]
+    summary = [{"mixer": "kda_safe", "impl": "chunk", "exponent_fwd_bwd": 1.0},
+               {"mixer": "gla", "impl": "chunk", "exponent_fwd_bwd": 1.25},
+               {"mixer": "softmax", "impl": "chunk", "exponent_fwd_bwd": 2.0}]
+    speedup, safe_peak, kda_peak, exponents = presets.preset_lines("issue14", rows, summary)
+    assert "6.00x" in speedup and "NOT met" not in speedup and "met" in speedup
+    assert "30.0% of the matmul peak" in safe_peak and "NOT met" not in safe_peak
+    assert "10.0% of the matmul peak" in kda_peak and "NOT met" in kda_peak
+    assert "kda_safe 1.00, gla 1.25" in exponents and "NOT met by gla" in exponents and "softmax" not in exponents
+    assert presets.preset_lines(None, rows, summary) == []
 
 
 def test_exponent_and_crossover_on_known_curves():

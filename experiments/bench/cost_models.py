@@ -15,9 +15,12 @@ the chunked code computes them). With N = ceil(T / C) chunks of C positions and 
   K x V states, 3KV a combine, plus the writes KV and readout 2KV per token. Delta: matrix pairs,
   2K^3 + 2K^2 V + KV a combine, plus building M (3K^2), X (2KV) and the readout 2KV per token.
 * gated family, impl "chunk" (per chunk, mirroring `hybrid_jax.ops.gated`):
-      Aqk = 2C^2 K (+ 3CsK for the per-channel diagonal sub-blocks), outputs (Q Gam) S_0 = 2CKV and
+      Aqk = 2C^2 K (+ 3CsK for the per-channel diagonal sub-blocks; with the safe gate, whose diagonal
+      blocks are matmuls through a mid-sub-chunk reference, + (C/s) CK for the key factors of each
+      query sub-chunk and 2CK for the query factors instead), outputs (Q Gam) S_0 = 2CKV and
       Tril(Aqk) U = 2C^2 V, state write (K e^{G_C - G})^T U = 2CKV, carry 2KV;
-      delta adds Akk (as Aqk), the triangular solve C^3, W = 2C^2 K, Ubar = 2C^2 V, and W S_0 twice
+      delta adds Akk (as Aqk), the unit-lower inverse 2C(C^2 - 1)/3 (doubling rounds of
+      block matmuls, `pallas_kernels.intra_chunk.invert_unit_lower`), W = 2C^2 K, Ubar = 2C^2 V, and W S_0 twice
       (once in the carry scan, once for the outputs) = 4CKV.
 * ssd: the non-delta chunk/scan/reference count with a scalar decay, K = N, V = P, plus D x (TP).
 * selective_scan: per (t, channel, state) element, reference 8 (log decay, write, exp, update,
@@ -73,8 +76,10 @@ def gated_flops(
     delta: bool,
     decayed: bool,
     per_channel: bool,
+    safe_gate: bool = False,
 ) -> float:
-    """Forward FLOPs of the gated family (module docstring) for all batch rows and heads."""
+    """Forward FLOPs of the gated family (module docstring) for all batch rows and heads; `safe_gate`
+    (per channel only) counts the safe gate's in-chunk products."""
     k = v = d.head_dim
     t = d.time
     if impl == "reference":
@@ -87,10 +92,11 @@ def gated_flops(
             total = t * (2 * 3 * k * v + 3 * k * v)
     elif impl == "chunk":
         c, n, s = chunks(d, per_channel)
-        products = 2 * c * c * k + (3 * c * s * k if per_channel else 0)
+        decay_work = ((c // s) * c * k + 2 * c * k) if safe_gate else 3 * c * s * k
+        products = 2 * c * c * k + (decay_work if per_channel else 0)
         per_chunk = products + 2 * c * k * v + 2 * c * c * v + 2 * c * k * v + 2 * k * v
         if delta:
-            per_chunk += products + c**3 + 2 * c * c * k + 2 * c * c * v + 4 * c * k * v
+            per_chunk += products + 2 * c * (c * c - 1) / 3 + 2 * c * c * k + 2 * c * c * v + 4 * c * k * v
         total = n * per_chunk
     else:
         raise ValueError(f"gated_flops: no FLOP formula for impl={impl!r}")

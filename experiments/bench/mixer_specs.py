@@ -1,6 +1,9 @@
 r"""What the mixer benchmark runs: realistic inputs and the call of every op and impl, with the cost
 models of `experiments.bench.cost_models` (analytic FLOPs, memory guesses; their conventions are in
 that module's docstring).
+
+`kda_safe` is KDA with the safe gate, as the KDA layer runs it by default: g drawn in
+[SAFE_LOWER_BOUND, 0] and `kda(..., safe_gate=True, lower_bound=SAFE_LOWER_BOUND)`.
 """
 from __future__ import annotations
 
@@ -20,6 +23,9 @@ from hybrid_jax import ops
 from hybrid_jax.ops import attention, first_order, gated, ssm
 from hybrid_jax.ops.rg_lru import SUPPORTED as RG_LRU_IMPLS  # the package's `rg_lru` is the op
 from hybrid_jax.ops.sparse_attention import SUPPORTED as SPARSE_IMPLS
+from pallas_kernels.chunk_math import MIN_LOWER_BOUND
+
+SAFE_LOWER_BOUND = MIN_LOWER_BOUND  # kda_safe's bound: the KDA layer's default gate_lower_bound
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +56,12 @@ def _log_decay(key, shape, dtype):
     return (-jax.nn.softplus(jax.random.normal(key, shape, jnp.float32) - 4.0)).astype(dtype)
 
 
+def _safe_log_decay(key, shape, dtype):
+    # The safe gate's map, lower_bound * sigmoid(z - 5.5): within [lower_bound, 0], mean ~ -0.033 a step,
+    # close to `_log_decay`'s ~ -0.029 so that kda and kda_safe see similar decays.
+    return (SAFE_LOWER_BOUND * jax.nn.sigmoid(jax.random.normal(key, shape, jnp.float32) - 5.5)).astype(dtype)
+
+
 def _qkv(key, d: Dims, dtype, *, normalise=False):
     kq, kk, kv = jax.random.split(key, 3)
     shape = (d.batch, d.time, d.heads, d.head_dim)
@@ -77,10 +89,11 @@ def _inputs_delta(key, d, dtype):
     return _qkv(k1, d, dtype, normalise=True) + (_beta(k2, d, dtype),)
 
 
-def _inputs_gated_delta(key, d, dtype, *, per_channel):
+def _inputs_gated_delta(key, d, dtype, *, per_channel, safe_gate=False):
     k1, k2, k3 = jax.random.split(key, 3)
     gate_shape = (d.batch, d.time, d.heads) + ((d.head_dim,) if per_channel else ())
-    return _qkv(k1, d, dtype, normalise=True) + (_log_decay(k2, gate_shape, dtype), _beta(k3, d, dtype))
+    decay = _safe_log_decay if safe_gate else _log_decay
+    return _qkv(k1, d, dtype, normalise=True) + (decay(k2, gate_shape, dtype), _beta(k3, d, dtype))
 
 
 def _inputs_ssd(key, d, dtype):
@@ -132,13 +145,14 @@ def algorithm(impl: str) -> str:
     return _KERNEL_IMPLS.get(impl, impl)
 
 
-def _gated_spec(name, make_inputs, apply, *, delta, decayed, per_channel):
+def _gated_spec(name, make_inputs, apply, *, delta, decayed, per_channel, safe_gate=False):
     return MixerSpec(
         name=name,
         impls=_GATED_IMPLS,
         make_inputs=make_inputs,
         apply=apply,
-        flops=lambda d, impl: gated_flops(d, impl, delta=delta, decayed=decayed, per_channel=per_channel),
+        flops=lambda d, impl: gated_flops(d, impl, delta=delta, decayed=decayed, per_channel=per_channel,
+                                          safe_gate=safe_gate),
         estimate_bytes=lambda d, impl, backward: gated_bytes(d, impl, backward, delta=delta,
                                                               per_channel=per_channel),
     )
@@ -187,6 +201,17 @@ def _build_registry() -> dict[str, MixerSpec]:
             delta=True,
             decayed=True,
             per_channel=True,
+        ),
+        _gated_spec(
+            "kda_safe",
+            lambda key, d, dt: _inputs_gated_delta(key, d, dt, per_channel=True, safe_gate=True),
+            lambda impl, c, q, k, v, g, b: ops.kda(
+                q, k, v, g=g, beta=b, impl=impl, chunk_size=c, safe_gate=True, lower_bound=SAFE_LOWER_BOUND
+            )[0],
+            delta=True,
+            decayed=True,
+            per_channel=True,
+            safe_gate=True,
         ),
         MixerSpec(
             name="ssd",

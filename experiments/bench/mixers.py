@@ -2,7 +2,7 @@
 
     python -m experiments.bench.mixers [--mixers kda,ssd,...] [--impls chunk,reference,...]
         [--lengths 512,2048,8192,32768] [--batch B --heads H --head-dim D] [--dtype float32|bfloat16]
-        [--repeats N] [--max-gb 8] [--out DIR] [--preset issue2|issue3]
+        [--repeats N] [--max-gb 8] [--extra-runs MIXER:IMPL:T,...] [--out DIR] [--preset issue2|issue3|issue14]
 
 For every mixer, impl and length it compiles the forward pass and the forward + backward pass (a VJP
 of the output against a random cotangent, gradients to every input) with `jax.jit(...).lower().compile()`
@@ -12,6 +12,8 @@ analytic FLOP count (formulas in `mixer_specs`) and the achieved FLOP/s as a fra
 large matmul timed in the same run, same device and dtype. Softmax attention runs as the quadratic
 baseline (impls `--softmax-impls`, default its O(T)-memory "chunk" flash form). A configuration whose
 estimated or compiled memory exceeds `--max-gb` is skipped with a note; failures are caught per row.
+`--extra-runs` adds single measurements outside the mixers x impls x lengths grid (e.g. a slow
+reference at one length); the presets (`experiments.bench.presets`) use it.
 
 Writes DIR/<stem>.md (tables), DIR/<stem>.json (everything) and DIR/<stem>.png (time vs T, log-log,
 with the fitted exponents), stem = "mixers" or "mixers_<preset>"; see experiments/bench/README.md.
@@ -32,11 +34,13 @@ import jax.numpy as jnp
 
 from experiments.bench import mixer_specs, report
 from experiments.bench.cost_models import BACKWARD_FLOP_FACTOR, Dims
+from experiments.bench.presets import PRESETS, preset_lines
 from hybrid_jax.ops._common import Impl
 
 DEFAULTS = {
-    "mixers": "linear_attention,gla,delta_rule,gated_delta_rule,kda,ssd,selective_scan,log_linear",
+    "mixers": "linear_attention,gla,delta_rule,gated_delta_rule,kda,kda_safe,ssd,selective_scan,log_linear",
     "impls": "chunk",
+    "extra_runs": "",
     "softmax_impls": "chunk",
     "lengths": "512,2048,8192,32768",
     "batch": 1,
@@ -48,19 +52,6 @@ DEFAULTS = {
     "chunk_size": 64,
     "matmul_size": 2048,
     "out": "experiments/bench/results",
-}
-PRESETS = {
-    # Issue 2: the chunked GLA / SSD against their token recurrences, forward + backward at T = 4096.
-    "issue2": {"mixers": "gla,ssd", "impls": "reference,chunk", "lengths": "4096"},
-    # Issue 3: KDA's three algorithms; chunk must scale linearly and beat the recurrence.
-    "issue3": {
-        "mixers": "kda",
-        "impls": "reference,scan,chunk",
-        "lengths": "1024,4096,16384",
-        "batch": 1,
-        "heads": 4,
-        "head_dim": 64,
-    },
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -82,6 +73,7 @@ def parse_args(argv=None):
     arg("--dtype", choices=sorted(DTYPES))
     arg("--repeats", type=int, help="timed runs per measurement (median reported)")
     arg("--max-gb", type=float, help="memory budget: larger configurations are skipped")
+    arg("--extra-runs", help="comma-separated MIXER:IMPL:T measurements beyond the grid, e.g. kda:reference:4096")
     arg("--chunk-size", type=int)
     arg("--matmul-size", type=int, help="n of the n^3 matmul that measures the peak")
     arg("--out", help="output directory")
@@ -118,6 +110,7 @@ def validate(parser, args):
         args.lengths = sorted({int(t) for t in _csv(args.lengths)})
     except ValueError:
         parser.error(f"--lengths must be comma-separated integers, got {args.lengths!r}")
+    args.extra_runs = [_extra_run(parser, item, known) for item in _csv(args.extra_runs)]
     for name in ("batch", "heads", "head_dim", "repeats", "chunk_size", "matmul_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -126,6 +119,20 @@ def validate(parser, args):
     if args.max_gb <= 0:
         parser.error(f"--max-gb must be > 0, got {args.max_gb}")
     return args
+
+
+def _extra_run(parser, item, known):
+    """`MIXER:IMPL:T` -> (mixer, impl, T), or a parser error naming what is wrong."""
+    parts = item.split(":")
+    if len(parts) != 3 or not parts[2].isdigit() or int(parts[2]) < 1:
+        parser.error(f"--extra-runs: {item!r} must be MIXER:IMPL:T with T a positive integer")
+    mixer, impl, t = parts[0], parts[1], int(parts[2])
+    if mixer not in known or mixer == "softmax":
+        parser.error(f"--extra-runs: unknown mixer {mixer!r}; valid choices are {sorted(known - {'softmax'})}")
+    impls = mixer_specs.REGISTRY[mixer].impls if mixer in mixer_specs.REGISTRY else None
+    if impls is not None and impl not in impls:
+        parser.error(f"--extra-runs: {mixer} has no impl {impl!r}; it has {list(impls)}")
+    return mixer, impl, t
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -219,76 +226,36 @@ def measure(spec, impl, dims, dtype, args, peak):
     return row
 
 
+def _spec(name, notes):
+    """The MixerSpec of `name`, or None with a note when an optional mixer cannot run."""
+    if name not in mixer_specs.OPTIONAL:
+        return mixer_specs.REGISTRY[name]
+    spec, why = mixer_specs.log_linear_spec()
+    if spec is None and why not in notes:
+        notes.append(why)
+    return spec
+
+
 def mixer_plan(args):
-    """[(spec, impls)] to run, softmax last; plus notes about mixers that cannot run."""
+    """[(spec, impl, lengths)] to run: the grid, then the extra runs, softmax last; plus notes about
+    mixers that cannot run."""
     plan, notes = [], []
     for name in args.mixers:
-        if name == "softmax":
+        spec = None if name == "softmax" else _spec(name, notes)
+        if spec is None:
             continue
-        if name in mixer_specs.OPTIONAL:
-            spec, why = mixer_specs.log_linear_spec()
-            if spec is None:
-                notes.append(why)
-                continue
-        else:
-            spec = mixer_specs.REGISTRY[name]
         impls = [i for i in args.impls if i in spec.impls]
         if not impls:
             notes.append(f"{name} skipped: it supports none of --impls {args.impls} (it has {list(spec.impls)})")
-            continue
-        plan.append((spec, impls))
-    plan.append((mixer_specs.REGISTRY["softmax"], args.softmax_impls))
+        plan += [(spec, impl, args.lengths) for impl in impls]
+    for name, impl, t in args.extra_runs:
+        spec = _spec(name, notes)
+        if spec is not None and impl not in spec.impls:
+            notes.append(f"{name}:{impl}:{t} skipped: {name} has no impl {impl!r} (it has {list(spec.impls)})")
+        elif spec is not None:
+            plan.append((spec, impl, [t]))
+    plan += [(mixer_specs.REGISTRY["softmax"], impl, args.lengths) for impl in args.softmax_impls]
     return plan, notes
-
-
-def preset_lines(args, rows):
-    """The figures an issue asks for, as sentences."""
-
-    def seconds(mixer, impl, t, mode="fwd_bwd"):
-        for r in rows:
-            if (r["mixer"], r["impl"], r["T"]) == (mixer, impl, t) and r[mode]["status"] == "ok":
-                return r[mode]["seconds"]
-        return None
-
-    lines = []
-    if args.preset == "issue2":
-        for mixer in ("gla", "ssd"):
-            for mode in report.MODES:
-                ref, chunk = seconds(mixer, "reference", 4096, mode), seconds(mixer, "chunk", 4096, mode)
-                if ref and chunk:
-                    lines.append(
-                        f"{mixer} {report.MODE_TITLES[mode]} at T=4096: speedup chunk / reference = "
-                        f"{ref / chunk:.2f}x ({chunk * 1e3:.1f} ms vs {ref * 1e3:.1f} ms)"
-                    )
-                else:
-                    lines.append(f"{mixer} {report.MODE_TITLES[mode]} at T=4096: not measured (see table)")
-    if args.preset == "issue3":
-        for mode in report.MODES:
-            short, long_ = seconds("kda", "chunk", 1024, mode), seconds("kda", "chunk", 16384, mode)
-            if short and long_:
-                lines.append(
-                    f"kda chunk {report.MODE_TITLES[mode]}: time(16384) / time(1024) = "
-                    f"{long_ / short:.1f} (16 is linear, 256 quadratic)"
-                )
-            ref, chunk = seconds("kda", "reference", 4096, mode), seconds("kda", "chunk", 4096, mode)
-            if ref and chunk:
-                lines.append(
-                    f"kda {report.MODE_TITLES[mode]} at T=4096: speedup chunk / reference = "
-                    f"{ref / chunk:.2f}x ({chunk * 1e3:.1f} ms vs {ref * 1e3:.1f} ms)"
-                )
-        skipped = [
-            f"T={r['T']} {m}"
-            for r in rows
-            if r["mixer"] == "kda" and r["impl"] == "scan"
-            for m in report.MODES
-            if r[m]["status"] != "ok"
-        ]
-        if skipped:
-            lines.append(
-                "kda scan not measured at " + ", ".join(skipped) + ": it materialises a K x K "
-                "transition per token (see the notes column)"
-            )
-    return lines
 
 
 def main(argv=None):
@@ -302,22 +269,24 @@ def main(argv=None):
     )
     plan, notes = mixer_plan(args)
     rows = []
-    for spec, impls in plan:
-        for impl in impls:
-            for t in args.lengths:
-                dims = Dims(args.batch, t, args.heads, args.head_dim, args.chunk_size)
-                row = measure(spec, impl, dims, dtype, args, peak)
-                rows.append(row)
-                status = {
-                    m: (f"{row[m]['seconds'] * 1e3:.2f} ms" if row[m]["status"] == "ok" else row[m]["status"])
-                    for m in report.MODES
-                }
-                print(
-                    f"  {spec.name:>18s} {impl:>9s} T={t:<6d} fwd {status['fwd']:>12s}  "
-                    f"fwd+bwd {status['fwd_bwd']:>12s}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+    total, start = sum(len(lengths) for _, _, lengths in plan), time.perf_counter()
+    for spec, impl, lengths in plan:
+        for t in lengths:
+            dims = Dims(args.batch, t, args.heads, args.head_dim, args.chunk_size)
+            row = measure(spec, impl, dims, dtype, args, peak)
+            rows.append(row)
+            status = {
+                m: (f"{row[m]['seconds'] * 1e3:.2f} ms" if row[m]["status"] == "ok" else row[m]["status"])
+                for m in report.MODES
+            }
+            elapsed = time.perf_counter() - start
+            print(
+                f"  [{len(rows)}/{total}, {elapsed:.0f} s] {spec.name:>18s} {impl:>9s} T={t:<6d} "
+                f"fwd {status['fwd']:>12s}  fwd+bwd {status['fwd_bwd']:>12s}",
+                file=sys.stderr,
+                flush=True,
+            )
+    summary = report.summarise(rows)
     result = {
         "config": {
             "preset": args.preset,
@@ -325,6 +294,7 @@ def main(argv=None):
             "impls": args.impls,
             "softmax_impls": args.softmax_impls,
             "lengths": args.lengths,
+            "extra_runs": [":".join(map(str, run)) for run in args.extra_runs],
             "batch": args.batch,
             "heads": args.heads,
             "head_dim": args.head_dim,
@@ -339,9 +309,9 @@ def main(argv=None):
         },
         "matmul_peak": peak,
         "rows": rows,
-        "summary": report.summarise(rows),
+        "summary": summary,
         "notes": notes,
-        "preset_lines": preset_lines(args, rows),
+        "preset_lines": preset_lines(args.preset, rows, summary),
     }
     text = report.markdown(result)
     print(text)

@@ -233,12 +233,23 @@ def delta_transform(a_kk, v, beta, k_decayed, precision: str = "highest"):
     return matmul(inverse, beta * k_decayed, precision), matmul(inverse, beta * v, precision)
 
 
+def chunk_values(terms: ChunkTerms, s: jax.Array, precision: str = "highest", *, u_bar=None) -> jax.Array:
+    """U = Ubar - W S_0 `[.., C, V]` (Ubar without the delta rule); `u_bar` overrides `terms.u_bar`."""
+    u_bar = terms.u_bar if u_bar is None else u_bar
+    return u_bar if terms.w is None else u_bar - matmul(terms.w, s, precision)
+
+
+def chunk_outputs(terms: ChunkTerms, s: jax.Array, u: jax.Array, precision: str = "highest") -> jax.Array:
+    """O = (Q Gam) S_0 + Tril(Aqk) U `[.., C, V]`."""
+    return matmul(terms.q_decayed, s, precision) + matmul(terms.attn, u, precision)
+
+
 def chunk_step(terms: ChunkTerms, s: jax.Array, precision: str = "highest"):
     """Chunks in pure JAX: (O `[.., C, V]`, S_C `[.., K, V]`) from S_0 `[.., K, V]`, any leading axes
     shared by the terms and S_0 (`[B, H, N]` for all chunks at once)."""
-    u = terms.u_bar if terms.w is None else terms.u_bar - matmul(terms.w, s, precision)
-    o = matmul(terms.q_decayed, s, precision) + matmul(terms.attn, u, precision)
-    return o, terms.chunk_decay[..., :, None] * s + matmul_t(terms.k_to_end, u, precision)
+    u = chunk_values(terms, s, precision)
+    state = terms.chunk_decay[..., :, None] * s + matmul_t(terms.k_to_end, u, precision)
+    return chunk_outputs(terms, s, u, precision), state
 
 
 # ----------------------------------------------------------------------------- the kernels' custom_vjp

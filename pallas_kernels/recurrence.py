@@ -28,7 +28,15 @@ import importlib
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.chunk_math import ChunkTerms, KernelConfig, chunk_terms, matmul, matmul_t
+from pallas_kernels.chunk_math import (
+    ChunkTerms,
+    KernelConfig,
+    chunk_outputs,
+    chunk_terms,
+    chunk_values,
+    matmul,
+    matmul_t,
+)
 
 BLOCK_BYTES = 4 << 20  # the target size of one block's terms (backend "xla"; tuned on CPU, see block_chunks)
 
@@ -107,7 +115,7 @@ def step_cotangents(terms: ChunkTerms, entering, leaving_grad, d_o, precision: s
         dW = -dU S_0^T,   dUbar = dU,   d(K exp(G_C - G)) = U dS_C^T,   dGam_C = sum_V dS_C * S_0
 
     (`d_u`: dU when the reverse pass has formed it)."""
-    u = terms.u_bar if terms.w is None else terms.u_bar - matmul(terms.w, entering, precision)
+    u = chunk_values(terms, entering, precision)
     if d_u is None:
         d_u = matmul_t(terms.attn, d_o, precision) + matmul(terms.k_to_end, leaving_grad, precision)
     t = lambda x: jnp.swapaxes(x, -1, -2)  # noqa: E731
@@ -159,7 +167,7 @@ def _xla_forward(config: KernelConfig, inputs, s0):
     def block(s, block_inputs):
         terms = _terms(config, block_inputs)
         entering, s, u = state_pass(terms, s, precision=config.precision, with_u=True)
-        o = matmul(terms.q_decayed, entering, config.precision) + matmul(terms.attn, u, config.precision)
+        o = chunk_outputs(terms, entering, u, config.precision)
         return s, (o, entering)
 
     blocks = tuple(_to_blocks(x, axis, per_block) for x in inputs)

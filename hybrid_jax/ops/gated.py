@@ -68,7 +68,7 @@ from hybrid_jax.ops._common import (
 from pallas_kernels import chunk_math, recurrence
 from pallas_kernels.chunk_math import ChunkTerms, KernelConfig, from_chunks, to_chunks
 
-__all__ = ["SUPPORTED", "ChunkTerms", "chunk_inputs", "chunk_outputs", "chunk_terms", "gated_op", "gated_step",
+__all__ = ["SUPPORTED", "ChunkTerms", "chunk_inputs", "chunk_terms", "gated_op", "gated_step",
            "head_resets", "per_head", "recurrence_chunk", "recurrence_reference", "recurrence_scan",
            "recurrence_step", "segment_inputs"]
 
@@ -165,13 +165,6 @@ def chunk_terms(q, k, v, g, beta, chunk_size, iso=None, resets=None, **options) 
     `resets` `[B, T, H]` bool those before which the state restarts (`chunk_math.document_runs`);
     `options`: safe_gate and precision of `chunk_math.chunk_terms`."""
     return chunk_math.chunk_terms(*chunk_inputs(q, k, v, g, beta, iso, resets, chunk_size), **options)
-
-
-def chunk_outputs(terms: ChunkTerms, entering, *, u_bar=None):
-    """O = (Q * Gam) S_0 + Tril(Aqk) U per chunk, `[B, H, N, C, V]` (`u_bar` overrides `terms.u_bar`)."""
-    u_bar = terms.u_bar if u_bar is None else u_bar
-    u = u_bar if terms.w is None else u_bar - terms.w @ entering
-    return terms.q_decayed @ entering + terms.attn @ u
 
 
 def chunk_inputs(q, k, v, g, beta, iso, resets, chunk):

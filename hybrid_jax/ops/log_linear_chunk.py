@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from hybrid_jax.ops import gated
 from hybrid_jax.ops.fenwick import carried_levels, fenwick_level, merge_down, one_hot
-from pallas_kernels.chunk_math import ChunkTerms, from_chunks, to_chunks
+from pallas_kernels.chunk_math import ChunkTerms, chunk_outputs, chunk_values, from_chunks, to_chunks
 from pallas_kernels.recurrence import state_pass
 
 
@@ -100,7 +100,8 @@ def _chunk_operators(q, k, v, g, beta, c, iso=None, **options) -> _ChunkOperator
         tm = terms.u_bar[..., vd:]
         terms = terms._replace(u_bar=terms.u_bar[..., :vd])
     transfer = terms.attn if tm is None else terms.attn @ tm
-    read = gated.chunk_outputs(terms, jnp.eye(kd), u_bar=jnp.zeros((c, kd)))  # the output of S = I
+    identity = jnp.eye(kd)  # the output of S = I with no in-chunk values: Q Gam - Tril(Aqk) W
+    read = chunk_outputs(terms, identity, chunk_values(terms, identity, u_bar=jnp.zeros((c, kd))))
     # Every chunk on its own (the chunk axis becomes a batch axis): through it from [I | 0] with [0 | Ubar].
     alone = jax.tree.map(lambda x: x[:, :, :, None], terms)
     if tm is None:
@@ -181,12 +182,10 @@ def log_linear_chunk(q, k, v, g, beta, lam, levels_in, position, iso=None, *, ch
     bool or None. Returns (o `[B, T, HV, V]`, levels). The backward saves only the inputs and
     recomputes the rest (`jax.checkpoint`): the chunk operators and the carried stack are O(T C + T K V)
     and would otherwise stay alive from the forward to the backward."""
-    options = {"chunk_size": chunk_size, "safe_gate": safe_gate, "precision": precision}
-    if isinstance(position, int):  # a static position fixes the layout: keep it out of the traced inputs
-        run = jax.checkpoint(lambda *a: _log_linear_chunk(*a[:7], position, a[7], **options))
-        return run(q, k, v, g, beta, lam, levels_in, iso)
-    return jax.checkpoint(functools.partial(_log_linear_chunk, **options))(
-        q, k, v, g, beta, lam, levels_in, position, iso)
+    run = functools.partial(_log_linear_chunk, chunk_size=chunk_size, safe_gate=safe_gate, precision=precision)
+    # A static position fixes the layout (no dynamic offset): keep it static under the checkpoint.
+    static = (7,) if isinstance(position, int) else ()
+    return jax.checkpoint(run, static_argnums=static)(q, k, v, g, beta, lam, levels_in, position, iso)
 
 
 def _log_linear_chunk(q, k, v, g, beta, lam, levels_in, position, iso, *, chunk_size, safe_gate, precision):

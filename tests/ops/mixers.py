@@ -120,9 +120,29 @@ SPECS = {
 }
 
 
-# Specs of op options that only some tests check (e.g. the safe gate): looked up by name like SPECS,
-# but not part of the families that tests iterating over SPECS cover.
-OPTION_SPECS: dict[str, MixerSpec] = {}
+SAFE_GATE_BOUND = -5.0
+
+
+def make_bounded(key, s, dtype, *, delta, at_bound):
+    """KDA (`delta`) or GLA inputs with per-channel gates in [SAFE_GATE_BOUND, 0): all at the bound (the
+    largest factors the safe gate's matmul form meets) or uniform."""
+    k1, k2 = jax.random.split(key)
+    args, kw = make_gated_delta(k1, s, dtype, per_channel=True) if delta else make_gla(k1, s, dtype)
+    shape = (s.batch, s.time, s.value_heads, s.key_dim)
+    gate = jnp.full(shape, SAFE_GATE_BOUND) if at_bound else SAFE_GATE_BOUND * jax.random.uniform(k2, shape)
+    kw["g"] = gate.astype(dtype)
+    return args, kw
+
+
+# Specs of op options that only some tests check (the safe gate): looked up by name like SPECS, but
+# not part of the families that tests iterating over SPECS cover.
+OPTION_SPECS = {
+    f"{name}_safe" + ("_at_bound" if at_bound else ""): MixerSpec(
+        f"{name}_safe" + ("_at_bound" if at_bound else ""),
+        functools.partial(op, safe_gate=True, lower_bound=SAFE_GATE_BOUND),
+        functools.partial(make_bounded, delta=delta, at_bound=at_bound), _kv_state)
+    for name, op, delta in (("kda", ops.kda, True), ("gla", ops.gla, False)) for at_bound in (True, False)
+}
 
 
 def spec(name: str) -> MixerSpec:

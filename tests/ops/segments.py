@@ -25,9 +25,32 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from tests.ops.mixers import assert_close
+
+# Fixed [2, 10] layouts every packed-op test file starts from. Row 0: documents of 4 tokens (one chunk /
+# key block of 4), 1 (starting on a block boundary) and 3, then padding; row 1: 1 and 7 tokens
+# (crossing two block boundaries), a padding gap, then the id before the gap again (a new document).
+LAYOUT = np.array([[1, 1, 1, 1, 2, 3, 3, 3, 0, 0],
+                   [1, 2, 2, 2, 2, 2, 2, 2, 0, 2]], np.int32)
+# Row 0 starts with padding: the initial state reaches no document; row 1 is one document.
+LEADING_PADDING = np.array([[0, 1, 1, 1, 1, 1, 2, 2, 2, 2], [1] * 10], np.int32)
+
+
+def packed_layouts(batch: int, time: int, max_examples: int, *examples):
+    """The decorators of a packed-layout test: `layout` drawn by `packed_segment_ids` (`max_examples`
+    of them, no deadline: each draw may compile) plus the fixed `examples`."""
+    def decorate(test):
+        for layout in reversed(examples):
+            test = example(layout=layout)(test)
+        return settings(max_examples=max_examples, deadline=None)(given(layout=packed_segment_ids(batch, time))(test))
+    return decorate
+
+
+def as_mask(flag):
+    """A 0/1 float input sliced by the harness (so it can take gradients) as the bool mask the ops take."""
+    return None if flag is None else flag > 0.5
 
 
 def document_spans(row) -> list[tuple[int, int]]:

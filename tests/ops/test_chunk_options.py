@@ -5,14 +5,14 @@ blocks as matmuls), the matmul precision, and the recomputing, blocked backward 
 Tolerances, per precision (relative to max|expected| + 1, `mixers.assert_close`; gradients 10x):
 * "highest" (and, on CPU, "high" / "default", which XLA:CPU computes in float32 anyway): 2e-5, the
   float32 rounding of the other tests.
-* "bfloat16" (operands rounded to 8 mantissa bits, float32 accumulation): 3e-2 on outputs and
-  states; the measured error here is ~5e-3, and the test also checks that it is not float32-exact.
+* "bfloat16" (operands rounded to 8 mantissa bits, float32 accumulation): 1e-2 on outputs and
+  states, a few bf16 roundings (2^-8 each); the measured error on the test's inputs is 2.3e-3, and
+  the test also checks that it is not float32-exact.
 """
 import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from hybrid_jax import ops
@@ -20,28 +20,9 @@ from hybrid_jax.ops import log_linear as ll
 from pallas_kernels import chunk_math, recurrence
 from pallas_kernels.chunk_math import KernelConfig
 from tests.ops import mixers
-from tests.ops.mixers import MixerSpec, Shape, assert_close, check_against_reference
+from tests.ops.mixers import Shape, assert_close, check_against_reference
 
-BOUND = -5.0
-
-
-def _make_bounded(key, s, dtype, *, delta, at_bound):
-    """Per-channel gates in [BOUND, 0): all at the bound (the largest factors the matmul form meets)
-    or uniform."""
-    k1, k2 = jax.random.split(key)
-    args, kw = (mixers.make_gated_delta(k1, s, dtype, per_channel=True) if delta
-                else mixers.make_gla(k1, s, dtype, per_channel=True))
-    shape = (s.batch, s.time, s.value_heads, s.key_dim)
-    kw["g"] = (jnp.full(shape, BOUND) if at_bound else BOUND * jax.random.uniform(k2, shape)).astype(dtype)
-    return args, kw
-
-
-for _name, _op, _delta in [("kda", ops.kda, True), ("gla", ops.gla, False)]:
-    for _at_bound in (True, False):
-        _key = f"{_name}_safe" + ("_at_bound" if _at_bound else "")
-        mixers.OPTION_SPECS[_key] = MixerSpec(_key, functools.partial(_op, safe_gate=True, lower_bound=BOUND),
-                                       functools.partial(_make_bounded, delta=_delta, at_bound=_at_bound),
-                                       mixers.SPECS[_name].state_shape)
+BOUND = mixers.SAFE_GATE_BOUND
 
 
 @pytest.mark.parametrize("name,shape", [
@@ -61,7 +42,7 @@ def test_safe_gate_long_chunks_at_the_bound():
 
 
 def test_safe_gate_clamps_below_the_bound_and_checks_its_promise():
-    (q, k, v), kw = _make_bounded(jax.random.PRNGKey(0), Shape(time=20), jnp.float32, delta=True, at_bound=False)
+    (q, k, v), kw = mixers.make_bounded(jax.random.PRNGKey(0), Shape(time=20), jnp.float32, delta=True, at_bound=False)
     below = kw["g"].at[:, 3].set(-9.0)
     clamped = jnp.maximum(below, BOUND)
     o = jax.jit(lambda g: ops.kda(q, k, v, g=g, beta=kw["beta"], safe_gate=True)[0])(below)
@@ -76,7 +57,7 @@ def test_safe_gate_clamps_below_the_bound_and_checks_its_promise():
 def test_safe_gate_log_linear_kda():
     """The log-linear chunk form over a KDA transition with every gate at the bound."""
     shape = Shape(batch=1, time=37, heads=1, value_heads=2)
-    (q, k, v), kw = _make_bounded(jax.random.PRNGKey(3), shape, jnp.float32, delta=True, at_bound=True)
+    (q, k, v), kw = mixers.make_bounded(jax.random.PRNGKey(3), shape, jnp.float32, delta=True, at_bound=True)
     levels = ll.num_levels(shape.time)
     lam = jax.random.normal(jax.random.PRNGKey(4), (1, shape.time, 2, levels))
 
@@ -104,8 +85,8 @@ def test_precision_choices():
         assert_close(o, o_ref, what=f"precision={precision}")
     o, s = run(q, k, v, **kw, precision="bfloat16")
     assert o.dtype == jnp.float32 and s.dtype == jnp.float32
-    assert_close(o, o_ref, 3e-2, what="bfloat16 output")
-    assert_close(s, s_ref, 3e-2, what="bfloat16 state")
+    assert_close(o, o_ref, 1e-2, what="bfloat16 output")
+    assert_close(s, s_ref, 1e-2, what="bfloat16 state")
     assert float(jnp.max(jnp.abs(o - o_ref))) > 1e-4, "bfloat16 operands should not be float32-exact"
     with pytest.raises(ValueError, match=r"kda: unknown precision='fp8'; valid choices are \['highest'"):
         ops.kda(q, k, v, **kw, precision="fp8")
@@ -150,12 +131,3 @@ def test_recomputing_blocked_backward_equals_autodiff(delta, isolated):
         for path, got in jax.tree.leaves_with_path(grads):
             want = functools.reduce(lambda x, key: x[key.idx], path, expected)
             assert_close(got, want, what=f"blocks={blocks} grad {jax.tree_util.keystr(path)}")
-
-
-def test_block_chunks_is_cache_sized():
-    """Long sequences run in several blocks of about BLOCK_BYTES, short ones in one."""
-    assert recurrence.block_chunks(2, 64, 64, 64, 4, per_channel=True) == 2
-    long_blocks = recurrence.block_chunks(256, 64, 64, 64, 4, per_channel=True)
-    assert 1 <= long_blocks < 256
-    floats = 2 * 64 * 64 + 7 * 64 * 64 + 64 * 64 * 64 // 16
-    assert long_blocks * 4 * floats * 4 <= recurrence.BLOCK_BYTES < (long_blocks + 1) * 4 * floats * 4

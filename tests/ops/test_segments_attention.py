@@ -12,21 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import example, given, settings
 
 from hybrid_jax import ops
 from hybrid_jax.ops.sparse_attention import block_grid, select_blocks
 from tests.ops.mixers import assert_close
-from tests.ops.segments import check_packed_equals_alone, document_spans, packed_segment_ids
+from tests.ops.segments import LAYOUT, check_packed_equals_alone, document_spans, packed_layouts
 
 B, T, H, HKV, D = 2, 10, 4, 2, 8
 BLOCK = 4  # the flash key block: documents end on it and inside it
 SPARSE_BLOCK, TOP_K = 3, 1  # documents of 7 tokens or more choose among their blocks
-# Row 0: documents of 4 (one key block), 1, 3 (across two key blocks) tokens, then padding;
-# row 1: 1 and 7 tokens (sparse blocks from token 1), a padding gap, then the id before the gap
-# again: a new document of 1 token.
-LAYOUT = np.array([[1, 1, 1, 1, 2, 3, 3, 3, 0, 0],
-                   [1, 2, 2, 2, 2, 2, 2, 2, 0, 2]], np.int32)
+# LAYOUT (tests/ops/segments.py): documents end on the key block of 4 and inside it; row 1 has
+# sparse blocks from token 1 and a 1-token document after the padding gap.
 ONE_DOCUMENT = np.ones((B, T), np.int32)
 
 
@@ -59,9 +55,7 @@ def sparse(impl):
     return fn
 
 
-@settings(max_examples=2, deadline=None)
-@given(layout=packed_segment_ids(B, T))
-@example(layout=LAYOUT)
+@packed_layouts(B, T, 2, LAYOUT)
 @pytest.mark.parametrize("causal, window, isolated", [(True, 3, True), (False, None, False)])
 def test_softmax_attention_packed_equals_documents_alone(layout, causal, window, isolated):
     impls = {f"softmax_attention/{impl}": attention(impl, causal, window, isolated)
@@ -73,9 +67,7 @@ def test_softmax_attention_packed_equals_documents_alone(layout, causal, window,
         np.testing.assert_array_equal(out[layout == 0], 0.0)  # padding queries attend nothing
 
 
-@settings(max_examples=2, deadline=None)
-@given(layout=packed_segment_ids(B, T))
-@example(layout=LAYOUT)
+@packed_layouts(B, T, 2, LAYOUT)
 def test_block_sparse_attention_packed_equals_documents_alone(layout):
     impls = {f"block_sparse_attention/{impl}": sparse(impl) for impl in ("reference", "chunk")}
     for out in check_packed_equals_alone(impls, sparse("reference"), qkv(1), (), layout, zero_fill=True).values():
@@ -113,9 +105,7 @@ def _block_tokens_program():
     return jax.jit(run)
 
 
-@settings(max_examples=3, deadline=None)
-@given(layout=packed_segment_ids(B, T))
-@example(layout=LAYOUT)
+@packed_layouts(B, T, 3, LAYOUT)
 def test_block_token_attention_packed_equals_documents_alone(layout):
     """Token c of a packed row is block c of `block_grid` (each document's complete blocks in row
     order); alone, a document's tokens come first in a table of the same size, noise after them."""

@@ -13,28 +13,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import example, given, settings
 
 from hybrid_jax import ops
-from tests.ops.segments import check_packed_equals_alone, packed_segment_ids
+from tests.ops.segments import LAYOUT, LEADING_PADDING, as_mask, check_packed_equals_alone, packed_layouts
 
 B, T, C, N = 2, 10, 3, 2  # C channels (selective_scan: D = C), N = selective_scan's state size
 CHUNK = 4
 IMPLS = ("reference", "scan", "chunk")
-# Row 0: documents of 4 (one chunk), 1 (starting on a chunk boundary) and 3 tokens, then padding;
-# row 1: 1 and 7 tokens, a padding gap, then the id before the gap again (a new document).
-LAYOUT = np.array([[1, 1, 1, 1, 2, 3, 3, 3, 0, 0],
-                   [1, 2, 2, 2, 2, 2, 2, 2, 0, 2]], np.int32)
-# Row 0 starts with padding: the initial state reaches no document; row 1 is one document.
-LEADING_PADDING = np.array([[0, 1, 1, 1, 1, 1, 2, 2, 2, 2], [1] * T], np.int32)
 
 
 def _isolated(rng):
     return (rng.random((B, T)) < 0.3).astype(np.float32)  # 0/1 floats: the harness slices inputs
 
-
-def _iso(flag):
-    return None if flag is None else flag > 0.5
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,7 +41,7 @@ def linear(impl):
 def rg_lru(impl):
     def fn(per_token, shared, h0, segment_ids):
         *inputs, isolated = per_token
-        return ops.rg_lru(*inputs, *shared, initial_state=h0, output_final_state=True, isolated=_iso(isolated),
+        return ops.rg_lru(*inputs, *shared, initial_state=h0, output_final_state=True, isolated=as_mask(isolated),
                           segment_ids=segment_ids, impl=impl, chunk_size=CHUNK)
 
     return fn
@@ -63,7 +53,7 @@ def selective(impl):
         u, dt, b, c, isolated = per_token
         a, d = shared
         return ops.selective_scan(u, dt, a, b, c, D=d, initial_state=h0, output_final_state=True,
-                                  isolated=_iso(isolated), segment_ids=segment_ids, impl=impl, chunk_size=CHUNK)
+                                  isolated=as_mask(isolated), segment_ids=segment_ids, impl=impl, chunk_size=CHUNK)
 
     return fn
 
@@ -76,20 +66,14 @@ def _check(make_fn, per_token, shared, initial_state, layout):
                               initial_state=initial_state, zero_fill=True)
 
 
-@settings(max_examples=3, deadline=None)
-@given(layout=packed_segment_ids(B, T))
-@example(layout=LAYOUT)
-@example(layout=LEADING_PADDING)
+@packed_layouts(B, T, 3, LAYOUT, LEADING_PADDING)
 def test_linear_recurrence_packed_equals_documents_alone(layout):
     rng = np.random.default_rng(0)
     log_a = -np.logaddexp(0.0, rng.standard_normal((B, T, C)))  # -softplus: decays in (0, 1)
     _check(linear, (log_a, rng.standard_normal((B, T, C))), (), rng.standard_normal((B, C)), layout)
 
 
-@settings(max_examples=3, deadline=None)
-@given(layout=packed_segment_ids(B, T))
-@example(layout=LAYOUT)
-@example(layout=LEADING_PADDING)
+@packed_layouts(B, T, 3, LAYOUT, LEADING_PADDING)
 def test_rg_lru_packed_equals_documents_alone_with_isolated_tokens(layout):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((B, T, C))
@@ -98,10 +82,7 @@ def test_rg_lru_packed_equals_documents_alone_with_isolated_tokens(layout):
     _check(rg_lru, (x, gate_x, gate_a, _isolated(rng)), shared, rng.standard_normal((B, C)), layout)
 
 
-@settings(max_examples=3, deadline=None)
-@given(layout=packed_segment_ids(B, T))
-@example(layout=LAYOUT)
-@example(layout=LEADING_PADDING)
+@packed_layouts(B, T, 3, LAYOUT, LEADING_PADDING)
 def test_selective_scan_packed_equals_documents_alone_with_isolated_tokens(layout):
     rng = np.random.default_rng(2)
     u, b, c = rng.standard_normal((B, T, C)), rng.standard_normal((B, T, N)), rng.standard_normal((B, T, N))

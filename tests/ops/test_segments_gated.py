@@ -13,24 +13,14 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import example, given, settings
 
 from hybrid_jax import ops
-from tests.ops.segments import check_packed_equals_alone, packed_segment_ids
+from tests.ops.segments import LAYOUT, LEADING_PADDING, as_mask, check_packed_equals_alone, packed_layouts
 
 B, T, H, HV, K, V = 2, 10, 1, 2, 4, 3
 CHUNK = 4
 IMPLS = ("reference", "scan", "chunk")
-# Row 0: documents of 4 (one chunk), 1 (starting on a chunk boundary) and 3 tokens, then padding;
-# row 1: 1 and 7 tokens (crossing two chunk boundaries), a padding gap, then the id before it again.
-LAYOUT = np.array([[1, 1, 1, 1, 2, 3, 3, 3, 0, 0],
-                   [1, 2, 2, 2, 2, 2, 2, 2, 0, 2]], np.int32)
-# Row 0 starts with padding: the initial state reaches no document; row 1 is one document.
-LEADING_PADDING = np.array([[0, 1, 1, 1, 1, 1, 2, 2, 2, 2], [1] * T], np.int32)
 
-
-def _iso(flag):
-    return None if flag is None else flag > 0.5
 
 
 def _qkv_options(name, per_token):
@@ -40,7 +30,7 @@ def _qkv_options(name, per_token):
             "gated_delta_rule": ("g", "beta"), "kda": ("g", "beta", "isolated")}[name]
     options = dict(zip(keys, extra))
     if "isolated" in options:
-        options["isolated"] = _iso(options["isolated"])
+        options["isolated"] = as_mask(options["isolated"])
     return (q, k, v), options
 
 
@@ -60,7 +50,7 @@ def ssd_fn(impl):
     def fn(per_token, shared, state, segment_ids):
         x, dt, b, c, isolated = per_token
         a, d = shared
-        return ops.ssd(x, dt, a, b, c, D=d, initial_state=state, output_final_state=True, isolated=_iso(isolated),
+        return ops.ssd(x, dt, a, b, c, D=d, initial_state=state, output_final_state=True, isolated=as_mask(isolated),
                        segment_ids=segment_ids, impl=impl, chunk_size=CHUNK)
 
     fn.__name__ = f"ssd/{impl}"
@@ -93,20 +83,14 @@ def _check(fns, alone, per_token, shared, state, layout):
 @pytest.mark.parametrize("name, impls", [("linear_attention", ("chunk",)), ("gla", IMPLS),
                                          ("delta_rule", ("chunk",)), ("gated_delta_rule", ("chunk",)),
                                          ("kda", IMPLS)])
-@settings(max_examples=2, deadline=None)
-@given(layout=packed_segment_ids(B, T))
-@example(layout=LAYOUT)
-@example(layout=LEADING_PADDING)
+@packed_layouts(B, T, 2, LAYOUT, LEADING_PADDING)
 def test_gated_family_packed_equals_documents_alone(name, impls, layout):
     rng = np.random.default_rng(len(name))
     fns = [gated_fn(name, impl) for impl in impls]
     _check(fns, gated_fn(name, "reference"), _inputs(name, rng), (), rng.standard_normal((B, HV, K, V)), layout)
 
 
-@settings(max_examples=2, deadline=None)
-@given(layout=packed_segment_ids(B, T))
-@example(layout=LAYOUT)
-@example(layout=LEADING_PADDING)
+@packed_layouts(B, T, 2, LAYOUT, LEADING_PADDING)
 def test_ssd_packed_equals_documents_alone_with_isolated_tokens(layout):
     rng = np.random.default_rng(7)
     n, p = K, V

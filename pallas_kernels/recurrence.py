@@ -223,6 +223,47 @@ def _kernel_backward(config: KernelConfig, inputs, s0, d_o, d_final):
     return terms_vjp(step_cotangents(terms, entering, leaving_grad, d_o, config.precision))[0], d_s0
 
 
+def shard_summary(config: KernelConfig, inputs, s0, identity):
+    """(the state leaving the last chunk from `s0`, the chunks' transition) of `chunked_recurrence`'s
+    inputs: what context parallelism passes between shards (`hybrid_jax.ops.context`). The
+    transition is the product of the chunks' own, Diag(Gam_C) `[.., K or 1]` without the delta rule
+    and Diag(Gam_C) - (K exp(G_C - G))^T W `[.., K, K]` with it (the state pass of the identity with
+    Ubar = 0); zero from a chunk with a document start on. Blocked like the forward, each block
+    recomputed in the backward (`jax.checkpoint`), so autodiff keeps only the carries. `identity`:
+    the transition to start from, ones `[.., K or 1]` or the identity `[.., K, K]` with the delta rule
+    (`identity_transition`; the caller builds it, with s0, as its shard_map axes require)."""
+    axis = s0.ndim - 2
+    n = inputs[0].shape[axis]
+    per_block = config.block_chunks or n
+    delta = identity.ndim == s0.ndim
+    k_dim = inputs[1].shape[-1]
+    transition = identity
+
+    @jax.checkpoint
+    def block(carry, block_inputs):
+        s, transition = carry
+        terms = _terms(config, block_inputs)
+        _, s = state_pass(terms, s, precision=config.precision)
+        if delta:
+            _, transition = state_pass(terms, transition, u_bar=jnp.zeros(terms.u_bar.shape[:-1] + (k_dim,),
+                                                                          s.dtype), precision=config.precision)
+        else:
+            transition = transition * jnp.prod(terms.chunk_decay, axis=axis)
+        return (s, transition), None
+
+    blocks = tuple(_to_blocks(x, axis, per_block) for x in inputs)
+    (final, transition), _ = jax.lax.scan(block, (s0, transition), blocks)
+    return final, transition
+
+
+def identity_transition(inputs, s0):
+    """The identity transition of `shard_summary` for chunked inputs and a state like s0."""
+    if len(inputs) > 4 and inputs[4] is not None:  # beta: the delta rule
+        k_dim = inputs[1].shape[-1]
+        return jnp.broadcast_to(jnp.eye(k_dim, dtype=s0.dtype), s0.shape[:-1] + (k_dim,))
+    return jnp.ones(s0.shape[:-2] + (inputs[3].shape[-1],), s0.dtype)
+
+
 # ----------------------------------------------------------------------------- the custom_vjp
 
 

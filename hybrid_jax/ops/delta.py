@@ -24,6 +24,8 @@ at each document's first token and padding tokens are identity steps (docs/conve
 "bfloat16", None for the platform default). `kda(safe_gate=True)`: a promise that every g >=
 `lower_bound` (in [-5, 0); g is clamped there), which turns the in-chunk diagonal blocks into matmuls
 (flash-linear-attention's safe-gate KDA; the layer's bounded gate keeps the promise).
+`context_axis`: context parallelism, the time axis split over this manual mesh axis inside
+`jax.shard_map` (`hybrid_jax.ops.context`; impl "chunk").
 """
 from __future__ import annotations
 
@@ -31,30 +33,31 @@ from hybrid_jax.ops import gated
 
 
 def delta_rule(q, k, v, *, beta, scale=None, initial_state=None, output_final_state=False,
-               isolated=None, segment_ids=None, impl="chunk", chunk_size=64, precision=None):
+               isolated=None, segment_ids=None, impl="chunk", chunk_size=64, precision=None, context_axis=None):
     """DeltaNet: the delta rule without decay."""
     return gated.gated_op("delta_rule", q, k, v, g=None, beta=beta, scale=scale,
                           initial_state=initial_state, output_final_state=output_final_state,
                           impl=impl, chunk_size=chunk_size, isolated=isolated, segment_ids=segment_ids,
-                          precision=precision)
+                          precision=precision, context_axis=context_axis)
 
 
 def gated_delta_rule(q, k, v, *, g, beta, scale=None, initial_state=None, output_final_state=False,
-                     isolated=None, segment_ids=None, impl="chunk", chunk_size=64, precision=None):
+                     isolated=None, segment_ids=None, impl="chunk", chunk_size=64, precision=None, context_axis=None):
     """Gated DeltaNet: one scalar log decay per head and token, g `[B, T, HV]`."""
     return gated.gated_op("gated_delta_rule", q, k, v, g=g, per_channel=False, beta=beta, scale=scale,
                           initial_state=initial_state, output_final_state=output_final_state,
                           impl=impl, chunk_size=chunk_size, isolated=isolated, segment_ids=segment_ids,
-                          precision=precision)
+                          precision=precision, context_axis=context_axis)
 
 
 def kda(q, k, v, *, g, beta, scale=None, initial_state=None, output_final_state=False, isolated=None,
-        segment_ids=None, impl="chunk", chunk_size=64, safe_gate=False, lower_bound=-5.0, precision=None):
+        segment_ids=None, impl="chunk", chunk_size=64, safe_gate=False, lower_bound=-5.0, precision=None,
+        context_axis=None):
     """Kimi Delta Attention: channel-wise log decay g `[B, T, HV, K]`."""
     return gated.gated_op("kda", q, k, v, g=g, per_channel=True, beta=beta, scale=scale,
                           initial_state=initial_state, output_final_state=output_final_state,
                           impl=impl, chunk_size=chunk_size, isolated=isolated, segment_ids=segment_ids,
-                          safe_gate=safe_gate, lower_bound=lower_bound, precision=precision)
+                          safe_gate=safe_gate, lower_bound=lower_bound, precision=precision, context_axis=context_axis)
 
 
 def delta_rule_step(q_t, k_t, v_t, state, *, beta_t, scale=None, isolated_t=None):

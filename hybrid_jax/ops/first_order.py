@@ -31,7 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from hybrid_jax.ops import segments
+from hybrid_jax.ops import context, segments
 from hybrid_jax.ops._common import (
     Impl,
     check_chunk_size,
@@ -89,7 +89,7 @@ def linear_recurrence_chunk(a, b, h0, *, log_a=False, chunk_size=64):
     a = a.reshape(batch, n, c, *a.shape[2:])
     b = b.reshape(batch, n, c, *b.shape[2:])
 
-    zeros = jnp.zeros((batch, n) + b.shape[3:], jnp.float32)
+    zeros = jnp.zeros_like(b[:, :, 0])  # typed like b (per shard under context parallelism)
     # Time-within-chunk becomes the scanned axis; the chunk axis rides along as a batch axis.
     local, _ = linear_recurrence_reference(
         jnp.moveaxis(a, 2, 1), jnp.moveaxis(b, 2, 1), zeros, log_a=log_a
@@ -120,10 +120,11 @@ def _trailing(mask, like):
     return mask.reshape(mask.shape + (1,) * (like.ndim - mask.ndim))
 
 
-def segment_steps(a, b, segment_ids, *, log_a=False):
-    """(a, b) for packed documents `segment_ids` `[B, T]`: a = 0 (log a = -inf) where a document starts
-    after token 0, the identity step a = 1 (log a = 0), b = 0 at padding (id 0)."""
-    reset, padding = _trailing(segments.reset_mask(segment_ids), a), _trailing(segment_ids == 0, a)
+def segment_steps(a, b, segment_ids, resets, *, log_a=False):
+    """(a, b) for packed documents `segment_ids` `[B, T]`: a = 0 (log a = -inf) at `resets` `[B, T]`
+    (the document starts after token 0, `segments.reset_mask`), the identity step a = 1 (log a = 0),
+    b = 0 at padding (id 0)."""
+    reset, padding = _trailing(resets, a), _trailing(segment_ids == 0, a)
     a = jnp.where(reset, -jnp.inf if log_a else 0.0, a)
     return jnp.where(padding, 0.0 if log_a else 1.0, a), jnp.where(padding, 0.0, b)
 
@@ -144,7 +145,7 @@ def read_isolated(hs, a, b, h0, isolated, *, log_a=False):
 
 
 def linear_recurrence(a, b, *, initial_state=None, log_a=False, isolated=None, segment_ids=None, impl="chunk",
-                      chunk_size=64):
+                      chunk_size=64, context_axis=None):
     """h_t = a_t * h_{t-1} + b_t over axis 1; returns (h `[B, T, ...]` float32, h_{T-1} `[B, ...]`).
 
     `isolated` (bool, `[B, T]` or any leading part of a's shape from `[B, T]`): those steps read and
@@ -152,7 +153,10 @@ def linear_recurrence(a, b, *, initial_state=None, log_a=False, isolated=None, s
     (and to the final state). Every impl runs the recurrence with identity steps there (a = 1, b = 0)
     and then forms the isolated reads from the carried states (`read_isolated`).
     `segment_ids` (int, `[B, T]`): packed documents; h restarts at each document's first token after
-    token 0 and padding steps pass h on unchanged (`segment_steps`; h at padding is that carried h)."""
+    token 0 and padding steps pass h on unchanged (`segment_steps`; h at padding is that carried h).
+    `context_axis`: context parallelism (inside `jax.shard_map`, T this shard's slice, any impl): the
+    shard runs from zero, `context.entering_states` folds the shards' (prod a, final) pairs into the
+    state h_in entering it, and h_t += (a_1 ... a_t) h_in; the final state is the whole row's."""
     op = "linear_recurrence"
     choice = resolve_impl(impl, op, SUPPORTED)
     if a.shape != b.shape:
@@ -172,9 +176,14 @@ def linear_recurrence(a, b, *, initial_state=None, log_a=False, isolated=None, s
     carried = (a, b) if isolated is None else isolate_steps(a, b, isolated, log_a=log_a)
     if segment_ids is not None:
         # Isolate first: an isolated document start must still pass the reset state (a = 0, b = 0) on.
-        a, b = segment_steps(a, b, segment_ids, log_a=log_a)
-        carried = segment_steps(*carried, segment_ids, log_a=log_a)
-    hs, final = _run(choice, *carried, h0, log_a, chunk_size)
+        resets = segments.reset_mask(segment_ids) if context_axis is None else context.shard_resets(
+            segment_ids, context_axis)
+        a, b = segment_steps(a, b, segment_ids, resets, log_a=log_a)
+        carried = segment_steps(*carried, segment_ids, resets, log_a=log_a)
+    if context_axis is None:
+        hs, final = _run(choice, *carried, h0, log_a, chunk_size)
+    else:
+        hs, final, h0 = _run_context_parallel(choice, *carried, h0, log_a, chunk_size, context_axis)
     if isolated is None:
         return hs, final
     return read_isolated(hs, a, b, h0, isolated, log_a=log_a), final
@@ -187,6 +196,17 @@ def _initial_state(initial_state, state_shape):
         raise ValueError(f"linear_recurrence: initial_state must have shape [B, ...] = {state_shape}, "
                          f"got {tuple(initial_state.shape)}")
     return to_f32(initial_state)
+
+
+def _run_context_parallel(choice, a, b, h0, log_a, chunk_size, axis):
+    """(h, the row's final state, the state entering this shard) for this shard's steps."""
+    hs, local_final = _run(choice, a, b, context.varying(jnp.zeros_like(h0), axis), log_a, chunk_size)
+    decay_from_start = jnp.exp(jnp.cumsum(a, axis=1)) if log_a else jnp.cumprod(a, axis=1)
+    # A trailing axis of 1 makes the elementwise states the [.., K, V] of `entering_states` with a
+    # diagonal transition.
+    entering, final = context.entering_states(decay_from_start[:, -1], local_final[..., None], h0[..., None], axis)
+    entering = entering[..., 0]
+    return hs + decay_from_start * entering[:, None], final[..., 0], entering
 
 
 def _run(choice, a, b, h0, log_a, chunk_size):

@@ -53,7 +53,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from hybrid_jax.ops import first_order, segments
+from hybrid_jax.ops import context, first_order, segments
 from hybrid_jax.ops._common import (
     Impl,
     check_chunk_size,
@@ -179,20 +179,35 @@ def chunk_inputs(q, k, v, g, beta, iso, resets, chunk):
 
 
 def recurrence_chunk(q, k, v, g, beta, state, iso=None, segment_ids=None, *, chunk_size, safe_gate=False,
-                     precision="highest"):
+                     precision="highest", context_axis=None):
     """The chunked form (see the module docstring) behind `recurrence.chunked_recurrence`: a recomputing
     backward, and both passes blocked over cache-sized groups of chunks. Returns (o `[B,T,H,V]`, final
-    state)."""
+    state).
+
+    With `context_axis` (inside `jax.shard_map`, T this shard's slice): the shard's terms give its
+    final state from zero and its transition (`recurrence.shard_summary`), `context.entering_states`
+    folds those of the shards before it into the state entering it, and the chunked form runs from
+    that state; the final state returned is the whole row's."""
     t, k_dim, v_dim = q.shape[1], k.shape[-1], v.shape[-1]
     per_channel = g is not None and g.shape[-1] != 1
     chunk = chunk_math.chunk_length(t, chunk_size, per_channel=per_channel)
     if g is None:
         g = jnp.zeros(k.shape[:-1] + (1,), k.dtype)
-    inputs = chunk_inputs(q, k, v, g, beta, iso, head_resets(segment_ids, v.shape[2]), chunk)
+        if context_axis is not None:  # typed per shard like the other inputs, as the custom VJP requires
+            g = context.varying(g, context_axis)
+    resets = head_resets(segment_ids, v.shape[2], context_axis)
+    inputs = chunk_inputs(q, k, v, g, beta, iso, resets, chunk)
     n_chunks, lead = inputs[0].shape[2], q.shape[0] * q.shape[2]
     block = recurrence.block_chunks(n_chunks, chunk, k_dim, v_dim, lead, per_channel)
     config = KernelConfig(chunk, "xla", False, 0, safe_gate, precision, block)
-    o, final = recurrence.chunked_recurrence(config, inputs, state)
+    if context_axis is None:
+        o, final = recurrence.chunked_recurrence(config, inputs, state)
+    else:
+        zero, identity = context.varying((jnp.zeros_like(state), recurrence.identity_transition(inputs, state)),
+                                         context_axis)
+        local_final, transition = recurrence.shard_summary(config, inputs, zero, identity)
+        entering, final = context.entering_states(transition, local_final, state, context_axis)
+        o, _ = recurrence.chunked_recurrence(config, inputs, entering)
     return from_chunks(o, t), final
 
 
@@ -218,23 +233,40 @@ def _pallas_or_chunk(op, args, chunk_size):
     return Impl.PALLAS
 
 
+def _context_parallel_impl(op, choice):
+    """The impl under context parallelism: the chunked form (its state pass is what shards exchange)."""
+    if choice not in (Impl.CHUNK, Impl.AUTO):
+        raise ValueError(f"{op}: context_axis needs impl='chunk' (or 'auto', which runs it); got "
+                         f"impl={choice.value!r}: the reference, scan and Pallas forms do not split the time axis")
+    return Impl.CHUNK
+
+
 def per_head(isolated, value_heads):
     """`[B, T]` (or `[B]`) mask -> `[B, T, HV]` (`[B, HV]`), the layout of beta."""
     return None if isolated is None else jnp.broadcast_to(isolated[..., None], isolated.shape + (value_heads,))
 
 
-def head_resets(segment_ids, value_heads):
-    """`[B, T, HV]` bool: where the state restarts (`segments.reset_mask`), or None without segment ids."""
-    return None if segment_ids is None else per_head(segments.reset_mask(segment_ids), value_heads)
+def document_resets(segment_ids, context_axis=None):
+    """`[B, T]` bool: where the state restarts (`segments.reset_mask`; across the shards of
+    `context_axis` under context parallelism, `context.shard_resets`), or None without segment ids."""
+    if segment_ids is None:
+        return None
+    return segments.reset_mask(segment_ids) if context_axis is None else context.shard_resets(segment_ids, context_axis)
 
 
-def segment_inputs(k, v, g, beta, segment_ids):
+def head_resets(segment_ids, value_heads, context_axis=None):
+    """`[B, T, HV]` bool: `document_resets` per value head, or None without segment ids."""
+    return per_head(document_resets(segment_ids, context_axis), value_heads)
+
+
+def segment_inputs(k, v, g, beta, segment_ids, context_axis=None):
     """Padding tokens (id 0) as identity steps, k = v = g = beta = 0, and g = 0 at the document starts
     (`segments.reset_mask`), whose decay acts on the zero state: the same result, and a gradient of
-    exactly zero there in every algorithm. k, v, g, beta `[B, T, ...]`; None passes through."""
+    exactly zero there in every algorithm. k, v, g, beta `[B, T, ...]`; None passes through;
+    `context_axis`: the starts across shards (`document_resets`)."""
     if segment_ids is None:
         return k, v, g, beta
-    padding, start = segment_ids == 0, segments.reset_mask(segment_ids)
+    padding, start = segment_ids == 0, document_resets(segment_ids, context_axis)
     zero_at = lambda mask, x: None if x is None else jnp.where(  # noqa: E731
         mask.reshape(mask.shape + (1,) * (x.ndim - 2)), 0.0, x)
     return zero_at(padding, k), zero_at(padding, v), zero_at(padding | start, g), zero_at(padding, beta)
@@ -256,7 +288,7 @@ def check_safe_gate(op, safe_gate, lower_bound, g, per_channel):
 
 def gated_op(op, q, k, v, *, g, beta, scale, initial_state, output_final_state, impl, chunk_size,
              per_channel=None, isolated=None, segment_ids=None, safe_gate=False,
-             lower_bound=chunk_math.MIN_LOWER_BOUND, precision=None):
+             lower_bound=chunk_math.MIN_LOWER_BOUND, precision=None, context_axis=None):
     """Runs one of the family's algorithms on the public inputs, after the front end.
 
     q, k `[B, T, H, K]`; v `[B, T, HV, V]`; g `[B, T, HV]` or `[B, T, HV, K]` (`per_channel`: False,
@@ -265,7 +297,8 @@ def gated_op(op, q, k, v, *, g, beta, scale, initial_state, output_final_state, 
     documents: the state restarts at each document, padding tokens are identity steps, the final state
     is the last document's; docs/conventions.md); safe_gate / lower_bound: the promise
     g >= lower_bound (clamped there, `check_safe_gate`); precision: the matmul precision of the chunk
-    and Pallas forms (`chunk_math.PRECISIONS`, None for the platform default).
+    and Pallas forms (`chunk_math.PRECISIONS`, None for the platform default); context_axis: the
+    time axis is split over this manual mesh axis (`hybrid_jax.ops.context`; the chunked form only).
     Returns (o `[B, T, HV, V]` in v's dtype, final state `[B, HV, K, V]` float32 or None).
     """
     q32, k32, v32, dims = prepare_qkv(op, q, k, v, scale=scale)
@@ -280,9 +313,12 @@ def gated_op(op, q, k, v, *, g, beta, scale, initial_state, output_final_state, 
     iso = per_head(check_isolated(op, isolated, (b, dims.time)), hv)
     segment_ids = check_segment_ids(op, segment_ids, (b, dims.time))
     state = jnp.zeros((b, hv, k_dim, v_dim), jnp.float32) if initial_state is None else to_f32(initial_state)
-    k32, v32, g, beta = segment_inputs(k32, v32, to_f32(g), to_f32(beta), segment_ids)
+    k32, v32, g, beta = segment_inputs(k32, v32, to_f32(g), to_f32(beta), segment_ids, context_axis)
     args = (q32, k32, v32, g, beta, state)
     options = {"safe_gate": safe_gate, "precision": precision}
+    if context_axis is not None:
+        choice = _context_parallel_impl(op, choice)
+        options["context_axis"] = context_axis
     if choice is Impl.AUTO:
         choice = _pallas_or_chunk(op, args, chunk_size)
     if choice is Impl.REFERENCE:

@@ -16,8 +16,9 @@ tokens that read the state but never write to it. `segment_ids` `[B, T]` int: pa
 state restarts at each document, padding tokens are identity steps). `precision`: the matmul precision of the chunk and
 Pallas forms ("highest" | "high" | "default" | "bfloat16", None for the platform default);
 `safe_gate=True` (gla with a per-channel gate): a promise that every g >= `lower_bound` (in [-5, 0);
-g is clamped there), which turns the in-chunk diagonal blocks into matmuls. Conventions:
-docs/conventions.md.
+g is clamped there), which turns the in-chunk diagonal blocks into matmuls. `context_axis`: context
+parallelism, the time axis split over this manual mesh axis (`hybrid_jax.ops.context`; impl "chunk").
+Conventions: docs/conventions.md.
 """
 from __future__ import annotations
 
@@ -25,12 +26,13 @@ from hybrid_jax.ops import gated
 
 
 def linear_attention(q, k, v, *, scale=None, initial_state=None, output_final_state=False,
-                     isolated=None, segment_ids=None, impl="chunk", chunk_size=64, precision=None):
+                     isolated=None, segment_ids=None, impl="chunk", chunk_size=64, precision=None,
+                     context_axis=None):
     """Causal linear attention. Returns (o `[B, T, HV, V]`, final state `[B, HV, K, V]` or None)."""
     return gated.gated_op("linear_attention", q, k, v, g=None, beta=None, scale=scale,
                           initial_state=initial_state, output_final_state=output_final_state,
                           impl=impl, chunk_size=chunk_size, isolated=isolated, segment_ids=segment_ids,
-                          precision=precision)
+                          precision=precision, context_axis=context_axis)
 
 
 def linear_attention_step(q_t, k_t, v_t, state, *, scale=None, isolated_t=None):
@@ -40,12 +42,13 @@ def linear_attention_step(q_t, k_t, v_t, state, *, scale=None, isolated_t=None):
 
 
 def gla(q, k, v, *, g, scale=None, initial_state=None, output_final_state=False, isolated=None,
-        segment_ids=None, impl="chunk", chunk_size=64, safe_gate=False, lower_bound=-5.0, precision=None):
+        segment_ids=None, impl="chunk", chunk_size=64, safe_gate=False, lower_bound=-5.0, precision=None,
+        context_axis=None):
     """Gated linear attention with log decay g `[B, T, HV, K]` or `[B, T, HV]`."""
     return gated.gated_op("gla", q, k, v, g=g, beta=None, scale=scale, initial_state=initial_state,
                           output_final_state=output_final_state, impl=impl, chunk_size=chunk_size,
                           isolated=isolated, segment_ids=segment_ids, safe_gate=safe_gate, lower_bound=lower_bound,
-                          precision=precision)
+                          precision=precision, context_axis=context_axis)
 
 
 def gla_step(q_t, k_t, v_t, state, *, g_t, scale=None, isolated_t=None):

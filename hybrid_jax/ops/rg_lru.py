@@ -121,11 +121,15 @@ def rg_lru_reference(x, gate_x, gate_a, a_param, h0, *, c=C_DEFAULT, isolated=No
 
 
 def rg_lru(x, gate_x, gate_a, a_param, *, c=C_DEFAULT, initial_state=None, output_final_state=False,
-           isolated=None, segment_ids=None, impl="chunk", chunk_size=64):
+           isolated=None, segment_ids=None, impl="chunk", chunk_size=64, context_axis=None):
     """RG-LRU over x `[B, T, *C]`. Returns (y `[B, T, *C]` in x's dtype, final state `[B, *C]` float32
-    or None); `isolated` `[B, T]` bool or None, `segment_ids` `[B, T]` int or None (module docstring)."""
+    or None); `isolated` `[B, T]` bool or None, `segment_ids` `[B, T]` int or None (module docstring);
+    `context_axis`: context parallelism (`first_order.linear_recurrence`; impl "scan" or "chunk")."""
     op = "rg_lru"
     choice = resolve_impl(impl, op, SUPPORTED)
+    if context_axis is not None and choice is Impl.REFERENCE:
+        raise ValueError(f"{op}: context_axis needs impl='chunk' or 'scan' (they run on "
+                         "first_order.linear_recurrence, which splits the time axis); got impl='reference'")
     check_chunk_size(chunk_size, op)
     h0 = _initial(initial_state, _check(op, x, gate_x, gate_a, a_param, c), op)
     isolated = check_isolated(op, isolated, x.shape[:2])
@@ -135,7 +139,8 @@ def rg_lru(x, gate_x, gate_a, a_param, *, c=C_DEFAULT, initial_state=None, outpu
     else:
         log_a, write = recurrence_inputs(x, gate_x, gate_a, a_param, c=c)
         h, final = first_order.linear_recurrence(log_a, write, initial_state=h0, log_a=True, isolated=isolated,
-                                                 segment_ids=segment_ids, impl=impl, chunk_size=chunk_size)
+                                                 segment_ids=segment_ids, impl=impl, chunk_size=chunk_size,
+                                                 context_axis=context_axis)
     return h.astype(x.dtype), (final if output_final_state else None)
 
 

@@ -26,9 +26,13 @@ import jax
 import jax.numpy as jnp
 
 
-def document_starts(segment_ids: jax.Array) -> jax.Array:
-    """`[B, T]` bool: the first token of each document (token 0 included when it is not padding)."""
-    previous = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)))  # id 0 before token 0: it starts a run
+def document_starts(segment_ids: jax.Array, *, before: jax.Array | None = None) -> jax.Array:
+    """`[B, T]` bool: the first token of each document (token 0 included when it is not padding).
+    `before` `[B, 1]`: the id of the token before token 0 when the row continues one (context
+    parallelism, `hybrid_jax.ops.context.shard_resets`); None: id 0, so token 0 starts a run."""
+    if before is None:
+        before = jnp.zeros_like(segment_ids[:, :1])
+    previous = jnp.concatenate([before.astype(segment_ids.dtype), segment_ids[:, :-1]], axis=1)
     return (segment_ids != 0) & (segment_ids != previous)
 
 

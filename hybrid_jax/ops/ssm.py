@@ -67,11 +67,12 @@ def _skip(y, D, value, *, head_dim: bool = False):
 
 
 def selective_scan(u, dt, A, B, C, *, D=None, initial_state=None, output_final_state=False,
-                   isolated=None, segment_ids=None, impl="chunk", chunk_size=64):
+                   isolated=None, segment_ids=None, impl="chunk", chunk_size=64, context_axis=None):
     """Mamba S6. Returns (y `[B, T, D]`, final state `[B, D, N]` float32 or None). `isolated` `[B, T]`
     bool: those tokens read exp(dt_t A) h_{t-1} + dt_t B_t u_t but pass h_{t-1} on unchanged.
     `segment_ids` `[B, T]` int (packed documents): h restarts at 0 at each document's first token after
-    token 0 and padding tokens (id 0) pass h on (`first_order.segment_steps`); y there is C_t h + D u_t."""
+    token 0 and padding tokens (id 0) pass h on (`first_order.segment_steps`); y there is C_t h + D u_t.
+    `context_axis`: context parallelism (`first_order.linear_recurrence`)."""
     b, t, d, n = _check_selective(u, dt, A, B, C, D, "selective_scan")
     resolve_impl(impl, "selective_scan", first_order.SUPPORTED)
     check_shape("selective_scan: initial_state", initial_state, (b, d, n), "[B, D, N]")
@@ -80,7 +81,7 @@ def selective_scan(u, dt, A, B, C, *, D=None, initial_state=None, output_final_s
     log_decay, write = _selective_inputs(u, dt, A, B)
     h, final = first_order.linear_recurrence(log_decay, write, initial_state=initial_state, log_a=True,
                                              isolated=isolated, segment_ids=segment_ids, impl=impl,
-                                             chunk_size=chunk_size)
+                                             chunk_size=chunk_size, context_axis=context_axis)
     y = _skip(jnp.einsum("btdn,btn->btd", h, to_f32(C)), D, u)
     return y.astype(u.dtype), (final if output_final_state else None)
 
@@ -115,16 +116,17 @@ def _check_ssd(x, dt, A, B, C, D, op):
 
 
 def ssd(x, dt, A, B, C, *, D=None, initial_state=None, output_final_state=False, isolated=None,
-        segment_ids=None, impl="chunk", chunk_size=64, precision=None):
+        segment_ids=None, impl="chunk", chunk_size=64, precision=None, context_axis=None):
     """Mamba-2 SSD. Returns (y `[B, T, H, P]`, final state `[B, H, N, P]` float32 or None); `isolated`
     `[B, T]` bool, `segment_ids` `[B, T]` int (packed documents) and `precision` (the chunk form's
-    matmuls) as in `gated.gated_op`."""
+    matmuls) as in `gated.gated_op`; `context_axis`: context parallelism (`hybrid_jax.ops.context`)."""
     _check_ssd(x, dt, A, B, C, D, "ssd")
     dt32 = to_f32(dt)
     y, final = gated.gated_op(
         "ssd", C, B, dt32[..., None] * to_f32(x), g=dt32 * to_f32(A), per_channel=False, beta=None,
         scale=1.0, initial_state=initial_state, output_final_state=output_final_state, impl=impl,
-        chunk_size=chunk_size, isolated=isolated, segment_ids=segment_ids, precision=precision)
+        chunk_size=chunk_size, isolated=isolated, segment_ids=segment_ids, precision=precision,
+        context_axis=context_axis)
     return _skip(y, D, x, head_dim=True).astype(x.dtype), final
 
 

@@ -49,8 +49,10 @@ REMAT_POLICIES = ("none", "full", "save_dots")
 PRESETS = ("tiny", "small", "base")
 
 # Mesh axes of the training loop; logical parameter axes map onto them (None = replicated).
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "context")
 DEFAULT_AXIS_RULES = (
+    # The time axis of activations: context parallelism splits it over "context" (hybrid_jax.nn.context).
+    ("length", "context"),
     # Rows also split over the expert axis: expert parallelism reuses those devices for the rest.
     ("batch", ("data", "fsdp", "expert")),
     ("embed", "fsdp"),
@@ -118,7 +120,7 @@ def get_default_config() -> ConfigDict:
         }
     )
     config.data = ConfigDict(default_data_section())  # keys and checks: hybrid_jax.data.schema
-    config.mesh = ConfigDict({"shape": (-1, 1, 1, 1), "axes": MESH_AXES, "axis_rules": DEFAULT_AXIS_RULES})
+    config.mesh = ConfigDict({"shape": (-1, 1, 1, 1, 1), "axes": MESH_AXES, "axis_rules": DEFAULT_AXIS_RULES})
     config.lock()
     return config
 
@@ -226,6 +228,9 @@ def validate_mesh(mesh_cfg) -> None:
         for target in rule_targets(rule[1]):
             if target not in axes:
                 fail("mesh.axis_rules", f"rule {tuple(rule)!r} names mesh axis {target!r}; valid mesh axes are {axes}")
+        if rule[0] == "length" and rule_targets(rule[1]) not in ((), ("context",)):
+            fail("mesh.axis_rules", f"rule {tuple(rule)!r}: the time axis splits over the 'context' mesh axis "
+                 "only (context parallelism, hybrid_jax.nn.context); valid targets are 'context' or None")
 
 
 def rule_targets(target) -> tuple[str, ...]:
@@ -266,6 +271,11 @@ def _check_batch_layout(config, device_count: int | None, process_count: int) ->
              f"micro-batch must divide over the {shards} batch shards of mesh {sizes}")
     if tc.batch_size % process_count:
         fail("train.batch_size", f"{tc.batch_size} must divide over {process_count} processes")
+    length_axes = next((rule_targets(target) for name, target in mesh_cfg.axis_rules if name == "length"), ())
+    context = math.prod(sizes[axis] for axis in length_axes)
+    if context > 1 and tc.seq_len % context:
+        fail("train.seq_len", f"{tc.seq_len} must divide over the {context} shards of the 'context' mesh axis "
+             "(context parallelism splits every row's time axis evenly)")
 
 
 def _validate_train(tc) -> None:

@@ -18,7 +18,7 @@ CONFIG_FILES = sorted((ROOT / "experiments" / "configs").glob("[!_]*.py"))
 
 def test_default_config_validates_and_is_locked():
     config = validate(get_default_config())
-    assert config.model.mixers.A.kind == "attention" and config.mesh.axes == ("data", "fsdp", "tensor", "expert")
+    assert config.model.mixers.A.kind == "attention" and config.mesh.axes == ("data", "fsdp", "tensor", "expert", "context")
     with pytest.raises(
         AttributeError, match='Key "num_layer" does not exist and cannot be added since the config is locked'
     ):
@@ -100,15 +100,15 @@ def _broken(edit):
         ),
         (
             lambda c: setattr(c.mesh, "shape", (2, 4)),
-            r"mesh.shape: \(2, 4\) must have one size per mesh axis in mesh.axes=\('data', 'fsdp', 'tensor', 'expert'\)",
+            r"mesh.shape: \(2, 4\) must have one size per mesh axis in mesh.axes=\('data', 'fsdp', 'tensor', 'expert', 'context'\)",
         ),
         (
-            lambda c: setattr(c.mesh, "shape", (-1, -1, 1, 1)),
+            lambda c: setattr(c.mesh, "shape", (-1, -1, 1, 1, 1)),
             r"mesh.shape: sizes must be ints >= 1 with at most one -1",
         ),
         (
             lambda c: setattr(c.mesh, "axis_rules", (("embed", "model"),)),
-            r"mesh.axis_rules: rule \('embed', 'model'\) names mesh axis 'model'; valid mesh axes are \('data', 'fsdp', 'tensor', 'expert'\)",
+            r"mesh.axis_rules: rule \('embed', 'model'\) names mesh axis 'model'; valid mesh axes are \('data', 'fsdp', 'tensor', 'expert', 'context'\)",
         ),
     ],
 )
@@ -147,14 +147,14 @@ def _train(key, value):
             r"mesh.axis_rules: logical axis 'embed' has more than one rule",
         ),
         (
-            lambda c: setattr(c.mesh, "shape", (3, 1, 1, 1)),
+            lambda c: setattr(c.mesh, "shape", (3, 1, 1, 1, 1)),
             {"device_count": 8},
-            r"mesh.shape: \(3, 1, 1, 1\) needs 3 devices but 8 are available",
+            r"mesh.shape: \(3, 1, 1, 1, 1\) needs 3 devices but 8 are available",
         ),
         (
-            lambda c: setattr(c.mesh, "shape", (3, -1, 1, 1)),
+            lambda c: setattr(c.mesh, "shape", (3, -1, 1, 1, 1)),
             {"device_count": 8},
-            r"mesh.shape: \(3, -1, 1, 1\): the fixed axes \(3 devices\) do not divide the 8",
+            r"mesh.shape: \(3, -1, 1, 1, 1\): the fixed axes \(3 devices\) do not divide the 8",
         ),
         (
             _train("batch_size", 4),
@@ -162,7 +162,7 @@ def _train(key, value):
             r"train.batch_size: 4 / grad_accum_steps 1 = 4 rows per micro-batch must divide over the 8 batch shards",
         ),
         (  # known without a device count: no batch axis is -1
-            lambda c: (setattr(c.mesh, "shape", (2, -1, 4, 1)), setattr(c.mesh, "axis_rules", (("batch", "data"),)),
+            lambda c: (setattr(c.mesh, "shape", (2, -1, 4, 1, 1)), setattr(c.mesh, "axis_rules", (("batch", "data"),)),
                        setattr(c.train, "batch_size", 3), setattr(c.train, "grad_accum_steps", 3)),
             {},
             r"train.batch_size: 3 / grad_accum_steps 3 = 1 rows per micro-batch must divide over the 2 batch",
@@ -178,7 +178,7 @@ def test_trainer_checks_are_in_validate(edit, counts, message):
 def test_device_count_resolves_the_mesh_for_the_batch_check():
     config = get_default_config()
     config.train.batch_size = 4
-    validate(config)  # (-1, 1, 1, 1): the batch shards are unknown without the device count
+    validate(config)  # (-1, 1, 1, 1, 1): the batch shards are unknown without the device count
     validate(config, device_count=4)
     with pytest.raises(ValueError, match=r"train.batch_size: .* over the 8 batch shards"):
         validate(config, device_count=8)

@@ -68,6 +68,7 @@ from flax import nnx
 
 from hybrid_jax.config import ffn_plan, layer_pattern, validate_model
 from hybrid_jax.nn import Dense, Embed, RMSNorm, build_mixer
+from hybrid_jax.nn.context import sharded_mixer
 from hybrid_jax.nn.common import ModuleList
 from hybrid_jax.nn.moe import build_ffn
 from hybrid_jax.nn.segments import packed_documents, packed_prompt
@@ -113,7 +114,7 @@ class Block(nnx.Module):
     def forward(self, x: jax.Array, documents: dict | None = None) -> tuple[jax.Array, dict | None]:
         """(the block's output, its MoE statistics or None); `documents`: the mixer's packed-document
         keywords (segment_ids, positions), or None."""
-        return self._feed_forward(x + self.mixer(self.mixer_norm(x), **(documents or {})))
+        return self._feed_forward(x + sharded_mixer(self.mixer, self.mixer_norm(x), documents))
 
     # Decoding never drops a token, whatever the training dispatch (hybrid_jax.nn.moe).
     def prefill(self, x: jax.Array, *, max_len: int, lengths: jax.Array | None, documents: dict | None = None):

@@ -47,6 +47,7 @@ from hybrid_jax.nn.lora import attention_projections, check_projection_config, p
 from hybrid_jax.nn.norms import RMSNorm
 from hybrid_jax.nn.registry import Mixer, register_mixer
 from hybrid_jax.nn.rope import apply_rope, rotary_dim_for
+from hybrid_jax.nn.context import context_option
 from hybrid_jax.nn.segments import prompt_tail, resolve_positions, segment_option
 from hybrid_jax.ops.attention import kv_cache_update, softmax_attention, softmax_attention_step
 
@@ -130,7 +131,8 @@ class Attention(Mixer):
         Packed documents (`segment_ids`) never attend across; RoPE rotates by `positions` (default:
         the positions within the documents, else 0 .. T - 1)."""
         q, k, v = self.project_qkv(x, resolve_positions(x.shape[1], segment_ids, positions))
-        o = softmax_attention(q, k, v, causal=True, window=self.window, impl=self.impl, **segment_option(segment_ids))
+        o = softmax_attention(q, k, v, causal=True, window=self.window, impl=self.impl,
+                              **segment_option(segment_ids), **context_option())
         return self.o_proj(o), k, v
 
     def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,

@@ -20,6 +20,10 @@ only. The new state is the last W-1 inputs of the document ending at token `leng
 the last real token), zero before that document's start: the state a prompt of that document alone
 leaves.
 
+Context parallelism (`hybrid_jax.nn.context`: the time axis split over a mesh axis): a shard's
+history is the previous shard's last W-1 inputs (and their segment ids), one `ppermute` halo
+(`hybrid_jax.ops.context.previous_tokens`; zeros on shard 0, as before token 0 of a row).
+
 `ConvProjection` is a Dense followed by a ShortConv over the flattened output dims. The published
 layers convolve one concatenation of several projections (Mamba-2's (x, B, C), the q, k, v of the
 delta-rule layers); a depthwise conv of a concatenation is the concatenation of the convs, so each
@@ -35,6 +39,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybrid_jax.nn.common import NO_DECAY, WEIGHT, Dense, activation, logical_param
+from hybrid_jax.nn.context import context_axis
+from hybrid_jax.ops.context import previous_tokens
 from hybrid_jax.ops.segments import document_start
 
 
@@ -92,6 +98,8 @@ class ShortConv(nnx.Module):
         `segment_ids` `[B, T]`: packed documents, kept apart (module docstring).
         """
         self._check(x, conv_state, 3, "[B, T, C]")
+        if context_axis() is not None:
+            return self._context_parallel(x, conv_state, lengths, segment_ids, context_axis())
         width, t = self.kernel_size, x.shape[1]
         history = self.init_state(x.shape[0], x.dtype) if conv_state is None else conv_state.astype(x.dtype)
         padded = jnp.concatenate([history, x], axis=1)  # [B, W-1+T, C]
@@ -114,6 +122,25 @@ class ShortConv(nnx.Module):
             mine = (rows - (width - 1) >= start) | (start == 0)
             new_state = jnp.where(mine[:, :, None], new_state, jnp.zeros((), x.dtype))
         return self._finish(y).astype(x.dtype), new_state
+
+    def _context_parallel(self, x, conv_state, lengths, segment_ids, axis: str):
+        """This shard's outputs, its history the halo of the previous shard's last W-1 inputs; the
+        returned state is this shard's last W-1 inputs."""
+        if conv_state is not None or lengths is not None:
+            raise ValueError("ShortConv: under context parallelism the conv runs the training path only "
+                             "(no conv_state, no lengths); prefill and decode run unsplit")
+        width = self.kernel_size
+        if width == 1:
+            return self._finish(x.astype(jnp.float32) * self.weight[0]).astype(x.dtype), x[:, :0]
+        halo = previous_tokens(x, width - 1, axis)
+        taps = jnp.concatenate([halo, x], axis=1).astype(jnp.float32)
+        if segment_ids is None:
+            y = sum(taps[:, i : i + x.shape[1]] * self.weight[i] for i in range(width))
+        else:  # the halo's tokens open the row, with their own document ids
+            ids = jnp.concatenate([previous_tokens(segment_ids, width - 1, axis), segment_ids], axis=1)
+            zeros = jnp.zeros_like(taps[:, : width - 1])
+            y = self._segment_taps(jnp.concatenate([zeros, taps], axis=1), ids)[:, width - 1 :]
+        return self._finish(y).astype(x.dtype), x[:, x.shape[1] - (width - 1) :]
 
     def _segment_taps(self, taps: jax.Array, segment_ids: jax.Array) -> jax.Array:
         """sum_i w[i] x_{t-k}, k = W-1-i, over the taps of token t's own document (float32)."""

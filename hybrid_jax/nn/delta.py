@@ -64,6 +64,7 @@ from hybrid_jax.nn.linear_mixer import LinearMixer, at_step, zero_where_invalid
 from hybrid_jax.nn.log_linear import LogLinearMixin
 from hybrid_jax.nn.norms import GatedRMSNorm, RMSNorm, l2_normalize
 from hybrid_jax.nn.registry import register_mixer
+from hybrid_jax.nn.context import context_option
 from hybrid_jax.nn.segments import segment_option
 from hybrid_jax.ops.delta import (
     delta_rule,
@@ -178,7 +179,8 @@ class DeltaNet(LinearMixer):
         gate = {} if g is None else {"g": g}
         return self.OP(q, k, v, beta=beta, **gate, output_final_state=final, impl=self.impl,
                        chunk_size=self.chunk_size, **self.op_options(),
-                       **segment_option(segment_ids))
+                       **segment_option(segment_ids),
+                       **context_option())
 
     def mix_step(self, x, inputs, state):
         q, k, v, g, beta = at_step(inputs)

@@ -48,6 +48,7 @@ from hybrid_jax.nn.layer_config import (
 from hybrid_jax.nn.linear_mixer import LinearMixer, at_step, zero_where_invalid
 from hybrid_jax.nn.norms import GatedRMSNorm, RMSNorm
 from hybrid_jax.nn.registry import register_mixer
+from hybrid_jax.nn.context import context_option
 from hybrid_jax.nn.segments import segment_option
 from hybrid_jax.ops.linear_attention import gla, gla_step, linear_attention, linear_attention_step
 
@@ -147,7 +148,8 @@ class LinearAttention(LinearMixer):
 
     def mix(self, x, inputs, *, final=False, max_len=None, lengths=None, segment_ids=None):
         return linear_attention(*inputs, scale=self.scale, output_final_state=final, impl=self.impl,
-                                chunk_size=self.chunk_size, precision=self.precision, **segment_option(segment_ids))
+                                chunk_size=self.chunk_size, precision=self.precision, **segment_option(segment_ids),
+                                **context_option())
 
     def mix_step(self, x, inputs, state):
         o, state = linear_attention_step(*at_step(inputs), state, scale=self.scale)
@@ -232,7 +234,8 @@ class GLA(LinearMixer):
     def mix(self, x, inputs, *, final=False, max_len=None, lengths=None, segment_ids=None):
         q, k, v, g = inputs
         return gla(q, k, v, g=g, output_final_state=final, impl=self.impl, chunk_size=self.chunk_size,
-                   precision=self.precision, **segment_option(segment_ids))
+                   precision=self.precision, **segment_option(segment_ids),
+                   **context_option())
 
     def mix_step(self, x, inputs, state):
         q, k, v, g = at_step(inputs)

@@ -55,8 +55,10 @@ from hybrid_jax.nn.linear_mixer import STATE_BYTES
 from hybrid_jax.nn.lora import attention_projections, check_projection_config, projection_defaults
 from hybrid_jax.nn.registry import Mixer, register_mixer
 from hybrid_jax.nn.rope import apply_rope, rotary_dim_for
+from hybrid_jax.nn.context import context_axis, context_option
 from hybrid_jax.nn.segments import prompt_tail, resolve_positions, segment_option
 from hybrid_jax.ops.attention import kv_cache_update
+from hybrid_jax.ops.context import previous_tokens
 from hybrid_jax.ops.linear_attention import linear_attention, linear_attention_step
 from hybrid_jax.ops.segments import document_index
 
@@ -226,23 +228,43 @@ class LolcatsAttention(Mixer):
         """(layer output, k, v, the linear state after each row's `lengths` tokens if `final`)."""
         t = x.shape[1]
         q, k, v = self.project_qkv(x, resolve_positions(t, segment_ids, positions))
-        window_num, window_den = window_softmax_terms(q, k, v, window=self.window, scale=self.head_dim ** -0.5,
-                                                      segment_ids=segment_ids)
         keys, values = self._linear_inputs(k, v)
-        delay = ((0, 0), (self.window, 0), (0, 0), (0, 0))  # position t reads the pair of t - W
-        keys, values = jnp.pad(keys, delay)[:, :t], jnp.pad(values, delay)[:, :t]
+        if context_axis() is not None:
+            window_num, window_den, keys, values = self._halo_terms(q, k, v, keys, values, segment_ids)
+        else:
+            window_num, window_den = window_softmax_terms(q, k, v, window=self.window,
+                                                          scale=self.head_dim ** -0.5, segment_ids=segment_ids)
+            delay = ((0, 0), (self.window, 0), (0, 0), (0, 0))  # position t reads the pair of t - W
+            keys, values = jnp.pad(keys, delay)[:, :t], jnp.pad(values, delay)[:, :t]
+            if segment_ids is not None:  # a pair delayed into another document is no pair of this one
+                docs = document_index(segment_ids)
+                own = (docs == jnp.pad(docs, ((0, 0), (self.window, 0)))[:, :t])[..., None, None]
+                keys, values = jnp.where(own, keys, 0.0), jnp.where(own, values, 0.0)
         if lengths is not None:  # padded steps of ragged prompts add nothing to the state
             valid = (jnp.arange(t)[None, :] < lengths[:, None])[..., None, None]
             keys, values = jnp.where(valid, keys, 0.0), jnp.where(valid, values, 0.0)
-        if segment_ids is not None:  # a pair delayed into another document is no pair of this one
-            docs = document_index(segment_ids)
-            own = (docs == jnp.pad(docs, ((0, 0), (self.window, 0)))[:, :t])[..., None, None]
-            keys, values = jnp.where(own, keys, 0.0), jnp.where(own, values, 0.0)
         linear_out, state = linear_attention(self.feature_map_q(q.astype(_F32)), keys, values, scale=1.0,
                                              output_final_state=final, impl=self.impl, chunk_size=self.chunk_size,
-                                             precision=self.precision, **segment_option(segment_ids))
+                                             precision=self.precision, **segment_option(segment_ids),
+                                             **context_option())
         y = self._mix(window_num, window_den, linear_out).astype(x.dtype)
         return self.o_proj(y), k, v, state
+
+    def _halo_terms(self, q, k, v, keys, values, segment_ids):
+        """Context parallelism: the window terms and the W-delayed linear pairs of this shard, from the
+        previous shard's last W tokens (`previous_tokens`; zeros with segment id 0 on shard 0, so they
+        are masked as padding). Returns (window_num, window_den, keys, values), the pairs kept inside
+        their documents."""
+        axis, w, t = context_axis(), self.window, q.shape[1]
+        ids = jnp.ones(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+        with_halo = lambda x: jnp.concatenate([previous_tokens(x, w, axis), x], axis=1)  # noqa: E731
+        ids_ext = with_halo(ids)
+        num, den = window_softmax_terms(jnp.concatenate([jnp.zeros_like(q[:, :w]), q], axis=1), with_halo(k),
+                                        with_halo(v), window=w, scale=self.head_dim ** -0.5, segment_ids=ids_ext)
+        docs = document_index(ids_ext)
+        own = (docs[:, w:] == docs[:, :t])[..., None, None]
+        keys, values = jnp.where(own, with_halo(keys)[:, :t], 0.0), jnp.where(own, with_halo(values)[:, :t], 0.0)
+        return num[:, w:], den[:, w:], keys, values
 
     def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None) -> jax.Array:

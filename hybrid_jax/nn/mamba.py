@@ -55,6 +55,7 @@ from hybrid_jax.nn.linear_mixer import LinearMixer, at_step, zero_where_invalid
 from hybrid_jax.nn.log_linear import LogLinearMixin
 from hybrid_jax.nn.norms import rms_normalize
 from hybrid_jax.nn.registry import register_mixer
+from hybrid_jax.nn.context import context_option
 from hybrid_jax.nn.segments import segment_option
 from hybrid_jax.ops import first_order, gated
 from hybrid_jax.ops.ssm import selective_scan, selective_scan_step, ssd, ssd_step
@@ -88,7 +89,8 @@ class SelectiveSSM(LinearMixer):
     def mix(self, u, inputs, *, final=False, max_len=None, lengths=None, segment_ids=None):
         x, dt, B, C = inputs
         return self.OP(x, dt, self.decay_rate(), B, C, D=self.D[...], output_final_state=final, impl=self.impl,
-                       chunk_size=self.chunk_size, **self.op_options(), **segment_option(segment_ids))
+                       chunk_size=self.chunk_size, **self.op_options(), **segment_option(segment_ids),
+                       **context_option())
 
     def mix_step(self, u, inputs, state):
         x, dt, B, C = at_step(inputs)

@@ -47,6 +47,7 @@ from hybrid_jax.nn.layer_config import check_ints
 from hybrid_jax.nn.norms import RMSNorm
 from hybrid_jax.nn.registry import Mixer, register_mixer
 from hybrid_jax.nn.rope import apply_rope
+from hybrid_jax.nn.context import context_option
 from hybrid_jax.nn.segments import prompt_tail, resolve_positions, segment_option
 from hybrid_jax.ops.attention import softmax_attention, softmax_attention_step
 
@@ -161,7 +162,8 @@ class MLA(Mixer):
         k, v = self.k_up(c_kv), self.v_up(c_kv)
         if k_pe is not None:
             k = jnp.concatenate([k, jnp.broadcast_to(k_pe, k.shape[:3] + (self.rope_dim,))], axis=-1)
-        o = softmax_attention(q, k, v, causal=True, impl=self.impl, **segment_option(segment_ids))
+        o = softmax_attention(q, k, v, causal=True, impl=self.impl, **segment_option(segment_ids),
+                              **context_option())
         return self.o_proj(o), self.cache_entries(c_kv, k_pe)
 
     def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,

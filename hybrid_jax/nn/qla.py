@@ -38,6 +38,7 @@ from hybrid_jax.nn.layer_config import check_heads, check_impl, check_positive_n
 from hybrid_jax.nn.linear_mixer import LinearMixer, RecurrentCache, at_step, zero_where_invalid
 from hybrid_jax.nn.norms import GatedRMSNorm
 from hybrid_jax.nn.registry import register_mixer
+from hybrid_jax.nn.context import context_option
 from hybrid_jax.nn.segments import segment_option
 from hybrid_jax.ops.linear_attention import linear_attention, linear_attention_step
 
@@ -86,7 +87,8 @@ class QLA(LinearMixer):
 
     def mix(self, x, inputs, *, final=False, max_len=None, lengths=None, isolated=None, segment_ids=None):
         return linear_attention(*inputs, output_final_state=final, isolated=isolated, impl=self.impl,
-                                chunk_size=self.chunk_size, precision=self.precision, **segment_option(segment_ids))
+                                chunk_size=self.chunk_size, precision=self.precision, **segment_option(segment_ids),
+                                **context_option())
 
     def mix_step(self, x, inputs, state, isolated=None):
         o, state = linear_attention_step(*at_step(inputs), state,

@@ -37,6 +37,7 @@ from hybrid_jax.nn.initializers import inverse_softplus
 from hybrid_jax.nn.layer_config import check_impl, check_ints, check_positive_numbers, expanded_dim
 from hybrid_jax.nn.linear_mixer import LinearMixer, at_step, zero_where_invalid
 from hybrid_jax.nn.registry import register_mixer
+from hybrid_jax.nn.context import context_option
 from hybrid_jax.nn.segments import segment_option
 from hybrid_jax.ops import first_order
 from hybrid_jax.ops.rg_lru import C_DEFAULT, rg_lru, rg_lru_step
@@ -138,7 +139,8 @@ class GriffinRecurrent(LinearMixer):
 
     def mix(self, x, inputs, *, final=False, max_len=None, lengths=None, segment_ids=None):
         return rg_lru(*inputs, self.a_param[...], c=self.c, output_final_state=final, impl=self.impl,
-                      chunk_size=self.chunk_size, **segment_option(segment_ids))
+                      chunk_size=self.chunk_size, **segment_option(segment_ids),
+                      **context_option())
 
     def mix_step(self, x, inputs, state):
         y, state = rg_lru_step(*at_step(inputs), self.a_param[...], state, c=self.c)

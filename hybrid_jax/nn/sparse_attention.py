@@ -40,6 +40,15 @@ the open block's sources (`NSACache`).
 Packed documents (`segment_ids`, `hybrid_jax.nn.segments`): every branch keeps documents apart, the
 blocks (selected and compressed) counting from each document's first token (`block_grid` of the op),
 and a packed prefill caches the last document, its blocks counted from its start as the op counts them.
+
+Context parallelism (`hybrid_jax.nn.context`: inside `sharded_mixer` the layer sees its shard of T
+tokens, T a multiple of Bs, and `positions` of the whole row): every op gets `context_axis` (the
+selected branch and NSA's window branch gather or exchange keys themselves, the window through a
+halo when W - 1 <= T). NSA's compressed tokens: without segment ids a shard's T / Bs absolute blocks
+are its own, so it compresses them locally and the op gathers the T / Bs tokens of every shard; with
+segment ids a document's blocks may straddle shards, so the compression sources and ids are
+all-gathered, every shard compresses the whole row and keeps its T / Bs slots of the token table
+(2 (n - 1) T HKV Dh more elements sent per shard).
 """
 
 from __future__ import annotations
@@ -55,12 +64,14 @@ from ml_collections import config_dict
 
 from hybrid_jax.checks import check_choice, fail
 from hybrid_jax.nn.common import Dense, logical_param
+from hybrid_jax.nn.context import context_axis, context_option
 from hybrid_jax.nn.kv_cache import KVCache, mean_attended_keys, prompt_ring_buffer, written_in_place
 from hybrid_jax.nn.layer_config import check_heads, check_ints, check_optional_ints, heads_and_dim, impl_names
 from hybrid_jax.nn.registry import Mixer, register_mixer
 from hybrid_jax.nn.rope import apply_rope
 from hybrid_jax.nn.segments import prompt_tail, resolve_positions, segment_option, segment_positions
 from hybrid_jax.ops.attention import kv_cache_update, softmax_attention, softmax_attention_step
+from hybrid_jax.ops.context import gather_time, shard_index, shard_offset
 from hybrid_jax.ops.sparse_attention import (
     SUPPORTED,
     block_grid,
@@ -170,7 +181,8 @@ class BlockSparseAttention(Mixer):
                positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The layer output `[B, T, d_model]` over a whole sequence, and its k, v."""
         q, k, v = self._qkv(x, resolve_positions(x.shape[1], segment_ids, positions))
-        o = block_sparse_attention(q, k, v, impl=self.impl, **self._options(), **segment_option(segment_ids))
+        o = block_sparse_attention(q, k, v, impl=self.impl, **self._options(), **segment_option(segment_ids),
+                                   **context_option())
         return self.o_proj(o), k, v
 
     def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
@@ -288,15 +300,31 @@ class NativeSparseAttention(BlockSparseAttention):
         positions = resolve_positions(t, segment_ids, positions)
         q, k, v = self._qkv(x, positions)
         (k_win, v_win), sources = self._branch_kv(x, positions)
-        documents = segment_option(segment_ids)
+        documents = dict(segment_option(segment_ids), **context_option())
         o_slc = block_sparse_attention(q, k, v, impl=self.impl, **self._options(), **documents)
         o_win = softmax_attention(q, k_win, v_win, window=self.window, **documents)
-        blocks = [self._compression_blocks(a, segment_ids) for a in sources]
-        tokens = (self.compress_k(blocks[0]), self.compress_v(blocks[1]))
-        # blocks count from each document's first token, whatever positions RoPE rotates by
-        block_positions = jnp.arange(t) if segment_ids is None else segment_positions(segment_ids)
+        tokens, block_positions = self._compressed_tokens(sources, segment_ids)
         y = self._combine(x, q, o_slc, o_win, tokens, jnp.broadcast_to(block_positions, (b, t)), documents)
         return y, (k, v), (k_win, v_win), sources
+
+    def _compressed_tokens(self, sources, segment_ids):
+        """The compressed (k, v) tokens of this shard's slots of the token table (all of them without
+        context parallelism), and each token's position for the block count: blocks count from each
+        document's first token, whatever positions RoPE rotates by (module docstring)."""
+        axis, t = context_axis(), sources[0].shape[1]
+        compress = (self.compress_k, self.compress_v)
+        if axis is None:
+            tokens = tuple(c(self._compression_blocks(a, segment_ids)) for c, a in zip(compress, sources))
+            return tokens, jnp.arange(t) if segment_ids is None else segment_positions(segment_ids)
+        if segment_ids is None:  # the shard's absolute blocks are its own: whole, as T % Bs == 0
+            tokens = tuple(c(_blocks(a, self.block_size)) for c, a in zip(compress, sources))
+            return tokens, shard_offset(t, axis) + jnp.arange(t)
+        # A document's blocks may straddle shards: compress the whole row, keep this shard's slots.
+        ids, slots = gather_time(segment_ids, axis), t // self.block_size
+        tokens = tuple(jax.lax.dynamic_slice_in_dim(c(self._compression_blocks(gather_time(a, axis), ids)),
+                                                    shard_index(axis) * slots, slots, axis=1)
+                       for c, a in zip(compress, sources))
+        return tokens, jax.lax.dynamic_slice_in_dim(segment_positions(ids), shard_offset(t, axis), t, axis=1)
 
     def _compression_blocks(self, source: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         """`[B, NB, Bs, HKV, Dh]`: the sources of each block; with segment ids the complete blocks of

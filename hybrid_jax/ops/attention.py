@@ -43,6 +43,25 @@ document number of position j (`segments.document_index`, 0 = padding), allowed(
 The chunked form carries d_j with the key blocks; a block (or row) with no allowed key leaves the
 running statistics untouched, so no NaN appears forward or backward.
 
+Context parallelism (`context_axis`, `hybrid_jax.ops.context`): called inside `jax.shard_map` with
+the time axis of q, k, v, `isolated` and `segment_ids` split over n shards of T tokens each, shard i
+holding positions iT .. iT + T - 1. Its queries stay local at p_i = iT + i and every mask above is
+taken at these global positions (causal j <= p, window p - j < W, same document d_p == d_j), so the
+outputs equal the unsplit op's rows iT .. iT + T - 1. Two ways to get the keys, per shard:
+
+* **Halo** (causal and W - 1 <= T): a query reads keys p-W+1 .. p only, so the W - 1 keys before the
+  shard suffice (`previous_tokens`, one ppermute). The keys are [halo, local], in which the queries
+  are again the last T positions, so every impl runs unchanged; the halo's segment ids come along
+  (all ones without segment_ids) and shard 0's zero halo has id 0 (padding), so it is masked out.
+  Each shard sends (W - 1) HKV (K + V) elements (+ 4 (W - 1) bytes of ids).
+* **Gather** (otherwise: global causal, W - 1 > T, or not causal): K, V (and isolated, segment_ids)
+  are all-gathered (`gather_time`) and the queries sit at the dynamic offset iT ("reference" and
+  "chunk"; "xla" builds static masks and raises). Each shard sends (n - 1) T HKV (K + V) elements
+  in a ring all-gather ((n - 1) / n of the row's K and V), and the backward pass returns the same
+  through the reduce-scatter that autodiff makes of the all-gather (the chunk VJP returns dK, dV for
+  all nT keys). Compute per shard is T x nT logits (the chunk form skips none of them: a ring with
+  causal load balancing is the next step at large n).
+
 Decoding: `kv_cache_update` writes one token per batch row into `[B, S, HKV, D]` caches, and
 `softmax_attention_step` attends one query token to the first `length` cache entries.
 """
@@ -55,6 +74,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax.ops import segments
+from hybrid_jax.ops.context import gather_time, previous_tokens, shard_offset
 from hybrid_jax.ops._common import (
     Impl,
     check_floating,
@@ -96,8 +116,9 @@ def masked_softmax(logits: jax.Array, allowed: jax.Array) -> jax.Array:
     return weights / jnp.where(total > 0, total, 1.0)
 
 
-def _query_positions(tq: int, tk: int) -> np.ndarray:
-    return np.arange(tk - tq, tk)
+def _query_positions(tq: int, tk: int, query_start=None):
+    """The queries' key positions: the last Tq of Tk (numpy, static), or from a traced `query_start`."""
+    return np.arange(tk - tq, tk) if query_start is None else query_start + jnp.arange(tq)
 
 
 def _row_masks(allowed, iso, q_doc, k_doc, q_pos, k_pos):
@@ -112,9 +133,15 @@ def _row_masks(allowed, iso, q_doc, k_doc, q_pos, k_pos):
     return allowed
 
 
-def _documents(segment_ids, tq: int):
-    """(q_doc `[B, Tq]`, k_doc `[B, Tk]`) document numbers (`segments.query_documents`) or (None, None)."""
-    return (None, None) if segment_ids is None else segments.query_documents(segment_ids, tq)
+def _documents(segment_ids, tq: int, query_start=None):
+    """(q_doc `[B, Tq]`, k_doc `[B, Tk]`) document numbers (`segments.query_documents`; the Tq from
+    a traced `query_start` when given) or (None, None)."""
+    if segment_ids is None:
+        return None, None
+    if query_start is None:
+        return segments.query_documents(segment_ids, tq)
+    keys = segments.document_index(segment_ids)
+    return jax.lax.dynamic_slice_in_dim(keys, query_start, tq, axis=1), keys
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,16 +149,17 @@ def _documents(segment_ids, tq: int):
 
 
 def softmax_attention_reference(q, k, v, *, scale: float, causal: bool, window: int | None, isolated=None,
-                                segment_ids=None):
-    """Full float32 logits and a masked softmax: the ground truth."""
+                                segment_ids=None, query_start=None):
+    """Full float32 logits and a masked softmax: the ground truth. `query_start` (traced) places the
+    queries at key positions query_start .. query_start + Tq - 1 instead of the last Tq."""
     heads, tq, tk = q.shape[2], q.shape[1], k.shape[1]
     v_dtype = v.dtype
     k = repeat_heads(k.astype(_F32), heads)
     v = repeat_heads(v.astype(_F32), heads)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(_F32), k) * scale
-    q_pos, k_pos = _query_positions(tq, tk)[:, None], np.arange(tk)[None, :]
+    q_pos, k_pos = _query_positions(tq, tk, query_start)[:, None], np.arange(tk)[None, :]
     allowed = _row_masks(_allowed(q_pos, k_pos, causal=causal, window=window), isolated,
-                         *_documents(segment_ids, tq), q_pos, k_pos)
+                         *_documents(segment_ids, tq, query_start), q_pos, k_pos)
     weights = masked_softmax(logits, allowed if allowed.ndim == 2 else allowed[:, None])
     return jnp.einsum("bhqk,bkhv->bqhv", weights, v).astype(v_dtype)
 
@@ -155,7 +183,7 @@ def _row_blocks(x, block: int):
 def _blocks(k, v, masks, block):
     """What the flash scans visit: key blocks, value blocks, the per-row key masks (isolated keys, key
     documents; `_row_blocks`) and each block's first key position."""
-    tk, (iso, _, k_doc) = k.shape[2], masks
+    tk, (iso, _, k_doc, _) = k.shape[2], masks
     starts = jnp.arange(0, tk + (-tk) % block, block)
     return _key_blocks(k, block), _key_blocks(v, block), (_row_blocks(iso, block), _row_blocks(k_doc, block)), starts
 
@@ -164,7 +192,7 @@ def _block_logits(q, k_blk, start, tk, scale, causal, window, masks, row_blks):
     """Masked float32 logits [B, N, G, Tq, block] of all queries against one key block."""
     tq, block = q.shape[3], k_blk.shape[2]
     logits = jnp.einsum("bngqd,bnkd->bngqk", q, k_blk, preferred_element_type=_F32) * scale
-    q_pos, k_pos = _query_positions(tq, tk)[:, None], (start + jnp.arange(block))[None, :]
+    q_pos, k_pos = _query_positions(tq, tk, masks[3])[:, None], (start + jnp.arange(block))[None, :]
     allowed = _allowed(q_pos, k_pos, causal=causal, window=window) & (k_pos < tk)
     allowed = _row_masks(allowed, row_blks[0], masks[1], row_blks[1], q_pos, k_pos)
     return jnp.where(allowed if allowed.ndim == 2 else allowed[:, None, None], logits, -jnp.inf)
@@ -187,10 +215,11 @@ def _flash_forward(q, k, v, masks, scale, causal, window, block):
         pv = jnp.einsum("bngqk,bnkv->bngqv", weights.astype(v.dtype), v_blk, preferred_element_type=_F32)
         return (new_max, denom, rescale[..., None] * acc + pv), None
 
+    # `_like(q)` keeps q's varying manual axes (context parallelism), which the scan's carry must match.
     init = (
-        jnp.full(stats_shape, -jnp.inf, _F32),
-        jnp.zeros(stats_shape, _F32),
-        jnp.zeros(stats_shape + (v.shape[-1],), _F32),
+        jnp.full_like(q, -jnp.inf, _F32, shape=stats_shape),
+        jnp.zeros_like(q, _F32, shape=stats_shape),
+        jnp.zeros_like(q, _F32, shape=stats_shape + (v.shape[-1],)),
     )
     (row_max, denom, acc), _ = jax.lax.scan(visit_block, init, _blocks(k, v, masks, block))
     seen = denom > 0
@@ -200,8 +229,8 @@ def _flash_forward(q, k, v, masks, scale, causal, window, block):
     return o.astype(q.dtype), logsumexp
 
 
-# `masks` = (isolated keys `[B, Tk]` bool, query documents `[B, Tq]`, key documents `[B, Tk]` int32;
-# each None when not given) is an input without a cotangent (bwd returns None).
+# `masks` = (isolated keys `[B, Tk]` bool, query documents `[B, Tq]`, key documents `[B, Tk]` int32,
+# the traced first query position; each None when not given) is an input without a cotangent.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _flash_attention(q, k, v, masks, scale, causal, window, block):
     return _flash_forward(q, k, v, masks, scale, causal, window, block)[0]
@@ -229,7 +258,7 @@ def _flash_attention_bwd(scale, causal, window, block, residuals, do):
         dk_blk = jnp.einsum("bngqk,bngqd->bnkd", dlogits, q, preferred_element_type=_F32)
         return dq, (dk_blk, dv_blk)
 
-    dq, (dk, dv) = jax.lax.scan(visit_block, jnp.zeros(q.shape, _F32), _blocks(k, v, masks, block))
+    dq, (dk, dv) = jax.lax.scan(visit_block, jnp.zeros_like(q, _F32), _blocks(k, v, masks, block))
 
     def unblock(x, like):  # [Tk / block, B, N, block, D] -> [B, N, Tk, D]
         x = jnp.moveaxis(x, 0, 2)
@@ -243,15 +272,16 @@ _flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
 
 
 def softmax_attention_chunk(q, k, v, *, scale: float, causal: bool, window: int | None, block_size: int = 128,
-                            isolated=None, segment_ids=None):
-    """Blocked online softmax over key blocks with an O(T)-memory custom VJP (see the module doc)."""
+                            isolated=None, segment_ids=None, query_start=None):
+    """Blocked online softmax over key blocks with an O(T)-memory custom VJP (see the module doc);
+    `query_start` as in `softmax_attention_reference`."""
     b, tq, heads, dk = q.shape
     kv_heads = k.shape[2]
     groups = heads // kv_heads
     q_grouped = q.reshape(b, tq, kv_heads, groups, dk).transpose(0, 2, 3, 1, 4)
     k_grouped, v_grouped = (jnp.swapaxes(x, 1, 2) for x in (k, v))
     block = min(block_size, k.shape[1])
-    masks = (isolated, *_documents(segment_ids, tq))
+    masks = (isolated, *_documents(segment_ids, tq, query_start), query_start)
     o = _flash_attention(q_grouped, k_grouped, v_grouped, masks, scale, causal, window, block)
     return o.transpose(0, 3, 1, 2, 4).reshape(b, tq, heads, v.shape[-1])
 
@@ -300,8 +330,43 @@ def _check_window(window, op: str) -> None:
         raise ValueError(f"{op}: window must be None or an int >= 1, got {window!r}")
 
 
+def _context_parallel(q, k, v, options, *, choice, block_size, axis):
+    """This shard's rows of softmax attention over the row split along `axis` (module docstring,
+    "Context parallelism"): the halo path when causal with W - 1 <= T, else the gather path."""
+    op, t, window = "softmax_attention", q.shape[1], options["window"]
+    if k.shape[1] != t:
+        raise ValueError(f"{op}: with context_axis the queries are the shard's own positions, so q and k "
+                         f"need the same local length, got Tq={t} and Tk={k.shape[1]}")
+    if options["causal"] and window is not None and window - 1 <= t:
+        if window > 1:  # window 1: every query reads its own key only, no halo
+            ids = options["segment_ids"]
+            ids = jnp.ones((q.shape[0], t), jnp.int32) if ids is None else ids
+            def with_halo(x):
+                return None if x is None else jnp.concatenate([previous_tokens(x, window - 1, axis), x], axis=1)
+            k, v = with_halo(k), with_halo(v)
+            options = dict(options, segment_ids=with_halo(ids), isolated=with_halo(options["isolated"]))
+        return _run(q, k, v, options, choice, block_size)
+    if choice is Impl.XLA:
+        raise ValueError(f"{op}: impl='xla' cannot run context-parallel with causal={options['causal']}, "
+                         f"window={window} (it needs the keys of the whole row at a traced query offset); "
+                         f"use impl='chunk' or 'reference' (a causal window W <= T + 1 runs any impl)")
+    gathered = {name: None if x is None else gather_time(x, axis)
+                for name, x in (("isolated", options["isolated"]), ("segment_ids", options["segment_ids"]))}
+    options = dict(options, **gathered, query_start=shard_offset(t, axis))
+    return _run(q, gather_time(k, axis), gather_time(v, axis), options, choice, block_size)
+
+
+def _run(q, k, v, options, choice, block_size):
+    """The chosen impl on checked inputs."""
+    if choice is Impl.REFERENCE:
+        return softmax_attention_reference(q, k, v, **options)
+    if choice is Impl.XLA:
+        return softmax_attention_xla(q, k, v, **options)
+    return softmax_attention_chunk(q, k, v, **options, block_size=block_size)
+
+
 def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, isolated=None, segment_ids=None,
-                      impl="chunk", block_size=128):
+                      impl="chunk", block_size=128, context_axis=None):
     """Softmax attention: q `[B, Tq, H, K]`, k `[B, Tk, HKV, K]`, v `[B, Tk, HKV, V]` -> o `[B, Tq, H, V]`.
 
     Queries sit at the last Tq of the Tk key positions; `window=W` limits each query at position p
@@ -312,6 +377,8 @@ def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, isolated
     `segment_ids` `[B, Tk]` int (packed documents of the key positions, 1, 2, ... per document, 0 =
     padding; query i has the id of position Tk - Tq + i): a query attends only keys of its own
     document; padding queries attend nothing and return 0.
+    `context_axis`: the mesh axis the time axis is split over inside `jax.shard_map` (Tq = Tk = this
+    shard's length; module docstring, "Context parallelism"), or None.
     q, k, v share one dtype; o comes back in it.
     """
     op = "softmax_attention"
@@ -333,11 +400,9 @@ def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, isolated
     options = dict(scale=default_scale(scale, dk), causal=bool(causal), window=window,
                    isolated=check_isolated(op, isolated, (b, tk), layout="[B, Tk]"),
                    segment_ids=check_segment_ids(op, segment_ids, (b, tk), layout="[B, Tk]"))
-    if choice is Impl.REFERENCE:
-        return softmax_attention_reference(q, k, v, **options)
-    if choice is Impl.XLA:
-        return softmax_attention_xla(q, k, v, **options)
-    return softmax_attention_chunk(q, k, v, **options, block_size=block_size)
+    if context_axis is not None:
+        return _context_parallel(q, k, v, options, choice=choice, block_size=block_size, axis=context_axis)
+    return _run(q, k, v, options, choice, block_size)
 
 
 # ---------------------------------------------------------------------------------------------

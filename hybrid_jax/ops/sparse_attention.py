@@ -45,6 +45,14 @@ query) and candidates the blocks c < c(p) of its own document, so it never score
 another document's keys, and selection, tie-breaking by block order included, and output are those
 of the document run alone. Without segment_ids the grid is the absolute one above.
 
+Context parallelism (`context_axis`, `hybrid_jax.ops.context`): inside `jax.shard_map` with the time
+axis split over n shards of T tokens (T a multiple of Bs, so the absolute blocks never straddle
+shards), k, v and segment_ids are all-gathered (`gather_time`) and the grid is built over the whole
+row; the local queries keep their global positions iT + t (own block, candidates, document), so the
+selection and the outputs are the unsplit op's rows. Each shard sends (n - 1) T HKV (K + V) elements,
+as softmax attention's gather path (the selected blocks may lie anywhere before the query).
+`block_token_attention` gathers each shard's T / Bs block tokens the same way.
+
 `block_token_attention` is NSA's compressed branch: attention over one (compressed) key/value
 token per complete block before the query's own, T x T / Bs logits.
 
@@ -66,6 +74,7 @@ from hybrid_jax.ops._common import Impl, check_floating, check_grouped_heads, ch
 from hybrid_jax.ops._common import check_segment_ids, check_shape, check_time, default_scale, pad_time
 from hybrid_jax.ops._common import repeat_heads, resolve_impl
 from hybrid_jax.ops.attention import masked_softmax
+from hybrid_jax.ops.context import gather_time, shard_offset
 
 SUPPORTED = (Impl.REFERENCE, Impl.CHUNK)
 _F32 = jnp.float32
@@ -172,23 +181,53 @@ def select_blocks(q, k, grid: BlockGrid, *, block_size: int, top_k: int):
     return starts.reshape(index.shape), valid
 
 
-def _own_block(grid: BlockGrid, block_size: int):
-    """Each query's own block: its first key and the number of keys up to the query (0 for padding)."""
+def _own_block(grid: BlockGrid, block_size: int, query_start=None):
+    """Each query's own block: its first key and the number of keys up to the query (0 for padding),
+    for queries at key positions query_start, query_start + 1, ... (0, 1, ... when None)."""
     in_block = grid.position % block_size
-    return jnp.arange(grid.position.shape[1]) - in_block, jnp.where(grid.real, in_block + 1, 0)
+    first_key = jnp.arange(grid.position.shape[1]) - in_block
+    return (first_key if query_start is None else query_start + first_key), jnp.where(grid.real, in_block + 1, 0)
+
+
+def _query_grid(segment_ids, *, batch: int, queries: int, keys: int, block_size: int, query_start=None):
+    """`block_grid` of the `keys` positions, its per-token fields cut to the queries at query_start ..
+    query_start + queries - 1 (context parallelism: this shard's), or the whole grid when None."""
+    grid = block_grid(segment_ids, batch=batch, time=keys, block_size=block_size)
+    if query_start is None:
+        return grid
+    def cut(x):
+        return jax.lax.dynamic_slice_in_dim(x, query_start, queries, axis=1)
+    return BlockGrid(grid.block_start, cut(grid.first_block), cut(grid.position), cut(grid.real))
+
+
+def _gather_context(k, v, segment_ids, axis: str | None, *, op: str, block_size: int, queries: int):
+    """(k, v, segment_ids of the whole row, the position of this shard's first of `queries` tokens)
+    under context parallelism; the inputs and None without it."""
+    if axis is None:
+        return k, v, segment_ids, None
+    t = queries
+    if t % block_size:
+        raise ValueError(f"{op}: with context_axis={axis!r} the shard's length {t} must be a multiple of "
+                         f"block_size={block_size}, so that no block straddles two shards; use a block size "
+                         f"dividing {t} or a length per shard that is a multiple of {block_size}")
+    ids = None if segment_ids is None else gather_time(segment_ids, axis)
+    return gather_time(k, axis), gather_time(v, axis), ids, shard_offset(t, axis)
 
 
 # ---------------------------------------------------------------------------------------------
 # reference
 
 
-def block_sparse_attention_reference(q, k, v, *, scale: float, block_size: int, top_k: int, segment_ids=None):
-    """Dense float32 logits under the materialised block-sparse mask: the ground truth."""
+def block_sparse_attention_reference(q, k, v, *, scale: float, block_size: int, top_k: int, segment_ids=None,
+                                     query_start=None):
+    """Dense float32 logits under the materialised block-sparse mask: the ground truth. With a traced
+    `query_start`, the queries sit at key positions query_start, ... of the keys (and segment_ids)."""
     b, t, heads = q.shape[:3]
-    grid = block_grid(segment_ids, batch=b, time=t, block_size=block_size)
+    grid = _query_grid(segment_ids, batch=b, queries=t, keys=k.shape[1], block_size=block_size,
+                       query_start=query_start)
     starts, valid = select_blocks(q, k, grid, block_size=block_size, top_k=top_k)
-    own_start, own_count = (x[:, :, None] for x in _own_block(grid, block_size))
-    keys = jnp.arange(t)
+    own_start, own_count = (x[:, :, None] for x in _own_block(grid, block_size, query_start))
+    keys = jnp.arange(k.shape[1])
     own = (keys >= own_start) & (keys < own_start + own_count)  # [B, T, T]
     # hit[b, t, n, s, j]: key j lies in the s-th selected block of query t, a valid one.
     hit = valid[..., None] & (keys >= starts[..., None]) & (keys < starts[..., None] + block_size)
@@ -229,11 +268,14 @@ def _with_own_block(starts, valid, own_start, own_count, block_size):
     return jnp.concatenate([starts, own], axis=-1), jnp.concatenate([selected, own_ok], axis=-2)
 
 
-def block_sparse_attention_chunk(q, k, v, *, scale: float, block_size: int, top_k: int, segment_ids=None):
-    """The gathered-block form (module docstring): a scan over query blocks, rematerialised."""
+def block_sparse_attention_chunk(q, k, v, *, scale: float, block_size: int, top_k: int, segment_ids=None,
+                                 query_start=None):
+    """The gathered-block form (module docstring): a scan over query blocks, rematerialised;
+    `query_start` as in `block_sparse_attention_reference`."""
     b, t, heads, dk = q.shape
     kv_heads = k.shape[2]
-    grid = block_grid(segment_ids, batch=b, time=t, block_size=block_size)
+    grid = _query_grid(segment_ids, batch=b, queries=t, keys=k.shape[1], block_size=block_size,
+                       query_start=query_start)
     starts, valid = select_blocks(q, k, grid, block_size=block_size, top_k=top_k)
 
     @jax.checkpoint  # the backward pass re-gathers one query block at a time instead of storing all
@@ -242,7 +284,7 @@ def block_sparse_attention_chunk(q, k, v, *, scale: float, block_size: int, top_
         return None, _attend_blocks(q_blk, k, v, *_with_own_block(*blocks, block_size), scale)
 
     q_grouped = q.reshape(b, t, kv_heads, heads // kv_heads, dk)
-    xs = (q_grouped, starts, valid, *_own_block(grid, block_size))
+    xs = (q_grouped, starts, valid, *_own_block(grid, block_size, query_start))
     _, o = jax.lax.scan(step, None, tuple(_to_steps(x, block_size) for x in xs))
     return _from_steps(o, t).reshape(b, t, heads, v.shape[-1]).astype(v.dtype)
 
@@ -264,14 +306,16 @@ def _check_heads_and_dtype(op: str, heads: int, kv_heads: int, **arrays) -> None
     check_same_dtype(op, **arrays)
 
 
-def block_sparse_attention(q, k, v, *, block_size=64, top_k=8, scale=None, segment_ids=None, impl="chunk"):
+def block_sparse_attention(q, k, v, *, block_size=64, top_k=8, scale=None, segment_ids=None, impl="chunk",
+                           context_axis=None):
     """Causal block-sparse attention: q `[B, T, H, K]`, k `[B, T, HKV, K]`, v `[B, T, HKV, V]` ->
     o `[B, T, H, V]`. Each query attends to its own block (causally) and to the `top_k` earlier
     blocks of `block_size` keys whose mean key scores highest against its group's summed query.
     `segment_ids` `[B, T]` int (packed documents, 0 = padding): blocks are counted from each
     document's first token and a query reads its own document only, as if it ran alone (padding
     queries return 0). `impl` is "reference" (dense masked) or "chunk" (gathered blocks, default);
-    `scale` defaults to K ** -0.5. q, k, v share one dtype; o comes back in it.
+    `scale` defaults to K ** -0.5. q, k, v share one dtype; o comes back in it. `context_axis`: the
+    mesh axis the time axis is split over inside `jax.shard_map` (module docstring), or None.
     """
     op = "block_sparse_attention"
     choice = resolve_impl(impl, op, SUPPORTED)
@@ -284,8 +328,10 @@ def block_sparse_attention(q, k, v, *, block_size=64, top_k=8, scale=None, segme
     check_time(op, t, q=q, k=k, v=v)
     _check_heads_and_dtype(op, heads, kv_heads, q=q, k=k, v=v)
     _check_block_options(op, block_size, top_k)
+    k, v, segment_ids, query_start = _gather_context(k, v, check_segment_ids(op, segment_ids, (b, t)),
+                                                     context_axis, op=op, block_size=block_size, queries=t)
     options = dict(scale=default_scale(scale, dk), block_size=block_size, top_k=top_k,
-                   segment_ids=check_segment_ids(op, segment_ids, (b, t)))
+                   segment_ids=segment_ids, query_start=query_start)
     if choice is Impl.REFERENCE:
         return block_sparse_attention_reference(q, k, v, **options)
     return block_sparse_attention_chunk(q, k, v, **options)
@@ -359,7 +405,8 @@ def block_sparse_attention_step(q_t, k_cache, v_cache, block_keys, *, length, bl
 # one token per complete block (NSA's compressed branch)
 
 
-def block_token_attention(q, k_tokens, v_tokens, *, positions, block_size, segment_ids=None, scale=None):
+def block_token_attention(q, k_tokens, v_tokens, *, positions, block_size, segment_ids=None, scale=None,
+                          context_axis=None):
     """Attention over one key/value token per block (NSA's compressed branch): q `[B, Tq, H, K]` at
     `positions` `[B, Tq]`, tokens k `[B, NB, HKV, K]`, v `[B, NB, HKV, V]` -> o `[B, Tq, H, V]`:
 
@@ -371,7 +418,10 @@ def block_token_attention(q, k_tokens, v_tokens, *, positions, block_size, segme
     Packed documents: with `segment_ids` `[B, Tq]` (the queries are a whole packed row), token c is
     the `block_grid` block c (the complete blocks of each document from its first token, in row
     order), `positions` are positions within each document, and a query reads its document's tokens
-    c - first_block < p_t // Bs only (padding queries none)."""
+    c - first_block < p_t // Bs only (padding queries none).
+
+    `context_axis` (module docstring): q, positions, segment_ids are this shard's, and k_tokens,
+    v_tokens its slots of the row's token table (its own T / Bs blocks without segment_ids)."""
     op = "block_token_attention"
     for name, x in (("q", q), ("k_tokens", k_tokens), ("v_tokens", v_tokens)):
         check_rank(f"{op}: {name}", x, 4, "[B, T, H, D]")
@@ -384,9 +434,13 @@ def block_token_attention(q, k_tokens, v_tokens, *, positions, block_size, segme
     _check_heads_and_dtype(op, heads, kv_heads, q=q, k_tokens=k_tokens, v_tokens=v_tokens)
     _check_block_options(op, block_size, 1)
     segment_ids = check_segment_ids(op, segment_ids, (b, tq), layout="[B, Tq]")
+    k_tokens, v_tokens, segment_ids, query_start = _gather_context(
+        k_tokens, v_tokens, segment_ids, context_axis, op=op, block_size=block_size, queries=tq)
+    nb = k_tokens.shape[1]
     first, count = jnp.zeros((b, tq), jnp.int32), positions // block_size
     if segment_ids is not None:
-        grid = block_grid(segment_ids, batch=b, time=tq, block_size=block_size)
+        grid = _query_grid(segment_ids, batch=b, queries=tq, keys=segment_ids.shape[1], block_size=block_size,
+                           query_start=query_start)
         first, count = grid.first_block, jnp.where(grid.real, count, 0)
     q_grouped = q.reshape(b, tq, kv_heads, heads // kv_heads, dk)
     logits = jnp.einsum("btngd,bcnd->btngc", q_grouped, k_tokens, preferred_element_type=_F32)

@@ -1,7 +1,7 @@
 """Command line: `python -m hybrid_jax.train --config FILE.py[:PRESET] --workdir DIR [--config.KEY=VALUE ...]`.
 
     python -m hybrid_jax.train --config experiments/configs/kimi_linear.py:tiny --workdir runs/x \\
-        --config.train.steps=500 --config.mesh.shape='(-1, 1, 1, 1)'
+        --config.train.steps=500 --config.mesh.shape='(-1, 1, 1, 1, 1)'
 
 Rerunning the same command resumes from the newest checkpoint in the workdir. Several processes
 (one per host, or several on one machine) join through --coordinator_address host:port,

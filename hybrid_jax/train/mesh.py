@@ -3,7 +3,8 @@
     mesh     = jax.make_mesh(mesh.shape, mesh.axes)            e.g. (-1, 1, 1) over (data, fsdp, tensor)
     rules    = {logical axis -> mesh axis | tuple of mesh axes | None}        (config `mesh.axis_rules`)
     spec     = PartitionSpec(rules[a_0], rules[a_1], ...)    for a parameter with logical axes (a_0, ...)
-    batch    = PartitionSpec(rules["batch"], None)           rows of [B, T] split over (data, fsdp)
+    batch    = PartitionSpec(rules["batch"], rules["length"]) rows of [B, T] over (data, fsdp, expert),
+                                                              time over context
 
 Every parameter carries one logical name per dimension (`hybrid_jax.nn.logical_axes`); the rules
 turn those names into a `NamedSharding`. A dimension stays replicated when its name has no rule
@@ -100,8 +101,9 @@ def tree_shardings(logical_specs, abstract_tree, rules: Rules, mesh: Mesh):
 
 
 def batch_spec(rules: Rules) -> PartitionSpec:
-    """Rows over the mesh axes of the `batch` rule; the time axis replicated."""
-    return PartitionSpec(rules.get("batch"), None)
+    """Rows over the mesh axes of the `batch` rule; the time axis over those of the `length` rule
+    (the "context" axis: context parallelism, `hybrid_jax.nn.context`), replicated without one."""
+    return PartitionSpec(rules.get("batch"), rules.get("length"))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -220,13 +220,22 @@ def make_train_step(
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, buffers=buffers), metrics
 
     replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
-    return jax.jit(
+    return _in_mesh(batch_sharding.mesh, jax.jit(
         train_step,
         # One sharding for the whole batch (a pytree prefix): every key, "loss_mask" included.
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
-    )
+    ))
+
+
+def _in_mesh(mesh, step):
+    """`step` traced and run with `mesh` in scope (`jax.set_mesh`), where the model finds the "context"
+    axis that splits the time axis (`hybrid_jax.nn.context.sharded_mixer`)."""
+    def run(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return step(*args, **kwargs)
+    return run
 
 
 def make_eval_step(
@@ -244,11 +253,11 @@ def make_eval_step(
         logits, _ = _merge(graphdef, params, buffers).forward(tokens, **documents)
         return masked_token_sums(logits, batch)
 
-    evaluate = jax.jit(
+    evaluate = _in_mesh(batch_sharding.mesh, jax.jit(
         token_sums,
         in_shardings=(param_shardings, buffer_shardings or {}, batch_sharding),
         out_shardings=NamedSharding(batch_sharding.mesh, PartitionSpec()),
-    )
+    ))
     return lambda params, batch, buffers=None: evaluate(params, buffers or {}, batch)
 
 

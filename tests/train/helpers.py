@@ -11,7 +11,7 @@ RUN = dict(seq_len=32, batch_size=8, steps=6, warmup_steps=1, log_every=1, eval_
            eval_steps=2, checkpoint_every=3)
 
 
-def tiny_config(corpus: str, *, mesh=(-1, 1, 1, 1), **train):
+def tiny_config(corpus: str, *, mesh=(-1, 1, 1, 1, 1), **train):
     """The tiny transformer on `corpus` (bytes) with RUN's train settings, overridden by `train`."""
     config = load_config(TINY)
     config.data.source, config.data.tokenizer = corpus, "byte"

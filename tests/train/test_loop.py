@@ -22,17 +22,18 @@ def train_losses(workdir) -> dict[int, float]:
 def one_device_run(corpus, tmp_path_factory):
     """6 uninterrupted steps on a single device (mesh 1 x 1 x 1 x 1): the reference."""
     workdir = tmp_path_factory.mktemp("one_device")
-    result = train(tiny_config(corpus, mesh=(1, 1, 1, 1)), str(workdir), devices=jax.devices()[:1])
+    result = train(tiny_config(corpus, mesh=(1, 1, 1, 1, 1)), str(workdir), devices=jax.devices()[:1])
     return result, train_losses(workdir)
 
 
 @pytest.fixture(scope="module")
 def resharded_run(corpus, tmp_path_factory):
-    """3 steps on mesh data=2, fsdp=2, tensor=2, then resumed from the checkpoint on mesh 8 x 1 x 1 x 1."""
+    """3 steps on mesh data=2, tensor=2, context=2 (each row's time axis split over 2 devices: context
+    parallelism), then resumed from the checkpoint on mesh 8 x 1 x 1 x 1 x 1 (context = 1)."""
     workdir = str(tmp_path_factory.mktemp("resharded"))
-    first = train(tiny_config(corpus, mesh=(2, 2, 2, 1)), workdir, stop_at_step=3)
+    first = train(tiny_config(corpus, mesh=(2, 1, 2, 1, 2)), workdir, stop_at_step=3)
     losses_before = train_losses(workdir)
-    second = train(tiny_config(corpus, mesh=(8, 1, 1, 1)), workdir)
+    second = train(tiny_config(corpus, mesh=(8, 1, 1, 1, 1)), workdir)
     return first, second, losses_before, train_losses(workdir)
 
 
@@ -51,7 +52,7 @@ def test_single_run_completes_with_full_eval(one_device_run):
     assert os.listdir(os.path.join(result.workdir, "tensorboard"))
 
 
-def test_2x2x2_mesh_matches_one_device(one_device_run, resharded_run):
+def test_data_tensor_context_mesh_matches_one_device(one_device_run, resharded_run):
     _, reference = one_device_run
     first, _, losses_before, _ = resharded_run
     assert first.status == "stopped" and first.step == 3 and first.checkpoint_steps == (3,)
@@ -75,7 +76,7 @@ def test_restore_onto_a_different_mesh_continues_the_run(one_device_run, reshard
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
     # A learning rate of 1e30 overflows the parameters within a few updates.
-    config = tiny_config(corpus, mesh=(1, 1, 1, 1), learning_rate=1e30, steps=20, checkpoint_every=1)
+    config = tiny_config(corpus, mesh=(1, 1, 1, 1, 1), learning_rate=1e30, steps=20, checkpoint_every=1)
     with pytest.raises(NonFiniteLossError, match=r"training loss became (nan|inf) at step (\d+).*"
                        r"Last good checkpoint: step (\d+)") as error:
         train(config, str(tmp_path), devices=jax.devices()[:1])
@@ -105,7 +106,7 @@ jax.monitoring.register_event_duration_secs_listener(_count_compiles)
         (lambda c: setattr(c.data, "source", "/no/such/corpus.txt"), r"/no/such/corpus\.txt"),
         (lambda c: setattr(c.model, "pattern", "AZ"), r"model\.pattern: letter 'Z' has no mixer"),
         (lambda c: setattr(c.train, "grad_accum_steps", 3), r"train\.grad_accum_steps: 3 must divide train\.batch_size"),
-        (lambda c: setattr(c.mesh, "shape", (3, 1, 1, 1)), r"mesh\.shape: \(3, 1, 1, 1\) needs 3 devices but 8"),
+        (lambda c: setattr(c.mesh, "shape", (3, 1, 1, 1, 1)), r"mesh\.shape: \(3, 1, 1, 1, 1\) needs 3 devices but 8"),
         (lambda c: setattr(c.train, "batch_size", 4), r"train\.batch_size: 4 .* must divide over the 8 batch shards"),
         (lambda c: setattr(c.model, "vocab_size", 100), r"model\.vocab_size: 100 is smaller than the 'byte'"),
     ],

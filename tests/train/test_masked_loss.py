@@ -11,7 +11,7 @@ from hybrid_jax.train import read_metrics, train
 from hybrid_jax.train import mesh as mesh_lib
 from hybrid_jax.train.step import loss_weight, masked_token_sums
 from tests.train.helpers import tiny_config
-from tests.train.test_parts import _step_results
+from tests.train.test_parts import _step_results, _step_runs
 
 
 def test_masked_sums_match_numpy_and_an_all_ones_mask_is_no_mask():
@@ -35,16 +35,15 @@ def test_masked_sums_match_numpy_and_an_all_ones_mask_is_no_mask():
 
 
 def test_masked_gradient_accumulation_matches_the_full_batch_and_ignores_unmasked_targets(corpus):
-    config = tiny_config(corpus, mesh=(2, 2, 2, 1))
+    config = tiny_config(corpus, mesh=(2, 2, 2, 1, 1))
     mesh, rules = mesh_lib.make_mesh(config.mesh), mesh_lib.axis_rules(config.mesh)
     rng = np.random.default_rng(0)
     rows = rng.integers(0, 256, (8, 33), dtype=np.int32)
     # Uneven masks: the micro-batches hold different numbers of scored tokens.
     mask = (rng.random((8, 32)) < np.linspace(0.1, 0.9, 8)[:, None]).astype(np.float32)
     batch = {"inputs": rows[:, :-1], "targets": rows[:, 1:], "loss_mask": mask}
-    _, full = _step_results(config, mesh, rules, batch)
     scrambled = dict(batch, targets=np.where(mask > 0, batch["targets"], rng.integers(0, 256, (8, 32))).astype(np.int32))
-    _, same = _step_results(config, mesh, rules, scrambled)
+    (_, full), (_, same) = _step_runs(config, mesh, rules, [batch, scrambled])
     config.train.grad_accum_steps = 2
     _, accumulated = _step_results(config, mesh, rules, batch)
     for a, b, c in zip(full, accumulated, same):

@@ -18,7 +18,7 @@ RATE = 1e-2  # the balancing-bias step
 MESH_RTOL = 1e-5
 
 
-def moe_config(corpus, mesh=(1, 1, 1, 1), **train_overrides):
+def moe_config(corpus, mesh=(1, 1, 1, 1, 1), **train_overrides):
     """The tiny transformer (2 layers) with layer 1 MoE: one lead period and one scanned period."""
     config = tiny_config(corpus, mesh=mesh, **train_overrides)
     config.model.ffn = "moe"
@@ -69,7 +69,7 @@ def test_step_updates_the_balancing_biases_from_the_load(one_device):
     assert tuple(spec)[:2] == (None, None)  # a one-device mesh shards nothing
 
 
-@pytest.mark.parametrize("mesh", [(2, 1, 2, 2), (2, 1, 1, 4), (1, 1, 1, 8)],
+@pytest.mark.parametrize("mesh", [(2, 1, 2, 2, 1), (2, 1, 1, 4, 1), (1, 1, 1, 8, 1)],
                          ids=["data2-tensor2-expert2", "data2-expert4", "expert8"])
 def test_expert_parallel_mesh_equals_one_device(corpus, batches, one_device, mesh):
     reference, reference_metrics, _ = one_device
@@ -90,7 +90,7 @@ def _records(workdir):
 
 
 def test_stopped_run_resumes_with_identical_losses_and_biases(corpus, tmp_path):
-    config = moe_config(corpus, mesh=(-1, 1, 1, 1), steps=4, checkpoint_every=2)
+    config = moe_config(corpus, mesh=(-1, 1, 1, 1, 1), steps=4, checkpoint_every=2)
     config.model.moe.dispatch = "capacity"  # also checks the dropped-fraction metric
     config.model.moe.capacity_factor = 1.0
     straight = str(tmp_path / "straight")

@@ -19,7 +19,7 @@ from tests.train.helpers import tiny_config
 
 @pytest.fixture(scope="module")
 def mesh_2x2x2(corpus):
-    config = tiny_config(corpus, mesh=(2, 2, 2, 1))
+    config = tiny_config(corpus, mesh=(2, 2, 2, 1, 1))
     return config, mesh_lib.make_mesh(config.mesh), mesh_lib.axis_rules(config.mesh)
 
 
@@ -72,23 +72,33 @@ def test_schedule_warms_up_from_the_first_update_and_ends_at_the_floor(corpus):
     np.testing.assert_allclose(lr[4:], cosine, rtol=1e-5)
 
 
-def _step_results(config, mesh, rules, batch, steps=2):
+def _step_runs(config, mesh, rules, batches, steps=2):
+    """For each of `batches`: (state, per-step metrics) after `steps` steps from the same initial state.
+
+    One train step is built for all of them, so a test comparing batches compiles it once."""
     setup = build_train_setup(config, mesh, rules)
     batch_sharding = NamedSharding(mesh, mesh_lib.batch_spec(rules))
     step = make_train_step(setup.graphdef, setup.optimizer, state_shardings=setup.state_shardings,
                            batch_sharding=batch_sharding, grad_accum_steps=config.train.grad_accum_steps)
-    state, out = setup.init_state(0), []
-    for _ in range(steps):
-        state, metrics = step(state, mesh_lib.global_batch(batch, batch_sharding))
-        out.append(jax.device_get(metrics))
-    return state, out
+    runs = []
+    for batch in batches:
+        state, out = setup.init_state(0), []
+        for _ in range(steps):
+            state, metrics = step(state, mesh_lib.global_batch(batch, batch_sharding))
+            out.append(jax.device_get(metrics))
+        runs.append((state, out))
+    return runs
+
+
+def _step_results(config, mesh, rules, batch, steps=2):
+    return _step_runs(config, mesh, rules, [batch], steps)[0]
 
 
 def test_gradient_accumulation_matches_the_full_batch(corpus, mesh_2x2x2):
     _, mesh, rules = mesh_2x2x2
     rows = np.random.default_rng(0).integers(0, 256, (8, 33), dtype=np.int32)
     batch = {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
-    config = tiny_config(corpus, mesh=(2, 2, 2, 1))
+    config = tiny_config(corpus, mesh=(2, 2, 2, 1, 1))
     _, full = _step_results(config, mesh, rules, batch)
     config.train.grad_accum_steps = 2  # micro-batches of 4 rows, one per batch shard
     _, accumulated = _step_results(config, mesh, rules, batch)
@@ -98,7 +108,7 @@ def test_gradient_accumulation_matches_the_full_batch(corpus, mesh_2x2x2):
 
 
 def test_bfloat16_compute_keeps_float32_parameters(corpus):
-    config = tiny_config(corpus, mesh=(1, 1, 1, 1))
+    config = tiny_config(corpus, mesh=(1, 1, 1, 1, 1))
     mesh, rules = mesh_lib.make_mesh(config.mesh, jax.devices()[:1]), mesh_lib.axis_rules(config.mesh)
     rows = np.random.default_rng(0).integers(0, 256, (8, 33), dtype=np.int32)
     batch = {"inputs": rows[:, :-1], "targets": rows[:, 1:]}

@@ -1,0 +1,173 @@
+"""Context parallelism of the attention ops: softmax attention (halo and gather paths), block-sparse
+and block-token attention, and the sparse-attention layers, split over 2, 4 or 8 fake devices, give
+the 1-device outputs and gradients, with documents that cross shard boundaries (one starting
+exactly on one, padding at the end), isolated tokens and grouped heads."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hybrid_jax.nn import build_mixer, mixer_config
+from hybrid_jax.nn.context import sharded_mixer
+from hybrid_jax.nn.segments import segment_positions
+from hybrid_jax.ops.attention import softmax_attention
+from hybrid_jax.ops.sparse_attention import block_sparse_attention, block_token_attention
+from tests.ops.sharding import check_context_parallel, context_mesh, context_parallel
+
+B, D = 2, 8
+
+
+def _documents(t: int, shards: int) -> np.ndarray:
+    """Row 0: a document across the first shard boundary, one starting exactly on the second (on the
+    first with 2 shards), padding at the end. Row 1: one document."""
+    local = t // shards
+    ids = np.ones((2, t), np.int32)
+    ids[0, local - 3:] = 2
+    ids[0, 2 * local if shards > 2 else local:] = 3
+    ids[0, t - 3:] = 0
+    return ids
+
+
+def _qkv(t, heads, kv_heads, key=0):
+    ks = jax.random.split(jax.random.key(key), 3)
+    return (jax.random.normal(ks[0], (B, t, heads, D)), jax.random.normal(ks[1], (B, t, kv_heads, D)),
+            jax.random.normal(ks[2], (B, t, kv_heads, D)))
+
+
+# (impl, context, data, local length, heads, kv heads, causal, window, segment ids, isolated)
+SOFTMAX_CASES = [
+    ("chunk", 2, 1, 16, 2, 2, True, None, True, False),  # global causal: gather
+    ("reference", 8, 1, 8, 4, 2, True, None, False, True),  # GQA, isolated keys
+    ("chunk", 4, 1, 16, 2, 1, True, 5, True, True),  # W - 1 <= T: halo
+    ("xla", 4, 1, 8, 2, 2, True, 9, True, False),  # halo of exactly T keys, any impl
+    ("chunk", 2, 2, 8, 4, 2, True, 12, True, False),  # W - 1 > T: gather, data = 2
+    ("reference", 2, 1, 8, 2, 2, False, 6, True, False),  # non-causal window: gather
+]
+
+
+@pytest.mark.parametrize("impl, context, data, local, heads, kv_heads, causal, window, with_ids, with_iso",
+                         SOFTMAX_CASES)
+def test_softmax_attention_context_parallel(impl, context, data, local, heads, kv_heads, causal, window,
+                                            with_ids, with_iso):
+    t = local * context
+    q, k, v = _qkv(t, heads, kv_heads)
+    extra = {}
+    if with_ids:
+        extra["segment_ids"] = jnp.asarray(_documents(t, context))
+    if with_iso:
+        extra["isolated"] = jnp.asarray(np.arange(t) % 5 == 3)[None].repeat(B, 0)
+    names = tuple(extra)
+
+    def fn(per_token, shared, context_axis):
+        q, k, v, *rest = per_token
+        o = softmax_attention(q, k, v, causal=causal, window=window, impl=impl, block_size=4,
+                              context_axis=context_axis, **dict(zip(names, rest)))
+        return o, None
+
+    check_context_parallel(fn, (q, k, v, *extra.values()), context=context, data=data)
+
+
+def test_softmax_attention_context_parallel_xla_needs_the_halo():
+    q, k, v = _qkv(16, 2, 2)
+    mesh = context_mesh(2)
+
+    def fn(per_token, shared, context_axis):
+        return softmax_attention(*per_token, impl="xla", context_axis=context_axis), None
+
+    with pytest.raises(ValueError, match="impl='xla' cannot run context-parallel.*'chunk' or 'reference'"):
+        with jax.set_mesh(mesh):
+            context_parallel(fn, mesh, (q, k, v), ())
+
+
+# (impl, context, data, local length, block size, top_k, heads, kv heads, segment ids)
+SPARSE_CASES = [
+    ("chunk", 4, 1, 8, 4, 2, 4, 2, True),
+    ("reference", 2, 1, 16, 4, 2, 2, 2, False),
+    ("chunk", 2, 2, 8, 2, 3, 2, 1, True),
+]
+
+
+@pytest.mark.parametrize("impl, context, data, local, block, top_k, heads, kv_heads, with_ids", SPARSE_CASES)
+def test_block_sparse_attention_context_parallel(impl, context, data, local, block, top_k, heads, kv_heads,
+                                                 with_ids):
+    t = local * context
+    q, k, v = _qkv(t, heads, kv_heads, key=1)
+    ids = (jnp.asarray(_documents(t, context)),) if with_ids else ()
+
+    def fn(per_token, shared, context_axis):
+        q, k, v, *ids = per_token
+        o = block_sparse_attention(q, k, v, block_size=block, top_k=top_k, impl=impl, context_axis=context_axis,
+                                   segment_ids=ids[0] if ids else None)
+        return o, None
+
+    check_context_parallel(fn, (q, k, v, *ids), context=context, data=data)
+
+
+@pytest.mark.parametrize("with_ids", [False, True])
+def test_block_token_attention_context_parallel(with_ids):
+    """Each shard holds the tokens of its own T / Bs blocks (of the grid of the whole row)."""
+    context, local, block = 4, 8, 4
+    t = local * context
+    q, k, v = _qkv(t, 4, 2, key=2)
+    ids = jnp.asarray(_documents(t, context)) if with_ids else None
+    positions = segment_positions(ids) if with_ids else jnp.broadcast_to(jnp.arange(t), (B, t))
+    tokens = tuple(x[:, : t // block] for x in (k, v))  # any [B, NB, HKV, D]: the table's slots
+    per_token = (q, positions) + ((ids,) if with_ids else ())
+
+    def fn(per_token, shared, context_axis):
+        q, positions, *ids = per_token
+        if context_axis is None:
+            k_tokens, v_tokens = shared
+        else:  # this shard's slots of the table
+            i, slots = jax.lax.axis_index(context_axis), local // block
+            k_tokens, v_tokens = (jax.lax.dynamic_slice_in_dim(x, i * slots, slots, axis=1) for x in shared)
+        o = block_token_attention(q, k_tokens, v_tokens, positions=positions, block_size=block,
+                                  segment_ids=ids[0] if ids else None, context_axis=context_axis)
+        return o, None
+
+    check_context_parallel(fn, per_token, tokens, context=context)
+
+
+def test_sparse_attention_context_parallel_needs_whole_blocks():
+    q, k, v = _qkv(24, 2, 2)
+    mesh = context_mesh(2)
+
+    def fn(per_token, shared, context_axis):
+        return block_sparse_attention(*per_token, block_size=8, top_k=1, context_axis=context_axis), None
+
+    with pytest.raises(ValueError, match="length 12 must be a multiple of block_size=8"):
+        with jax.set_mesh(mesh):
+            context_parallel(fn, mesh, (q, k, v), ())
+
+
+@pytest.mark.parametrize("context, packed", [(2, True), (4, False)])
+def test_nsa_layer_context_parallel(context, packed):
+    """The NSA layer (selected, compressed and window branches) inside `sharded_mixer` on a context
+    mesh equals the layer on one device: outputs and the gradients of x and every parameter. With
+    W = 3 <= T the window branch takes the halo path."""
+    d_model, t = 16, 16
+    layer = build_mixer(mixer_config("nsa", num_heads=2, num_kv_heads=1, head_dim=8, block_size=2, top_k=2,
+                                     window=3), d_model, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(layer)
+    x = jax.random.normal(jax.random.key(3), (B, t, d_model))
+    ids = jnp.asarray(_documents(t, context))
+    # sharded_mixer passes whole-row positions when none are given; an unsplit packed layer would rotate
+    # by positions within documents: give both the same
+    documents = {"segment_ids": ids, "positions": segment_positions(ids)} if packed else None
+    cot = jax.random.normal(jax.random.key(4), x.shape)
+
+    def loss(params, x):
+        y = sharded_mixer(nnx.merge(graphdef, params), x, documents)
+        return jnp.sum(y * cot), y
+
+    run = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    (_, y_1), grads_1 = run(params, x)
+    with jax.set_mesh(context_mesh(context)):
+        (_, y_n), grads_n = run(params, x)
+    np.testing.assert_allclose(np.asarray(y_n), np.asarray(y_1), rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(y_1))))
+    for (path, g_1), g_n in zip(jax.tree_util.tree_leaves_with_path(grads_1), jax.tree.leaves(grads_n)):
+        err = float(jnp.max(jnp.abs(g_n - g_1)) / (jnp.max(jnp.abs(g_1)) + 1))
+        assert err <= 1e-5, f"gradient {jax.tree_util.keystr(path)}: error {err:.3g}"

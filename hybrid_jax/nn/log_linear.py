@@ -32,6 +32,9 @@ L_b tokens are moved to the end of the T steps and the whole row starts at posit
 at 2^m + j, where l(2^m + j, 2^m + s) = l(j, s) for j, s < 2^m, so outputs and final levels equal
 those of the unpadded prompt (level m + 1 only ever pairs tokens with the empty padding). The same
 chunked op runs, vmapped over rows with a traced start position.
+
+Context parallelism: inside `hybrid_jax.nn.context.sharded_mixer` the op gets `context_axis` and
+passes the level states between shards itself (`hybrid_jax.ops.log_linear_context`).
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ from ml_collections import config_dict
 
 from hybrid_jax.checks import fail
 from hybrid_jax.nn.common import NO_DECAY, Dense, logical_param
+from hybrid_jax.nn.context import context_option
 from hybrid_jax.nn.layer_config import check_impl, check_ints, check_optional_ints
 from hybrid_jax.nn.linear_mixer import at_step
 from hybrid_jax.nn.segments import segment_option
@@ -165,7 +169,7 @@ class LogLinearMixin:
             return log_linear_attention(q, k, v, g=g, beta=beta, level_scales=lam, scale=scale,
                                         initial_state=initial_state, output_final_state=final, impl=self.impl,
                                         chunk_size=self.chunk_size, **self.op_options(),
-                                        **segment_option(segment_ids))
+                                        **segment_option(segment_ids), **context_option())
 
         lam = self.level_scales(x)
         if not final:

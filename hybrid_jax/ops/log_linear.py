@@ -49,16 +49,22 @@ nor merge the levels. The reference zeroes the levels before each document's fir
 and keeps them at padding; the scan restarts every level (and the incoming levels' transition) there.
 The chunk form, whose chunks align with the Fenwick blocks of absolute positions, runs the reference
 instead, with a warning.
+
+Context parallelism (`context_axis`, any impl): the Fenwick state entering each shard is a fold over
+the shards of (transition, own final levels) pairs, each step a transition, a merge of the levels
+below the shard's merge level and the shard's own levels; each shard then runs the impl from that
+state (`log_linear_context.py`, which derives it and counts the bytes sent).
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from hybrid_jax.ops import gated, segments
+from hybrid_jax.ops import context, gated, log_linear_context, segments
 from hybrid_jax.ops._common import (
     Impl,
     check_chunk_size,
@@ -259,7 +265,7 @@ def _check_state(op, name, state, shape):
 
 def log_linear_attention(q, k, v, *, g, level_scales, beta=None, scale=None, initial_state=None,
                          output_final_state=False, isolated=None, segment_ids=None, impl="chunk", chunk_size=64,
-                         safe_gate=False, lower_bound=-5.0, precision=None):
+                         safe_gate=False, lower_bound=-5.0, precision=None, context_axis=None):
     """Log-linear attention over the gated (beta=None) or gated-delta / KDA (beta `[B, T, HV]`) transition.
 
     q, k `[B, T, H, K]`, v `[B, T, HV, V]`, g `[B, T, HV]` or `[B, T, HV, K]`, level_scales
@@ -274,7 +280,9 @@ def log_linear_attention(q, k, v, *, g, level_scales, beta=None, scale=None, ini
     (`[B]`: its length, plus P for the document holding token 0). impl="chunk" with segment_ids runs
     impl="reference" with a warning: its chunks align with the absolute positions' Fenwick blocks.
     impl "reference" | "scan" | "chunk" (chunk_size a power of two). safe_gate / lower_bound /
-    precision as in `gated.gated_op`. Returns (o in v's dtype, the final `FenwickState` or None).
+    precision as in `gated.gated_op`. `context_axis`: context parallelism (inside `jax.shard_map`, T
+    this shard's slice, any impl; `log_linear_context.py`): this shard's outputs and the whole row's
+    final state, the same on every shard. Returns (o in v's dtype, the final `FenwickState` or None).
     """
     op = "log_linear_attention"
     q32, k32, v32, dims = prepare_qkv(op, q, k, v, scale=scale)
@@ -290,25 +298,47 @@ def log_linear_attention(q, k, v, *, g, level_scales, beta=None, scale=None, ini
         levels, position = jnp.zeros((b, hv, n, kd, vd), jnp.float32), 0
     else:
         levels, position = _check_state(op, "initial_state", initial_state, (b, hv, n, kd, vd))
-    _check_enough_levels(op, "level_scales", n, concrete_int(position), t)
+    shards = 1 if context_axis is None else context.shard_count(context_axis)
+    _check_enough_levels(op, "level_scales", n, concrete_int(position), t * shards)
     iso = gated.per_head(check_isolated(op, isolated, (b, t)), hv)
     segment_ids = check_segment_ids(op, segment_ids, (b, t))
-    k32, v32, g, beta = gated.segment_inputs(k32, v32, to_f32(g), to_f32(beta), segment_ids)
+    k32, v32, g, beta = gated.segment_inputs(k32, v32, to_f32(g), to_f32(beta), segment_ids, context_axis)
     args = (q32, k32, v32, g, beta, to_f32(level_scales), levels, position, iso)
+    choice = _packed_impl(op, choice, segment_ids)
+    # Shards start at P + i T_local: P's offset in its chunk is every shard's (T_local % chunk == 0).
+    alignment = concrete_int(position)
+    run = functools.partial(_run, choice, chunk_size=chunk_size, safe_gate=safe_gate, precision=precision,
+                            alignment=alignment)
+    if context_axis is None:
+        o, final = run(args, segment_ids)
+        final_position = _final_position(position, t, segment_ids)
+    else:
+        log_linear_context.check_shard_length(op, t, chunk_size, choice is Impl.CHUNK)
+        o, final, final_position = log_linear_context.context_parallel(
+            run, args, segment_ids, axis=context_axis, chunk_size=chunk_size, precision=precision)
+    state = FenwickState(final, final_position) if output_final_state else None
+    return o.astype(v.dtype), state
+
+
+def _packed_impl(op, choice, segment_ids):
+    """The impl that runs: the reference instead of the chunked form with segment ids (a warning)."""
     if choice is Impl.CHUNK and segment_ids is not None:
         warnings.warn(f"{op}: impl='chunk' with segment_ids falls back to impl='reference' (exact, one token "
                       "at a time): the chunked form aligns its chunks with the Fenwick blocks of absolute "
                       "positions, and packed documents restart the levels at each document's first token",
-                      stacklevel=2)
-        choice = Impl.REFERENCE
+                      stacklevel=3)
+        return Impl.REFERENCE
+    return choice
+
+
+def _run(choice, args, segment_ids, *, chunk_size, safe_gate, precision, alignment):
+    """(o, final levels) of one impl on one device."""
     if choice is Impl.REFERENCE:
-        o, final = _reference(*args, segment_ids)
-    elif choice is Impl.SCAN:
-        o, final = _scan(*args, segment_ids)
-    else:
-        o, final = log_linear_chunk(*args, chunk_size=chunk_size, safe_gate=safe_gate, precision=precision)
-    state = FenwickState(final, _final_position(position, t, segment_ids)) if output_final_state else None
-    return o.astype(v.dtype), state
+        return _reference(*args, segment_ids)
+    if choice is Impl.SCAN:
+        return _scan(*args, segment_ids)
+    return log_linear_chunk(*args, chunk_size=chunk_size, safe_gate=safe_gate, precision=precision,
+                            alignment=alignment)
 
 
 def _final_position(position, t, segment_ids):

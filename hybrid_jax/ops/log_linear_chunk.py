@@ -50,9 +50,11 @@ class _Layout(NamedTuple):
     first_chunk: jax.Array  # absolute index of the first chunk, P // C
 
 
-def _layout(t, chunk_size, position) -> _Layout:
+def _layout(t, chunk_size, position, alignment=None) -> _Layout:
+    """`alignment`: a static int congruent to `position` modulo the chunk (known when `position` is
+    traced, as under context parallelism), which keeps the offset static."""
     c = min(chunk_size, 1 << (t - 1).bit_length())  # a short sequence is one chunk
-    known = concrete_int(position)
+    known = concrete_int(position) if alignment is None else alignment
     offset = position % c if known is None else known % c
     n_chunks = -(-(t + c - 1) // c) if known is None else -(-(offset + t) // c)
     return _Layout(c, c.bit_length() - 1, offset, n_chunks, jnp.asarray(position, jnp.int32) // c)
@@ -62,7 +64,7 @@ def _place(x, offset, length):
     """Puts `x` `[B, T, ...]` at `offset` of a zero (identity-step) buffer of `length` positions."""
     if isinstance(offset, int):
         return jnp.pad(x, [(0, 0), (offset, length - offset - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-    buffer = jnp.zeros((x.shape[0], length) + x.shape[2:], x.dtype)
+    buffer = jnp.zeros_like(x, shape=(x.shape[0], length) + x.shape[2:])
     return jax.lax.dynamic_update_slice_in_dim(buffer, x, offset, axis=1)
 
 
@@ -105,10 +107,11 @@ def _chunk_operators(q, k, v, g, beta, c, iso=None, **options) -> _ChunkOperator
     # Every chunk on its own (the chunk axis becomes a batch axis): through it from [I | 0] with [0 | Ubar].
     alone = jax.tree.map(lambda x: x[:, :, :, None], terms)
     if tm is None:
-        _, own = state_pass(alone, jnp.zeros((b, h, n, kd, vd)))
+        # zeros_like: the carry is typed like the inputs (per shard under context parallelism)
+        _, own = state_pass(alone, jnp.zeros_like(v, shape=(b, h, n, kd, vd)))
         return _ChunkOperators(terms, tm, transfer, read, terms.chunk_decay[..., None], own)
     start = jnp.concatenate([jnp.broadcast_to(jnp.eye(kd), (b, h, n, kd, kd)),
-                             jnp.zeros((b, h, n, kd, vd))], -1)
+                             jnp.zeros((b, h, n, kd, vd))], -1) + jnp.zeros_like(v, shape=())
     u_bar = jnp.concatenate([jnp.zeros(terms.u_bar.shape[:-1] + (kd,)), terms.u_bar], -1)
     _, end = state_pass(alone, start, u_bar=u_bar[:, :, :, None])
     return _ChunkOperators(terms, tm, transfer, read, end[..., :kd], end[..., kd:])
@@ -176,21 +179,23 @@ def _final_levels(ops: _ChunkOperators, values, entering, levels_in, layout: _La
 
 
 def log_linear_chunk(q, k, v, g, beta, lam, levels_in, position, iso=None, *, chunk_size, safe_gate=False,
-                     precision="highest"):
+                     precision="highest", alignment=None):
     """The chunked form on float32 inputs `[B, T, HV, .]` (q scaled, heads expanded), incoming levels
     `[B, HV, L, K, V]` at `position` (an int or a traced int32), isolated tokens `iso` `[B, T, HV]`
     bool or None. Returns (o `[B, T, HV, V]`, levels). The backward saves only the inputs and
     recomputes the rest (`jax.checkpoint`): the chunk operators and the carried stack are O(T C + T K V)
-    and would otherwise stay alive from the forward to the backward."""
-    run = functools.partial(_log_linear_chunk, chunk_size=chunk_size, safe_gate=safe_gate, precision=precision)
+    and would otherwise stay alive from the forward to the backward. `alignment`: see `_layout`."""
+    run = functools.partial(_log_linear_chunk, chunk_size=chunk_size, safe_gate=safe_gate, precision=precision,
+                            alignment=alignment)
     # A static position fixes the layout (no dynamic offset): keep it static under the checkpoint.
     static = (7,) if isinstance(position, int) else ()
     return jax.checkpoint(run, static_argnums=static)(q, k, v, g, beta, lam, levels_in, position, iso)
 
 
-def _log_linear_chunk(q, k, v, g, beta, lam, levels_in, position, iso, *, chunk_size, safe_gate, precision):
+def _log_linear_chunk(q, k, v, g, beta, lam, levels_in, position, iso, *, chunk_size, safe_gate, precision,
+                      alignment):
     t = q.shape[1]
-    layout = _layout(t, chunk_size, position)
+    layout = _layout(t, chunk_size, position, alignment)
     position = jnp.asarray(position, jnp.int32)
     length = layout.n_chunks * layout.chunk
     q, k, v, g, lam = (_place(x, layout.offset, length) for x in (q, k, v, g, lam))

@@ -1,17 +1,14 @@
 """Context parallelism of the attention ops: softmax attention (halo and gather paths), block-sparse
-and block-token attention, and the sparse-attention layers, split over 2, 4 or 8 fake devices, give
-the 1-device outputs and gradients, with documents that cross shard boundaries (one starting
-exactly on one, padding at the end), isolated tokens and grouped heads."""
+and block-token attention, split over 2, 4 or 8 fake devices, give the 1-device outputs and
+gradients, with documents that cross shard boundaries (one starting exactly on one, padding at the
+end), isolated tokens and grouped heads. The layers run split in tests/models/test_context_parallel.py."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from hybrid_jax.nn import build_mixer, mixer_config
-from hybrid_jax.nn.context import sharded_mixer
 from hybrid_jax.nn.segments import segment_positions
 from hybrid_jax.ops.attention import softmax_attention
 from hybrid_jax.ops.sparse_attention import block_sparse_attention, block_token_attention
@@ -141,33 +138,3 @@ def test_sparse_attention_context_parallel_needs_whole_blocks():
     with pytest.raises(ValueError, match="length 12 must be a multiple of block_size=8"):
         with jax.set_mesh(mesh):
             context_parallel(fn, mesh, (q, k, v), ())
-
-
-@pytest.mark.parametrize("context, packed", [(4, False)])  # packed: tests/models/test_context_parallel.py
-def test_nsa_layer_context_parallel(context, packed):
-    """The NSA layer (selected, compressed and window branches) inside `sharded_mixer` on a context
-    mesh equals the layer on one device: outputs and the gradients of x and every parameter. With
-    W = 3 <= T the window branch takes the halo path."""
-    d_model, t = 16, 16
-    layer = build_mixer(mixer_config("nsa", num_heads=2, num_kv_heads=1, head_dim=8, block_size=2, top_k=2,
-                                     window=3), d_model, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(layer)
-    x = jax.random.normal(jax.random.key(3), (B, t, d_model))
-    ids = jnp.asarray(_documents(t, context))
-    # sharded_mixer passes whole-row positions when none are given; an unsplit packed layer would rotate
-    # by positions within documents: give both the same
-    documents = {"segment_ids": ids, "positions": segment_positions(ids)} if packed else None
-    cot = jax.random.normal(jax.random.key(4), x.shape)
-
-    def loss(params, x):
-        y = sharded_mixer(nnx.merge(graphdef, params), x, documents)
-        return jnp.sum(y * cot), y
-
-    run = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-    (_, y_1), grads_1 = run(params, x)
-    with jax.set_mesh(context_mesh(context)):
-        (_, y_n), grads_n = run(params, x)
-    np.testing.assert_allclose(np.asarray(y_n), np.asarray(y_1), rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(y_1))))
-    for (path, g_1), g_n in zip(jax.tree_util.tree_leaves_with_path(grads_1), jax.tree.leaves(grads_n)):
-        err = float(jnp.max(jnp.abs(g_n - g_1)) / (jnp.max(jnp.abs(g_1)) + 1))
-        assert err <= 1e-5, f"gradient {jax.tree_util.keystr(path)}: error {err:.3g}"

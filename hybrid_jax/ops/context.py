@@ -55,8 +55,8 @@ def shard_offset(local_length: int, axis: str) -> jax.Array:
 def previous_tokens(x: jax.Array, count: int, axis: str, *, time_axis: int = 1) -> jax.Array:
     """The last `count` tokens of the previous shard along `time_axis` (zeros on shard 0).
 
-    One `ppermute` from shard i to i + 1 of `count` tokens; `count` may exceed nothing but this
-    shard's length (a halo longer than one shard would need several hops)."""
+    One `ppermute` from shard i to i + 1 of `count` tokens; `count` must not exceed a shard's length
+    (a longer halo would need several hops)."""
     n = shard_count(axis)
     if count > x.shape[time_axis]:
         raise ValueError(f"previous_tokens: a halo of {count} tokens is longer than one shard "

@@ -20,6 +20,18 @@ from hybrid_jax.ops.context import CONTEXT_AXIS
 from tests.ops.mixers import assert_close
 
 
+def crossing_documents(t: int, shards: int, batch: int = 2) -> jax.Array:
+    """`[batch, t]` segment ids: row 0 has a document across the first shard boundary, one starting
+    exactly on the second (on the first with 2 shards) and padding in its last 3 tokens; the other
+    rows are one document."""
+    local = t // shards
+    ids = np.ones((batch, t), np.int32)
+    ids[0, local - 3:] = 2
+    ids[0, 2 * local if shards > 2 else local:] = 3
+    ids[0, t - 3:] = 0
+    return jnp.asarray(ids)
+
+
 def context_mesh(context: int, data: int = 1) -> jax.sharding.Mesh:
     """A (data, context) mesh over the first data * context fake devices."""
     devices = jax.devices()[: data * context]
@@ -52,7 +64,7 @@ def check_context_parallel(fn, per_token, shared=(), *, context: int, data: int 
                            seed: int = 0):
     """Asserts that `fn` split over `context` shards (and `data` row shards) equals `fn` on one device:
     outputs, final state and gradients with respect to `per_token` and `shared`, within `rtol`."""
-    out, final = jax.jit(lambda a, b: fn(a, b, None))(per_token, shared)
+    out, final = jax.eval_shape(lambda a, b: fn(a, b, None), per_token, shared)  # shapes only: no compile
     keys = jax.random.split(jax.random.key(seed), 2)
     cot_out = jax.random.normal(keys[0], out.shape, jnp.float32)
     cot_final = None if final is None else jax.random.normal(keys[1], final.shape, jnp.float32)

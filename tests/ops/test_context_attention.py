@@ -12,20 +12,9 @@ import pytest
 from hybrid_jax.nn.segments import segment_positions
 from hybrid_jax.ops.attention import softmax_attention
 from hybrid_jax.ops.sparse_attention import block_sparse_attention, block_token_attention
-from tests.ops.sharding import check_context_parallel, context_mesh, context_parallel
+from tests.ops.sharding import check_context_parallel, context_mesh, context_parallel, crossing_documents
 
 B, D = 2, 8
-
-
-def _documents(t: int, shards: int) -> np.ndarray:
-    """Row 0: a document across the first shard boundary, one starting exactly on the second (on the
-    first with 2 shards), padding at the end. Row 1: one document."""
-    local = t // shards
-    ids = np.ones((2, t), np.int32)
-    ids[0, local - 3:] = 2
-    ids[0, 2 * local if shards > 2 else local:] = 3
-    ids[0, t - 3:] = 0
-    return ids
 
 
 def _qkv(t, heads, kv_heads, key=0):
@@ -53,7 +42,7 @@ def test_softmax_attention_context_parallel(impl, context, data, local, heads, k
     q, k, v = _qkv(t, heads, kv_heads)
     extra = {}
     if with_ids:
-        extra["segment_ids"] = jnp.asarray(_documents(t, context))
+        extra["segment_ids"] = crossing_documents(t, context)
     if with_iso:
         extra["isolated"] = jnp.asarray(np.arange(t) % 5 == 3)[None].repeat(B, 0)
     names = tuple(extra)
@@ -92,7 +81,7 @@ def test_block_sparse_attention_context_parallel(impl, context, data, local, blo
                                                  with_ids):
     t = local * context
     q, k, v = _qkv(t, heads, kv_heads, key=1)
-    ids = (jnp.asarray(_documents(t, context)),) if with_ids else ()
+    ids = (crossing_documents(t, context),) if with_ids else ()
 
     def fn(per_token, shared, context_axis):
         q, k, v, *ids = per_token
@@ -109,7 +98,7 @@ def test_block_token_attention_context_parallel(with_ids):
     context, local, block = 4, 8, 4
     t = local * context
     q, k, v = _qkv(t, 4, 2, key=2)
-    ids = jnp.asarray(_documents(t, context)) if with_ids else None
+    ids = crossing_documents(t, context) if with_ids else None
     positions = segment_positions(ids) if with_ids else jnp.broadcast_to(jnp.arange(t), (B, t))
     tokens = tuple(x[:, : t // block] for x in (k, v))  # any [B, NB, HKV, D]: the table's slots
     per_token = (q, positions) + ((ids,) if with_ids else ())

@@ -6,24 +6,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from hybrid_jax import ops
-from tests.ops.sharding import check_context_parallel, context_mesh, context_parallel
+from tests.ops.sharding import check_context_parallel, context_mesh, context_parallel, crossing_documents
 
 B, H, HV, K, V = 2, 2, 4, 8, 8
-
-
-def _documents(t: int, shards: int) -> np.ndarray:
-    """Row 0: a document across every shard boundary but one, which a new document starts exactly
-    on; padding at the end. Row 1: one document."""
-    local = t // shards
-    ids = np.ones((2, t), np.int32)
-    ids[0, local + 3:] = 2
-    ids[0, 2 * local:] = 3 if shards > 2 else 2
-    ids[0, t - 3:] = 0
-    return ids
 
 
 def _normal(key, shape, scale=1.0):
@@ -78,9 +66,7 @@ def _op(name, chunk):
 def test_context_parallel_equals_one_device(name, context, data, chunk, documents):
     t = 8 * context
     q, k, v, g, beta, state = _inputs(t)
-    per_token = (q, k, v, g, beta) + ((jnp.asarray(_documents(t, context)),) if documents else ())
-    if name == "ssd":
-        state = state.reshape(B, HV, K, V)
+    per_token = (q, k, v, g, beta) + ((crossing_documents(t, context),) if documents else ())
     check_context_parallel(_op(name, chunk), per_token, (state,), context=context, data=data)
 
 
@@ -121,5 +107,5 @@ def test_first_order_context_parallel(name, impl, context, data):
     iso = jax.random.bernoulli(ks[3], 0.2, (B, t))
     state_shape = (B, d) if name == "rg_lru" else (B, d, 4)
     shared = (_normal(ks[4], state_shape, 0.5), jnp.linspace(-1.0, 1.0, d))
-    per_token = (x, gate_x, gate_a, jnp.asarray(_documents(t, context)), iso)
+    per_token = (x, gate_x, gate_a, crossing_documents(t, context), iso)
     check_context_parallel(_first_order(name, impl), per_token, shared, context=context, data=data)

@@ -13,22 +13,10 @@ import pytest
 from hybrid_jax.ops.log_linear import FenwickState, log_linear_attention, num_levels
 from tests.ops import mixers
 from tests.ops.mixers import Shape
-from tests.ops.sharding import check_context_parallel, context_mesh, context_parallel
+from tests.ops.sharding import check_context_parallel, context_mesh, context_parallel, crossing_documents
 
 B = 2
 TRANSITIONS = {"mamba2": (False, False), "gla": (True, False), "gated_delta": (False, True), "kda": (True, True)}
-
-
-def _documents(t: int, shards: int) -> np.ndarray:
-    """Row 0: a document across the first shard boundary, one starting exactly on the second (the
-    first with 2 shards) and running over the rest but the last shard's tail, padding at the end.
-    Row 1: one document."""
-    local = t // shards
-    ids = np.ones((B, t), np.int32)
-    ids[0, local - 3:] = 2
-    ids[0, 2 * local if shards > 2 else local:] = 3
-    ids[0, t - 3:] = 0
-    return ids
 
 
 def _inputs(transition, t, heads, value_heads, levels, seed=0):
@@ -62,7 +50,7 @@ def test_log_linear_context_parallel(transition, impl, context, data, local, chu
     if beta is not None:
         per_token["beta"] = beta
     if packed:
-        per_token["segment_ids"] = jnp.asarray(_documents(t, context))
+        per_token["segment_ids"] = crossing_documents(t, context)
     if with_iso:
         per_token["isolated"] = jnp.asarray(np.arange(t) % 5 == 3)[None].repeat(B, 0)
     shared = () if position is None else (state, jnp.int32(position))

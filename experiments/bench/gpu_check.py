@@ -2,7 +2,7 @@
 against XLA's chunked form and cuDNN flash attention. Meant for one GPU (written for an H200), under
 8 minutes, jax 0.11.2 or newer.
 
-    python -m experiments.bench.gpu_check [--lengths 4096,16384,65536] [--heads 16] [--head-dim 128]
+    python -m experiments.bench.gpu_check [--lengths 4096,8192,16384,65536] [--heads 16] [--head-dim 128]
         [--mixers kda,gated_delta_rule] [--chunk-size 64] [--repeats 5] [--budget-s 420] [--dry-run]
 
 1. Correctness (float32, jax.default_matmul_precision("highest")): `pallas_kernels.gated_recurrence`
@@ -18,6 +18,9 @@ against XLA's chunked form and cuDNN flash attention. Meant for one GPU (written
    training. Median of --repeats runs after a warm-up; compile time excluded. A failing row (OOM,
    unsupported shape) prints its error and the run goes on; measurements that would start more than
    --budget-s after the script started are skipped (the default keeps an H200 run under 8 minutes).
+3. The goals' ratios: chunk / pallas and attention / pallas forward + backward per T and mixer.
+
+A failing case prints one line in the table and its whole traceback on stderr.
 
 --dry-run runs both parts at tiny shapes in Pallas interpret mode on CPU (a test calls it), so the
 script is checked where no GPU is at hand. Exit status 1 if a correctness check fails.
@@ -29,6 +32,7 @@ import argparse
 import statistics
 import sys
 import time
+import traceback
 import warnings
 
 import jax
@@ -54,7 +58,7 @@ def parse_args(argv=None):
         prog="python -m experiments.bench.gpu_check", description=__doc__.split("\n")[0]
     )
     arg = parser.add_argument
-    arg("--lengths", default="4096,16384,65536", help="comma-separated sequence lengths to time")
+    arg("--lengths", default="4096,8192,16384,65536", help="comma-separated sequence lengths to time")
     arg("--heads", type=int, default=16)
     arg("--head-dim", type=int, default=128)
     arg("--mixers", default=",".join(MIXERS), help=f"comma-separated, from {list(MIXERS)}")
@@ -76,7 +80,10 @@ def parse_args(argv=None):
     return args
 
 
-def _short_error(err: BaseException) -> str:
+def _short_error(err: BaseException, trace: bool = True) -> str:
+    """One line for the table; the whole traceback goes to stderr (unless the failure is expected)."""
+    if trace:
+        traceback.print_exception(err, file=sys.stderr)
     first_line = (str(err).strip().splitlines() or [""])[0]
     return f"{type(err).__name__}: {first_line[:140]}"
 
@@ -236,7 +243,8 @@ def attention_row(t, q, k, v, args, deadline):
         jax.block_until_ready(jax.jit(attention("cudnn"))(q[:, :128], k[:, :128], v[:, :128]))
     except Exception as err:  # noqa: BLE001 -- no cuDNN flash attention here: use XLA's
         row = measure_row((t, "softmax attention", "xla"), attention("xla"), (q, k, v), args, deadline)
-        return row[:-1] + ("; ".join(filter(None, [f"cudnn unavailable ({_short_error(err)})", row[-1]])),)
+        unavailable = f"cudnn unavailable ({_short_error(err, trace=False)})"
+        return row[:-1] + ("; ".join(filter(None, [unavailable, row[-1]])),)
     return measure_row(label, attention("cudnn"), (q, k, v), args, deadline)
 
 
@@ -278,6 +286,25 @@ def print_table(rows):
         print(line(row))
 
 
+def print_ratios(rows):
+    """Speed-ups of the Pallas path, forward + backward: chunk / pallas and attention / pallas."""
+    times = {}
+    for t, op, impl, _, fwd_bwd, _ in rows:
+        try:
+            times[t, op if impl in ("pallas", "chunk") else "attention", impl] = float(fwd_bwd)
+        except ValueError:  # "failed" / "-"
+            pass
+    print("\nfwd+bwd speed-up of pallas: T | mixer | vs XLA chunk | vs softmax attention")
+    for t, op, impl in sorted(times):
+        if impl != "pallas":
+            continue
+        pallas = times[t, op, impl]
+        chunk = times.get((t, op, "chunk"))
+        attn = times.get((t, "attention", "cudnn"), times.get((t, "attention", "xla")))
+        ratio = lambda other: "-" if other is None else f"{other / pallas:.2f}x"  # noqa: E731
+        print(f"  {t} | {op} | {ratio(chunk)} | {ratio(attn)}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     deadline = time.perf_counter() + args.budget_s
@@ -294,6 +321,7 @@ def main(argv=None) -> int:
         correct = check_correctness(args)
         rows = time_all(args, deadline)
     print_table(rows)
+    print_ratios(rows)
     print(f"\ncorrectness: {'PASS' if correct else 'FAIL'}")
     return 0 if correct else 1
 

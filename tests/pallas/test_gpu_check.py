@@ -5,8 +5,8 @@ from experiments.bench import gpu_check
 def test_dry_run(capsys):
     assert gpu_check.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "kda             PASS" in out
+    assert "kda             PASS" in out and "kda_safe        PASS" in out
     for impl in ("pallas", "chunk"):
-        assert f"| 40 | kda               | {impl}" in out
+        assert f"| 40 | kda_safe          | {impl}" in out
     assert "softmax attention" in out
     assert "correctness: PASS" in out

@@ -79,6 +79,7 @@ class KernelConfig(NamedTuple):
     safe_gate: bool = False
     precision: str = "highest"
     block_chunks: int = 0  # backend "xla": chunks per block of the blocked passes (0: all at once)
+    time_major: bool = False  # backend "xla": inputs `[B, N, C, H, .]` (`to_chunks(heads_first=False)`)
 
 
 # ----------------------------------------------------------------------------- cutting time into chunks
@@ -107,19 +108,23 @@ def pad_time(x: jax.Array, multiple: int, axis: int = 1, value: float = 0.0) -> 
     return jnp.pad(x, widths, constant_values=value)
 
 
-def to_chunks(x: jax.Array, chunk: int) -> jax.Array:
-    """`[B, T, H, ...]` -> `[B, H, N, C, ...]`, time padded with zeros to whole chunks. Zero k, v, g
-    and beta make a padded position an identity step of every recurrence here."""
+def to_chunks(x: jax.Array, chunk: int, heads_first: bool = True) -> jax.Array:
+    """`[B, T, H, ...]` -> `[B, H, N, C, ...]` (or, not `heads_first`, `[B, N, C, H, ...]`: a reshape,
+    no copy), time padded with zeros to whole chunks. Zero k, v, g and beta make a padded position an
+    identity step of every recurrence here."""
     x = pad_time(x, chunk)
     b, t, h = x.shape[:3]
     x = x.reshape((b, t // chunk, chunk, h) + x.shape[3:])
-    return jnp.moveaxis(x, 3, 1)
+    return jnp.moveaxis(x, 3, 1) if heads_first else x
 
 
-def from_chunks(x: jax.Array, length: int) -> jax.Array:
-    """`[B, H, N, C, ...]` -> `[B, T, H, ...]`, the first `length` positions (drops the padding)."""
-    b, h, n, c = x.shape[:4]
-    return jnp.moveaxis(x, 1, 3).reshape((b, n * c, h) + x.shape[4:])[:, :length]
+def from_chunks(x: jax.Array, length: int, heads_first: bool = True) -> jax.Array:
+    """`[B, H, N, C, ...]` (or `[B, N, C, H, ...]`) -> `[B, T, H, ...]`, the first `length` positions
+    (drops the padding)."""
+    if heads_first:
+        x = jnp.moveaxis(x, 1, 3)
+    b, n, c, h = x.shape[:4]
+    return x.reshape((b, n * c, h) + x.shape[4:])[:, :length]
 
 
 # ----------------------------------------------------------------------------- the per-chunk terms

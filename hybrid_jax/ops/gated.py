@@ -167,10 +167,11 @@ def chunk_terms(q, k, v, g, beta, chunk_size, iso=None, resets=None, **options) 
     return chunk_math.chunk_terms(*chunk_inputs(q, k, v, g, beta, iso, resets, chunk_size), **options)
 
 
-def chunk_inputs(q, k, v, g, beta, iso, resets, chunk):
+def chunk_inputs(q, k, v, g, beta, iso, resets, chunk, heads_first=True):
     """The inputs tuple of `recurrence.chunked_recurrence` (`chunk_math.chunk_terms`' positional
-    arguments, trailing Nones dropped), cut into chunks of `chunk`; masks become 0/1 floats."""
-    chunked = lambda x: None if x is None else to_chunks(x, chunk)  # noqa: E731
+    arguments, trailing Nones dropped), cut into chunks of `chunk` (`to_chunks`: `[B, H, N, C, .]`,
+    or `[B, N, C, H, .]` when not `heads_first`); masks become 0/1 floats."""
+    chunked = lambda x: None if x is None else to_chunks(x, chunk, heads_first)  # noqa: E731
     masks = tuple(None if x is None else x.astype(q.dtype) for x in (iso, resets))
     inputs = tuple(map(chunked, (q, k, v, g, beta) + masks))
     while inputs[-1] is None:
@@ -196,18 +197,21 @@ def recurrence_chunk(q, k, v, g, beta, state, iso=None, segment_ids=None, *, chu
         if context_axis is not None:  # typed per shard like the other inputs, as the custom VJP requires
             g = context.varying(g, context_axis)
     resets = head_resets(segment_ids, v.shape[2], context_axis)
-    inputs = chunk_inputs(q, k, v, g, beta, iso, resets, chunk)
-    n_chunks, lead = inputs[0].shape[2], q.shape[0] * q.shape[2]
+    # Unsplit, the inputs keep the token layout (time-major chunks, no transposes); the
+    # context-parallel path keeps heads first, the layout its shard summary and state folding use.
+    time_major = context_axis is None
+    inputs = chunk_inputs(q, k, v, g, beta, iso, resets, chunk, heads_first=not time_major)
+    n_chunks, lead = inputs[0].shape[1 if time_major else 2], q.shape[0] * q.shape[2]
     block = recurrence.block_chunks(n_chunks, chunk, k_dim, v_dim, lead, per_channel)
-    config = KernelConfig(chunk, "xla", False, 0, safe_gate, precision, block)
-    if context_axis is None:
+    config = KernelConfig(chunk, "xla", False, 0, safe_gate, precision, block, time_major)
+    if time_major:
         o, final = recurrence.chunked_recurrence(config, inputs, state)
-    else:
-        zero, identity = context.varying((jnp.zeros_like(state), recurrence.identity_transition(inputs, state)),
-                                         context_axis)
-        local_final, transition = recurrence.shard_summary(config, inputs, zero, identity)
-        entering, final = context.entering_states(transition, local_final, state, context_axis)
-        o, _ = recurrence.chunked_recurrence(config, inputs, entering)
+        return from_chunks(o, t, heads_first=False), final
+    zero, identity = context.varying((jnp.zeros_like(state), recurrence.identity_transition(inputs, state)),
+                                     context_axis)
+    local_final, transition = recurrence.shard_summary(config, inputs, zero, identity)
+    entering, final = context.entering_states(transition, local_final, state, context_axis)
+    o, _ = recurrence.chunked_recurrence(config, inputs, entering)
     return from_chunks(o, t), final
 
 

@@ -15,6 +15,10 @@ Three algorithms, one result:
 * `CHUNK`      two levels: a lax.scan over the C positions of every chunk at once (from h = 0),
                then a lax.scan over the T / C chunk carries, then h_t = local_t + P_t * carry,
                with P_t the decay from the chunk start to t. Depth C + T / C instead of T.
+               Long sequences run block by block (a lax.scan over blocks of whole chunks,
+               ~BLOCK_FLOATS per input, the state carried between them), so each block's
+               passes and their backward stay in cache: unblocked, forward + backward time
+               per token tripled between T = 2K and 8K at 256 channels on CPU.
 
 All three compute in float32 and return `h` (every step) in float32 plus the final state.
 `isolated` steps (read, do not write) run as identity steps a = 1, b = 0 in every impl; their reads
@@ -44,6 +48,7 @@ from hybrid_jax.ops._common import (
 )
 
 SUPPORTED = (Impl.REFERENCE, Impl.SCAN, Impl.CHUNK)
+BLOCK_FLOATS = 1 << 18  # floats of one input per block of the chunked form (1 MiB in float32)
 
 
 def _as_decay(a: jax.Array, log_a: bool) -> jax.Array:
@@ -79,9 +84,24 @@ def linear_recurrence_scan(a, b, h0, *, log_a=False):
 
 
 def linear_recurrence_chunk(a, b, h0, *, log_a=False, chunk_size=64):
-    """Scan inside all chunks at once, then across chunk carries (see the module docstring)."""
+    """Scan inside all chunks at once, then across chunk carries (see the module docstring), block
+    by block when T is long."""
     batch, t = b.shape[:2]
     c = min(chunk_size, t)
+    per_token = b[0, 0].size * batch
+    per_block = max(1, BLOCK_FLOATS // (per_token * c)) * c
+    if t <= per_block:
+        return _chunk_block(a, b, h0, log_a, c)
+    identity = 0.0 if log_a else 1.0  # padded steps keep the state: a = 1, b = 0
+    blocks = [jnp.moveaxis(x.reshape(batch, -1, per_block, *x.shape[2:]), 1, 0)
+              for x in (pad_time(a, per_block, value=identity), pad_time(b, per_block))]
+    final, hs = jax.lax.scan(lambda h, ab: _chunk_block(*ab, h, log_a, c)[::-1], h0, blocks)
+    return jnp.moveaxis(hs, 0, 1).reshape(batch, -1, *hs.shape[3:])[:, :t], final
+
+
+def _chunk_block(a, b, h0, log_a, c):
+    """The two-level chunked form over a's and b's whole time axis."""
+    batch, t = b.shape[:2]
     identity = 0.0 if log_a else 1.0  # padded steps keep the state: a = 1, b = 0
     a = pad_time(a, c, value=identity)
     b = pad_time(b, c)

@@ -93,7 +93,7 @@ class DeltaNet(LinearMixer):
                 "expand_v": 1.0,  # value head dim = expand_v * head_dim
                 "conv_size": 4,
                 "norm_eps": 1e-5,
-                "impl": "chunk",
+                "impl": "auto",  # the Pallas kernels on a GPU, the chunked form elsewhere
                 "chunk_size": 64,
                 "precision": config_dict.placeholder(str),  # None: the platform default
             }

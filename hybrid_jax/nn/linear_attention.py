@@ -76,7 +76,7 @@ class LinearAttention(LinearMixer):
                 "feature_map": "elu",
                 "output_norm": "rmsnorm",
                 "norm_eps": 1e-5,
-                "impl": "chunk",
+                "impl": "auto",  # the Pallas kernels on a GPU, the chunked form elsewhere
                 "chunk_size": 64,
                 "precision": config_dict.placeholder(str),  # None: the platform default
             }
@@ -177,7 +177,7 @@ class GLA(LinearMixer):
                 "gate_low_rank_dim": 16,
                 "gate_logit_normalizer": 16.0,
                 "norm_eps": 1e-5,
-                "impl": "chunk",
+                "impl": "auto",  # the Pallas kernels on a GPU, the chunked form elsewhere
                 "chunk_size": 64,
                 "precision": config_dict.placeholder(str),  # None: the platform default
             }

@@ -204,7 +204,7 @@ class Mamba2(SelectiveSSM):
                 "dt_min": DT_MIN,
                 "dt_max": DT_MAX,
                 "norm_eps": 1e-5,
-                "impl": "chunk",
+                "impl": "auto",  # the Pallas kernels on a GPU, the chunked form elsewhere
                 "chunk_size": 64,
                 "precision": config_dict.placeholder(str),  # None: the platform default
             }

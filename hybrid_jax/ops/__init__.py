@@ -7,7 +7,7 @@ attention; softmax attention, where q, k and v must share one dtype), x for `ssd
 `selective_scan`. States are float32 whatever the inputs; `linear_recurrence` returns float32.
 
 Importing this package loads no Triton or Mosaic module: the Pallas kernels load when an impl
-resolves to them (impl="pallas", or "auto" on a GPU / TPU).
+resolves to them (impl="pallas", or "auto" on a GPU).
 """
 from hybrid_jax.ops._common import Impl
 from hybrid_jax.ops.attention import kv_cache_update, softmax_attention, softmax_attention_step

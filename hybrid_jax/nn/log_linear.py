@@ -118,6 +118,7 @@ class LogLinearMixin:
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:
         cfg = super().default_config()
+        cfg.impl = "chunk"  # the log-linear op has no Pallas kernel, so no "auto"
         cfg.num_levels = config_dict.placeholder(int)  # None: ceil(log2(max_seq_len)) + 1
         cfg.max_seq_len = 16384
         return cfg

@@ -29,7 +29,9 @@ tl.dot needs each dim >= 16, so C, K, V and BV are powers of two >= 16 (`pallas_
 and V that are multiples of 16 up to the next power of two). The state tile and one chunk of terms sit
 in registers: K <= 256. Matmuls follow `jax.default_matmul_precision` (float32 "highest" is IEEE fp32;
 the default lets Triton use TF32). jax 0.12 deprecates the Pallas Triton backend in favour of Mosaic
-GPU; it still lowers and runs there (and on 0.11).
+GPU; it still lowers and runs there (and on 0.11). Compiled and checked on an H200 with jax 0.11.2
+(`experiments/bench/gpu_check.py`: every transition against the token recurrence, outputs, final
+states and gradients within 1e-6 relative at float32 "highest").
 """
 from __future__ import annotations
 

@@ -45,6 +45,9 @@ from pallas_kernels.chunk_math import (
 )
 
 BLOCK_BYTES = 4 << 20  # the target size of one block's terms (backend "xla"; tuned on CPU, see block_chunks)
+# Chunks per trip of the state passes' loops: each trip of an XLA while loop costs tens of microseconds
+# on CPU (slicing its inputs, dispatching its few small matmuls), ~10% of GDN's time at T = 4096.
+UNROLL = 8
 
 
 def block_chunks(n_chunks: int, chunk: int, k_dim: int, v_dim: int, lead: int, per_channel: bool) -> int:
@@ -85,7 +88,8 @@ def state_pass(terms: ChunkTerms, s0, *, u_bar=None, precision: str = "highest",
             u = u_bar_c - matmul(w, s, precision)
             return decay * s + matmul_t(k_to_end, u, precision), (s, u if with_u else None)
 
-    final, (entering, u) = jax.lax.scan(step, s0, jax.tree.map(lambda x: jnp.moveaxis(x, axis, 0), inputs))
+    final, (entering, u) = jax.lax.scan(step, s0, jax.tree.map(lambda x: jnp.moveaxis(x, axis, 0), inputs),
+                                        unroll=UNROLL)
     entering = jnp.moveaxis(entering, 0, axis)
     if not with_u:
         return entering, final
@@ -112,20 +116,20 @@ def reverse_state_pass(terms: ChunkTerms, d_o, d_final, precision: str = "highes
         return d_entering, (d_s, d_u)
 
     d_s0, (leaving, d_u) = jax.lax.scan(step, d_final, jax.tree.map(lambda x: jnp.moveaxis(x, axis, 0), inputs),
-                                        reverse=True)
+                                        reverse=True, unroll=UNROLL)
     return jnp.moveaxis(leaving, 0, axis), d_s0, None if d_u is None else jnp.moveaxis(d_u, 0, axis)
 
 
 def step_cotangents(terms: ChunkTerms, entering, leaving_grad, d_o, precision: str = "highest",
-                    d_u=None) -> ChunkTerms:
+                    d_u=None, u=None) -> ChunkTerms:
     """The cotangents of every chunk's terms, all chunks at once, from the states entering the chunks,
     the cotangents of the states leaving them and of the outputs (the transpose of `chunk_step`):
 
         dU = Tril(Aqk)^T dO + (K exp(G_C - G)) dS_C,   d(Q Gam) = dO S_0^T,   d Tril(Aqk) = dO U^T,
         dW = -dU S_0^T,   dUbar = dU,   d(K exp(G_C - G)) = U dS_C^T,   dGam_C = sum_V dS_C * S_0
 
-    (`d_u`: dU when the reverse pass has formed it)."""
-    u = chunk_values(terms, entering, precision)
+    (`d_u`: dU when the reverse pass has formed it; `u`: U when the forward kept it)."""
+    u = chunk_values(terms, entering, precision) if u is None else u
     if d_u is None:
         d_u = matmul_t(terms.attn, d_o, precision) + matmul(terms.k_to_end, leaving_grad, precision)
     t = lambda x: jnp.swapaxes(x, -1, -2)  # noqa: E731
@@ -207,38 +211,41 @@ def _layout(config: KernelConfig, s0):
 
 
 def _xla_forward(config: KernelConfig, inputs, s0):
-    """Returns ((O `[.., N, C, V]`, final state), state entering each chunk `[.., N, K, V]`); with
-    `time_major`, O `[B, N, C, H, V]` and the states `[B, N, H, K, V]`."""
+    """Returns ((O `[.., N, C, V]`, final state), (state entering each chunk `[.., N, K, V]`, U like
+    O with the delta rule, else None)); with `time_major`, O and U `[B, N, C, H, V]` and the states
+    `[B, N, H, K, V]`. U = Ubar - W S_0 is kept for the backward: recomputing it there would cost a
+    matmul per chunk, keeping it one more array the size of v."""
     axis, heads_first, time_major, swap_states = _layout(config, s0)
     n = inputs[0].shape[axis]
+    delta = len(inputs) > 4 and inputs[4] is not None
 
     def block(s, block_inputs):
         terms = _terms(config, tuple(map(heads_first, block_inputs)))
         entering, s, u = state_pass(terms, s, precision=config.precision, with_u=True)
         o = chunk_outputs(terms, entering, u, config.precision)
-        return s, (time_major(o), swap_states(entering))
+        return s, (time_major(o), swap_states(entering), time_major(u) if delta else None)
 
     v = inputs[2]
     o_like = jax.ShapeDtypeStruct(v.shape, s0.dtype)
     entering_like = jax.ShapeDtypeStruct(s0.shape[:axis] + (n,) + s0.shape[axis:], s0.dtype)
-    final, (o, entering) = _over_blocks(block, s0, inputs, (o_like, entering_like), axis=axis,
-                                        per_block=config.block_chunks or n)
-    return (o, final), entering
+    final, (o, entering, u) = _over_blocks(block, s0, inputs, (o_like, entering_like, o_like if delta else None),
+                                           axis=axis, per_block=config.block_chunks or n)
+    return (o, final), (entering, u)
 
 
-def _xla_backward(config: KernelConfig, inputs, entering, d_o, d_final):
+def _xla_backward(config: KernelConfig, inputs, saved, d_o, d_final):
     axis, heads_first, time_major, swap_states = _layout(config, d_final)
     n = inputs[0].shape[axis]
 
     def block(d_s, xs):
-        block_inputs, entering_b, d_o_b = xs
-        entering_b, d_o_b = swap_states(entering_b), heads_first(d_o_b)
+        block_inputs, (entering_b, u_b), d_o_b = xs
+        entering_b, u_b, d_o_b = swap_states(entering_b), heads_first(u_b), heads_first(d_o_b)
         terms, terms_vjp = jax.vjp(functools.partial(_terms, config), tuple(map(heads_first, block_inputs)))
         leaving_grad, d_s, d_u = reverse_state_pass(terms, d_o_b, d_s, config.precision)
-        d_terms = step_cotangents(terms, entering_b, leaving_grad, d_o_b, config.precision, d_u)
+        d_terms = step_cotangents(terms, entering_b, leaving_grad, d_o_b, config.precision, d_u, u_b)
         return d_s, tuple(map(time_major, terms_vjp(d_terms)[0]))
 
-    return _over_blocks(block, d_final, (inputs, entering, d_o), inputs, axis=axis,
+    return _over_blocks(block, d_final, (inputs, saved, d_o), inputs, axis=axis,
                         per_block=config.block_chunks or n, reverse=True)[::-1]
 
 
@@ -332,16 +339,16 @@ def chunked_recurrence(config: KernelConfig, inputs, s0):
 
 def _chunked_recurrence_fwd(config, inputs, s0):
     if config.backend == "xla":
-        out, entering = _xla_forward(config, inputs, s0)
-        return out, (inputs, s0, entering)
+        out, saved = _xla_forward(config, inputs, s0)
+        return out, (inputs, s0, saved)
     return _kernel_forward(config, inputs, s0), (inputs, s0, None)
 
 
 def _chunked_recurrence_bwd(config, residuals, cotangents):
-    inputs, s0, entering = residuals
+    inputs, s0, saved = residuals
     d_o, d_final = cotangents
     if config.backend == "xla":
-        return _xla_backward(config, inputs, entering, d_o, d_final)
+        return _xla_backward(config, inputs, saved, d_o, d_final)
     return _kernel_backward(config, inputs, s0, d_o, d_final)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from hybrid_jax import ops
+from hybrid_jax.ops import first_order
 from hybrid_jax.ops.rg_lru import SQRT_MAX_GRADIENT, recurrence_inputs
 from tests.ops.mixers import assert_close
 
@@ -146,3 +147,41 @@ def test_errors():
         ops.rg_lru(x, gate_x, gate_a, a_param, impl="pallas")
     with pytest.raises(ValueError, match=r"rg_lru_step: state must have shape \[B, \*C\] = \(2, 3\)"):
         ops.rg_lru_step(x[:, 0], gate_x[:, 0], gate_a[:, 0], a_param, jnp.zeros((2, 2)))
+
+
+def test_blocked_chunk_matches_reference(monkeypatch):
+    """BLOCK_FLOATS shrunk to blocks of 32 tokens over T = 83 (three blocks, the last padded): a
+    document starting exactly on a block boundary (t = 32, isolated there too), one crossing a
+    boundary, padding at the end, isolated tokens and an initial state. The blocked chunked form of
+    linear_recurrence, alone and under rg_lru == the token loop (outputs, final states, gradients)."""
+    monkeypatch.setattr(first_order, "BLOCK_FLOATS", 2 * 12 * CHUNK * 2)  # B * C * chunk * 2 blocks' worth
+    shape = (2, 83, 3, 4)
+    args = _inputs(shape)
+    ids = jnp.array([[1] * 32 + [2] * 40 + [3] * 8 + [0] * 3, [5] * 50 + [6] * 33], jnp.int32)
+    isolated = _isolated(*shape[:2]).at[0, 32].set(True)
+    h0 = jax.random.normal(jax.random.PRNGKey(2), (2, 3, 4))
+    cot = jax.random.normal(jax.random.PRNGKey(3), shape)
+
+    def rg_lru(impl, args, h0):
+        return ops.rg_lru(*args, initial_state=h0, output_final_state=True, isolated=isolated, segment_ids=ids,
+                          impl=impl, chunk_size=CHUNK)
+
+    def recurrence(impl, args, h0):
+        a, b = -jax.nn.softplus(args[0]), args[1]
+        return first_order.linear_recurrence(a, b, initial_state=h0, log_a=True, isolated=isolated,
+                                             segment_ids=ids, impl=impl, chunk_size=CHUNK)
+
+    for name, fn in (("rg_lru", rg_lru), ("linear_recurrence", recurrence)):
+        def loss(impl, args, h0):
+            y, final = fn(impl, args, h0)
+            return jnp.sum(y * cot) + jnp.sum(final * final), (y, final)
+
+        results = {impl: jax.jit(jax.value_and_grad(functools.partial(loss, impl), (0, 1), has_aux=True))(args, h0)
+                   for impl in ("chunk", "reference")}
+        (_, (y, final)), grads = results["chunk"]
+        (_, (y_ref, final_ref)), grads_ref = results["reference"]
+        assert_close(y, y_ref, what=f"{name} blocked output")
+        assert_close(final, final_ref, what=f"{name} blocked final state")
+        for path, g in jax.tree.leaves_with_path(grads):
+            want = functools.reduce(lambda x, key: x[key.idx], path, grads_ref)
+            assert_close(g, want, what=f"{name} blocked grad {jax.tree_util.keystr(path)}")

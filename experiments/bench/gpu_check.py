@@ -4,7 +4,7 @@ against XLA's chunked form and cuDNN flash attention. Meant for one GPU (written
 
     python -m experiments.bench.gpu_check [--lengths 4096,8192,16384,65536] [--heads 16] [--head-dim 128]
         [--mixers kda,kda_safe,gated_delta_rule] [--chunk-size 64] [--precision P] [--block-v BV]
-        [--repeats 5] [--budget-s 420] [--skip-correctness] [--dry-run]
+        [--repeats 5] [--budget-s 420] [--skip-correctness] [--plot PNG] [--dry-run]
 
 1. Correctness (float32, jax.default_matmul_precision("highest")): `pallas_kernels.gated_recurrence`
    compiled for the device, for every transition (DeltaNet, Gated DeltaNet, KDA, SSD-style scalar and
@@ -23,6 +23,7 @@ against XLA's chunked form and cuDNN flash attention. Meant for one GPU (written
    unsupported shape) prints its error and the run goes on; measurements that would start more than
    --budget-s after the script started are skipped (the default keeps an H200 run under 8 minutes).
 3. The goals' ratios: chunk / pallas and attention / pallas forward + backward per T and mixer.
+   --plot writes forward + backward time against T per op and impl (log-log) to a PNG.
 
 A failing case prints one line in the table and its whole traceback on stderr.
 
@@ -77,6 +78,7 @@ def parse_args(argv=None):
     arg("--precision", choices=PRECISIONS, help="matmul precision of the chunk terms (default: platform's)")
     arg("--block-v", type=int, help="V tile of the Pallas kernels (default: the kernels' own)")
     arg("--skip-correctness", action="store_true", help="timings only")
+    arg("--plot", help="PNG path for forward + backward time against T")
     arg("--repeats", type=int, default=5)
     arg("--budget-s", type=float, default=420.0,
         help="skip the timing rows that would start this many seconds after the script started")
@@ -333,6 +335,26 @@ def print_ratios(rows):
         print(f"  {t} | {op} | {ratio(chunk)} | {ratio(attn)}")
 
 
+def plot_rows(rows, path):
+    """Forward + backward ms against T, one line per (op, impl), log-log; failed cells left out."""
+    from hybrid_jax import plotting
+
+    lines = {}
+    for t, op, impl, _, fwd_bwd, _ in rows:
+        try:
+            lines.setdefault(f"{op} ({impl})", []).append((int(t), float(fwd_bwd)))
+        except ValueError:  # "failed" / "-"
+            pass
+    fig, ax = plotting.figure(figsize=(7, 4.5))
+    for label, points in sorted(lines.items()):
+        ts, ms = zip(*sorted(points))
+        ax.plot(ts, ms, "o-" if "pallas" in label else "s--", label=label)
+    ax.set(xscale="log", yscale="log", xlabel="T (tokens)", ylabel="forward + backward (ms)",
+           title="Pallas state pass vs XLA chunked form vs cuDNN attention")
+    ax.legend(fontsize=8)
+    return plotting.save(fig, path)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     deadline = time.perf_counter() + args.budget_s
@@ -350,6 +372,8 @@ def main(argv=None) -> int:
         rows = time_all(args, deadline)
     print_table(rows)
     print_ratios(rows)
+    if args.plot and rows:
+        print(f"wrote {plot_rows(rows, args.plot)}")
     print(f"\ncorrectness: {'skipped' if args.skip_correctness else 'PASS' if correct else 'FAIL'}")
     return 0 if correct else 1
 

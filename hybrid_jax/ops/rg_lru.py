@@ -39,6 +39,8 @@ dtype of `x` (the value input).
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -83,6 +85,14 @@ def recurrence_inputs(x, gate_x, gate_a, a_param, *, c=C_DEFAULT):
     log_a = -c * to_f32(gate_a) * jax.nn.softplus(to_f32(a_param))
     write = bounded_sqrt(-jnp.expm1(2.0 * log_a)) * to_f32(gate_x) * to_f32(x)
     return log_a, write
+
+
+@functools.partial(jax.checkpoint, static_argnums=(4,))
+def _gates(x, gate_x, gate_a, a_param, c):
+    """`recurrence_inputs` recomputed in the backward from the op's inputs instead of keeping its
+    intermediates (softplus, the decays, the square root): each would be one more whole-sequence
+    array written in the forward and read in the backward, which at T >= 4K run at memory speed."""
+    return recurrence_inputs(x, gate_x, gate_a, a_param, c=c)
 
 
 def _initial(initial_state, state_shape, op):
@@ -137,7 +147,7 @@ def rg_lru(x, gate_x, gate_a, a_param, *, c=C_DEFAULT, initial_state=None, outpu
     if choice is Impl.REFERENCE:
         h, final = rg_lru_reference(x, gate_x, gate_a, a_param, h0, c=c, isolated=isolated, segment_ids=segment_ids)
     else:
-        log_a, write = recurrence_inputs(x, gate_x, gate_a, a_param, c=c)
+        log_a, write = _gates(x, gate_x, gate_a, a_param, c)
         h, final = first_order.linear_recurrence(log_a, write, initial_state=h0, log_a=True, isolated=isolated,
                                                  segment_ids=segment_ids, impl=impl, chunk_size=chunk_size,
                                                  context_axis=context_axis)

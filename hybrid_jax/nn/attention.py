@@ -49,7 +49,8 @@ from hybrid_jax.nn.registry import Mixer, register_mixer
 from hybrid_jax.nn.rope import apply_rope, rotary_dim_for
 from hybrid_jax.nn.context import context_option
 from hybrid_jax.nn.segments import prompt_tail, resolve_positions, segment_option
-from hybrid_jax.ops.attention import kv_cache_update, softmax_attention, softmax_attention_step
+from hybrid_jax.ops.attention import softmax_attention
+from hybrid_jax.ops.attention_decode import kv_cache_update, softmax_attention_step
 
 
 def attention_kv_heads(cfg: ml_collections.ConfigDict) -> int:

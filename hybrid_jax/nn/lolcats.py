@@ -57,7 +57,7 @@ from hybrid_jax.nn.registry import Mixer, register_mixer
 from hybrid_jax.nn.rope import apply_rope, rotary_dim_for
 from hybrid_jax.nn.context import context_axis, context_option
 from hybrid_jax.nn.segments import prompt_tail, resolve_positions, segment_option
-from hybrid_jax.ops.attention import kv_cache_update
+from hybrid_jax.ops.attention_decode import kv_cache_update
 from hybrid_jax.ops.context import previous_tokens
 from hybrid_jax.ops.linear_attention import linear_attention, linear_attention_step
 from hybrid_jax.ops.segments import document_index

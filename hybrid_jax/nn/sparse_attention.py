@@ -70,7 +70,8 @@ from hybrid_jax.nn.layer_config import check_heads, check_ints, check_optional_i
 from hybrid_jax.nn.registry import Mixer, register_mixer
 from hybrid_jax.nn.rope import apply_rope
 from hybrid_jax.nn.segments import prompt_tail, resolve_positions, segment_option, segment_positions
-from hybrid_jax.ops.attention import kv_cache_update, softmax_attention, softmax_attention_step
+from hybrid_jax.ops.attention import softmax_attention
+from hybrid_jax.ops.attention_decode import kv_cache_update, softmax_attention_step
 from hybrid_jax.ops.context import gather_time, shard_index, shard_offset
 from hybrid_jax.ops.sparse_attention import (
     SUPPORTED,

@@ -10,7 +10,8 @@ Importing this package loads no Triton or Mosaic module: the Pallas kernels load
 resolves to them (impl="pallas", or "auto" on a GPU).
 """
 from hybrid_jax.ops._common import Impl
-from hybrid_jax.ops.attention import kv_cache_update, softmax_attention, softmax_attention_step
+from hybrid_jax.ops.attention import softmax_attention
+from hybrid_jax.ops.attention_decode import kv_cache_update, softmax_attention_step
 from hybrid_jax.ops.delta import (
     delta_rule,
     delta_rule_step,

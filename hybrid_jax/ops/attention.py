@@ -62,8 +62,7 @@ outputs equal the unsplit op's rows iT .. iT + T - 1. Two ways to get the keys, 
   all nT keys). Compute per shard is T x nT logits (the chunk form skips none of them: a ring with
   causal load balancing is the next step at large n).
 
-Decoding: `kv_cache_update` writes one token per batch row into `[B, S, HKV, D]` caches, and
-`softmax_attention_step` attends one query token to the first `length` cache entries.
+Decoding (`kv_cache_update`, `softmax_attention_step`) lives in `attention_decode.py`.
 """
 from __future__ import annotations
 
@@ -92,10 +91,10 @@ from hybrid_jax.ops._common import (
 )
 
 SUPPORTED = (Impl.REFERENCE, Impl.CHUNK, Impl.XLA)
-_F32 = jnp.float32
+F32 = jnp.float32
 
 
-def _allowed(q_pos, k_pos, *, causal: bool, window: int | None):
+def allowed_positions(q_pos, k_pos, *, causal: bool, window: int | None):
     """The attention mask (True = attend) from broadcastable query / key positions (jnp or numpy)."""
     ok = (k_pos <= q_pos) | (not causal)  # `|` broadcasts to the full [queries, keys] shape
     if window is not None:
@@ -154,11 +153,11 @@ def softmax_attention_reference(q, k, v, *, scale: float, causal: bool, window: 
     queries at key positions query_start .. query_start + Tq - 1 instead of the last Tq."""
     heads, tq, tk = q.shape[2], q.shape[1], k.shape[1]
     v_dtype = v.dtype
-    k = repeat_heads(k.astype(_F32), heads)
-    v = repeat_heads(v.astype(_F32), heads)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(_F32), k) * scale
+    k = repeat_heads(k.astype(F32), heads)
+    v = repeat_heads(v.astype(F32), heads)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(F32), k) * scale
     q_pos, k_pos = _query_positions(tq, tk, query_start)[:, None], np.arange(tk)[None, :]
-    allowed = _row_masks(_allowed(q_pos, k_pos, causal=causal, window=window), isolated,
+    allowed = _row_masks(allowed_positions(q_pos, k_pos, causal=causal, window=window), isolated,
                          *_documents(segment_ids, tq, query_start), q_pos, k_pos)
     weights = masked_softmax(logits, allowed if allowed.ndim == 2 else allowed[:, None])
     return jnp.einsum("bhqk,bkhv->bqhv", weights, v).astype(v_dtype)
@@ -191,9 +190,9 @@ def _blocks(k, v, masks, block):
 def _block_logits(q, k_blk, start, tk, scale, causal, window, masks, row_blks):
     """Masked float32 logits [B, N, G, Tq, block] of all queries against one key block."""
     tq, block = q.shape[3], k_blk.shape[2]
-    logits = jnp.einsum("bngqd,bnkd->bngqk", q, k_blk, preferred_element_type=_F32) * scale
+    logits = jnp.einsum("bngqd,bnkd->bngqk", q, k_blk, preferred_element_type=F32) * scale
     q_pos, k_pos = _query_positions(tq, tk, masks[3])[:, None], (start + jnp.arange(block))[None, :]
-    allowed = _allowed(q_pos, k_pos, causal=causal, window=window) & (k_pos < tk)
+    allowed = allowed_positions(q_pos, k_pos, causal=causal, window=window) & (k_pos < tk)
     allowed = _row_masks(allowed, row_blks[0], masks[1], row_blks[1], q_pos, k_pos)
     return jnp.where(allowed if allowed.ndim == 2 else allowed[:, None, None], logits, -jnp.inf)
 
@@ -212,14 +211,14 @@ def _flash_forward(q, k, v, masks, scale, causal, window, block):
         rescale = jnp.exp(row_max - shift)
         weights = jnp.exp(logits - shift[..., None])
         denom = rescale * denom + jnp.sum(weights, axis=-1)
-        pv = jnp.einsum("bngqk,bnkv->bngqv", weights.astype(v.dtype), v_blk, preferred_element_type=_F32)
+        pv = jnp.einsum("bngqk,bnkv->bngqv", weights.astype(v.dtype), v_blk, preferred_element_type=F32)
         return (new_max, denom, rescale[..., None] * acc + pv), None
 
     # `_like(q)` keeps q's varying manual axes (context parallelism), which the scan's carry must match.
     init = (
-        jnp.full_like(q, -jnp.inf, _F32, shape=stats_shape),
-        jnp.zeros_like(q, _F32, shape=stats_shape),
-        jnp.zeros_like(q, _F32, shape=stats_shape + (v.shape[-1],)),
+        jnp.full_like(q, -jnp.inf, F32, shape=stats_shape),
+        jnp.zeros_like(q, F32, shape=stats_shape),
+        jnp.zeros_like(q, F32, shape=stats_shape + (v.shape[-1],)),
     )
     (row_max, denom, acc), _ = jax.lax.scan(visit_block, init, _blocks(k, v, masks, block))
     seen = denom > 0
@@ -244,21 +243,21 @@ def _flash_attention_fwd(q, k, v, masks, scale, causal, window, block):
 def _flash_attention_bwd(scale, causal, window, block, residuals, do):
     q, k, v, masks, o, logsumexp = residuals
     tk = k.shape[2]
-    delta = jnp.sum(do.astype(_F32) * o.astype(_F32), axis=-1)  # D_i = dO_i . O_i = sum_j P_ij dP_ij
+    delta = jnp.sum(do.astype(F32) * o.astype(F32), axis=-1)  # D_i = dO_i . O_i = sum_j P_ij dP_ij
     do = do.astype(v.dtype)
 
     def visit_block(dq, inputs):
         k_blk, v_blk, row_blks, start = inputs
         logits = _block_logits(q, k_blk, start, tk, scale, causal, window, masks, row_blks)
         weights = jnp.exp(logits - logsumexp[..., None])
-        dv_blk = jnp.einsum("bngqk,bngqv->bnkv", weights.astype(do.dtype), do, preferred_element_type=_F32)
-        dweights = jnp.einsum("bngqv,bnkv->bngqk", do, v_blk, preferred_element_type=_F32)
+        dv_blk = jnp.einsum("bngqk,bngqv->bnkv", weights.astype(do.dtype), do, preferred_element_type=F32)
+        dweights = jnp.einsum("bngqv,bnkv->bngqk", do, v_blk, preferred_element_type=F32)
         dlogits = (weights * (dweights - delta[..., None]) * scale).astype(q.dtype)
-        dq = dq + jnp.einsum("bngqk,bnkd->bngqd", dlogits, k_blk, preferred_element_type=_F32)
-        dk_blk = jnp.einsum("bngqk,bngqd->bnkd", dlogits, q, preferred_element_type=_F32)
+        dq = dq + jnp.einsum("bngqk,bnkd->bngqd", dlogits, k_blk, preferred_element_type=F32)
+        dk_blk = jnp.einsum("bngqk,bngqd->bnkd", dlogits, q, preferred_element_type=F32)
         return dq, (dk_blk, dv_blk)
 
-    dq, (dk, dv) = jax.lax.scan(visit_block, jnp.zeros_like(q, _F32), _blocks(k, v, masks, block))
+    dq, (dk, dv) = jax.lax.scan(visit_block, jnp.zeros_like(q, F32), _blocks(k, v, masks, block))
 
     def unblock(x, like):  # [Tk / block, B, N, block, D] -> [B, N, Tk, D]
         x = jnp.moveaxis(x, 0, 2)
@@ -300,7 +299,7 @@ def softmax_attention_xla(q, k, v, *, scale: float, causal: bool, window: int | 
         )
     tq, tk = q.shape[1], k.shape[1]
     q_pos, k_pos = _query_positions(tq, tk)[:, None], np.arange(tk)[None, :]
-    allowed = _allowed(q_pos, k_pos, causal=causal, window=window)
+    allowed = allowed_positions(q_pos, k_pos, causal=causal, window=window)
     row_has_key = np.any(allowed, axis=1)[None, :, None, None]  # [1 or B, Tq, 1, 1]
     options = {}
     if isolated is not None or segment_ids is not None:  # a per-row mask [B, 1, Tq, Tk]
@@ -325,7 +324,7 @@ def softmax_attention_xla(q, k, v, *, scale: float, causal: bool, window: int | 
 # dispatch and validation
 
 
-def _check_window(window, op: str) -> None:
+def check_window(window, op: str) -> None:
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"{op}: window must be None or an int >= 1, got {window!r}")
 
@@ -394,7 +393,7 @@ def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, isolated
     check_time(op, tk, k=k, v=v)
     check_grouped_heads(heads, kv_heads, op)
     check_same_dtype(op, q=q, k=k, v=v)
-    _check_window(window, op)
+    check_window(window, op)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"{op}: block_size must be an int >= 1, got {block_size!r}")
     options = dict(scale=default_scale(scale, dk), causal=bool(causal), window=window,
@@ -403,64 +402,3 @@ def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, isolated
     if context_axis is not None:
         return _context_parallel(q, k, v, options, choice=choice, block_size=block_size, axis=context_axis)
     return _run(q, k, v, options, choice, block_size)
-
-
-# ---------------------------------------------------------------------------------------------
-# decoding
-
-
-def kv_cache_update(k_cache, v_cache, k_t, v_t, index):
-    """Writes k_t `[B, HKV, K]`, v_t `[B, HKV, V]` at cache slot `index[b]` of row b; returns the caches.
-
-    Caches are `[B, S, HKV, D]`; `index` is `[B]` integers in [0, S). Out-of-range writes are dropped.
-    """
-    op = "kv_cache_update"
-    check_rank(f"{op}: k_cache", k_cache, 4, "[B, S, HKV, K]")
-    check_rank(f"{op}: v_cache", v_cache, 4, "[B, S, HKV, V]")
-    b, s, kv_heads, _ = k_cache.shape
-    check_shape(f"{op}: v_cache", v_cache, (b, s, kv_heads, v_cache.shape[3]), "[B, S, HKV, V] (as k_cache)")
-    check_shape(f"{op}: k_t", k_t, (b, kv_heads, k_cache.shape[3]), "[B, HKV, K]")
-    check_shape(f"{op}: v_t", v_t, (b, kv_heads, v_cache.shape[3]), "[B, HKV, V]")
-    index = jnp.asarray(index)
-    check_shape(f"{op}: index", index, (b,), "[B]")
-    if not jnp.issubdtype(index.dtype, jnp.integer):
-        raise ValueError(f"{op}: index must be an integer array, got dtype {index.dtype}")
-    rows = jnp.arange(b)
-    k_cache = k_cache.at[rows, index].set(k_t.astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[rows, index].set(v_t.astype(v_cache.dtype), mode="drop")
-    return k_cache, v_cache
-
-
-def softmax_attention_step(q_t, k_cache, v_cache, *, length, scale=None, window=None):
-    """One decoding step: q_t `[B, H, K]` against caches `[B, S, HKV, D]` -> o `[B, H, V]`.
-
-    `length` `[B]` counts the valid cache entries per row, the new token's k, v already written at
-    `length - 1`; the query attends to slots < length (and >= length - window). Equals the last row
-    of the causal `softmax_attention` over the first `length` tokens. o comes back in the caches' dtype
-    (which q_t shares).
-    """
-    op = "softmax_attention_step"
-    check_rank(f"{op}: q_t", q_t, 3, "[B, H, K]")
-    check_rank(f"{op}: k_cache", k_cache, 4, "[B, S, HKV, K]")
-    check_rank(f"{op}: v_cache", v_cache, 4, "[B, S, HKV, V]")
-    for name, x in (("q_t", q_t), ("k_cache", k_cache), ("v_cache", v_cache)):
-        check_floating(f"{op}: {name}", x)
-    b, heads, dk = q_t.shape
-    s, kv_heads, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
-    check_shape(f"{op}: k_cache", k_cache, (b, s, kv_heads, dk), "[B, S, HKV, K] (B and K as in q_t)")
-    check_shape(f"{op}: v_cache", v_cache, (b, s, kv_heads, dv), "[B, S, HKV, V] (as k_cache)")
-    check_grouped_heads(heads, kv_heads, op)
-    check_same_dtype(op, q_t=q_t, k_cache=k_cache, v_cache=v_cache)
-    _check_window(window, op)
-    length = jnp.asarray(length)
-    check_shape(f"{op}: length", length, (b,), "[B]")
-    if not jnp.issubdtype(length.dtype, jnp.integer):
-        raise ValueError(f"{op}: length must be an integer array, got dtype {length.dtype}")
-    scale = default_scale(scale, dk)
-
-    q_grouped = q_t.reshape(b, kv_heads, heads // kv_heads, dk)
-    logits = jnp.einsum("bngd,bsnd->bngs", q_grouped, k_cache, preferred_element_type=_F32) * scale
-    allowed = _allowed((length - 1)[:, None], jnp.arange(s)[None, :], causal=True, window=window)
-    weights = masked_softmax(logits, allowed[:, None, None, :])
-    o = jnp.einsum("bngs,bsnv->bngv", weights.astype(v_cache.dtype), v_cache, preferred_element_type=_F32)
-    return o.reshape(b, heads, dv).astype(v_cache.dtype)

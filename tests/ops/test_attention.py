@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hybrid_jax.ops.attention import kv_cache_update, softmax_attention, softmax_attention_step
+from hybrid_jax.ops.attention import softmax_attention
+from hybrid_jax.ops.attention_decode import kv_cache_update, softmax_attention_step
 
 STATIC = ("scale", "causal", "window", "impl", "block_size")
 attend = jax.jit(softmax_attention, static_argnames=STATIC)

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hybrid_jax.ops.attention import kv_cache_update, softmax_attention
+from hybrid_jax.ops.attention import softmax_attention
+from hybrid_jax.ops.attention_decode import kv_cache_update
 from hybrid_jax.ops.sparse_attention import (
     block_keys_update,
     block_sparse_attention,

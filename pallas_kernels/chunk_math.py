@@ -204,7 +204,7 @@ def cumulative_decay(g: jax.Array) -> jax.Array:
     exponentials of the scalar gate from vectorising (~10x slower on CPU); a matmul's output is
     materialised once."""
     c = g.shape[-2]
-    return jnp.matmul(jnp.tril(jnp.ones((c, c), g.dtype)), g, precision="highest")
+    return matmul(jnp.tril(jnp.ones((c, c), g.dtype)), g, "highest")
 
 
 def _chunk_terms(q, k, v, g, beta, safe_gate, precision, runs: DocumentRuns | None = None) -> ChunkTerms:

@@ -199,6 +199,11 @@ def _over_blocks(step, carry, xs, ys_like, *, axis: int, per_block: int, reverse
     return carry, jax.tree.map(lambda y: jax.lax.slice_in_dim(y, 0, n, axis=axis), ys)
 
 
+def _has_beta(inputs) -> bool:
+    """Whether `chunked_recurrence`'s inputs carry beta, i.e. run the delta rule."""
+    return len(inputs) > 4 and inputs[4] is not None
+
+
 def _layout(config: KernelConfig, s0):
     """(the chunk axis of the inputs, a block's inputs -> the heads-first layout of the terms, its
     chunked outputs / cotangents back, its entering states `[B, H, n, K, V]` <-> their stored layout)."""
@@ -217,7 +222,7 @@ def _xla_forward(config: KernelConfig, inputs, s0):
     matmul per chunk, keeping it one more array the size of v."""
     axis, heads_first, time_major, swap_states = _layout(config, s0)
     n = inputs[0].shape[axis]
-    delta = len(inputs) > 4 and inputs[4] is not None
+    delta = _has_beta(inputs)
 
     def block(s, block_inputs):
         terms = _terms(config, tuple(map(heads_first, block_inputs)))
@@ -314,7 +319,7 @@ def shard_summary(config: KernelConfig, inputs, s0, identity):
 
 def identity_transition(inputs, s0):
     """The identity transition of `shard_summary` for chunked inputs and a state like s0."""
-    if len(inputs) > 4 and inputs[4] is not None:  # beta: the delta rule
+    if _has_beta(inputs):
         k_dim = inputs[1].shape[-1]
         return jnp.broadcast_to(jnp.eye(k_dim, dtype=s0.dtype), s0.shape[:-1] + (k_dim,))
     return jnp.ones(s0.shape[:-2] + (inputs[3].shape[-1],), s0.dtype)

@@ -316,14 +316,21 @@ def print_table(rows):
         print(line(row))
 
 
-def print_ratios(rows):
-    """Speed-ups of the Pallas path, forward + backward: chunk / pallas and attention / pallas."""
+def _fwd_bwd_ms(rows) -> dict:
+    """{(T, op, impl): forward + backward ms} of the rows that have a time ("failed" / "-" left out)."""
     times = {}
     for t, op, impl, _, fwd_bwd, _ in rows:
         try:
-            times[t, op if impl in ("pallas", "chunk") else "attention", impl] = float(fwd_bwd)
-        except ValueError:  # "failed" / "-"
+            times[int(t), op, impl] = float(fwd_bwd)
+        except ValueError:
             pass
+    return times
+
+
+def print_ratios(rows):
+    """Speed-ups of the Pallas path, forward + backward: chunk / pallas and attention / pallas."""
+    times = {(t, op if impl in ("pallas", "chunk") else "attention", impl): ms
+             for (t, op, impl), ms in _fwd_bwd_ms(rows).items()}
     print("\nfwd+bwd speed-up of pallas: T | mixer | vs XLA chunk | vs softmax attention")
     for t, op, impl in sorted(times):
         if impl != "pallas":
@@ -340,11 +347,8 @@ def plot_rows(rows, path):
     from hybrid_jax import plotting
 
     lines = {}
-    for t, op, impl, _, fwd_bwd, _ in rows:
-        try:
-            lines.setdefault(f"{op} ({impl})", []).append((int(t), float(fwd_bwd)))
-        except ValueError:  # "failed" / "-"
-            pass
+    for (t, op, impl), ms in _fwd_bwd_ms(rows).items():
+        lines.setdefault(f"{op} ({impl})", []).append((t, ms))
     fig, ax = plotting.figure(figsize=(7, 4.5))
     for label, points in sorted(lines.items()):
         ts, ms = zip(*sorted(points))

@@ -101,9 +101,11 @@ def _plain_chunked(inputs, s0):
 
 @pytest.mark.parametrize("delta,isolated", [(True, False), (False, True)])
 def test_recomputing_blocked_backward_equals_autodiff(delta, isolated):
-    """Five chunks in blocks of 2 (the last block half identity padding) and in one block: outputs,
-    final state and every gradient equal autodiff of the plain chunked form (with document resets
-    in the delta case, isolated tokens in the other)."""
+    """Five chunks in blocks of 2 (the last block half identity padding) and in one block, in the
+    heads-first layout and in the time-major one the ops use (`[B, N, C, H, .]`, blocks sliced in
+    place, heads moved forward per block; with the delta rule the forward's U kept for the
+    backward): outputs, final state and every gradient equal autodiff of the plain chunked form
+    (with document resets in the delta case, isolated tokens in the other)."""
     b, h, n, c, kd, vd = 2, 3, 5, 8, 4, 6
     keys = jax.random.split(jax.random.PRNGKey(7), 8)
     q, k = (jax.random.normal(x, (b, h, n, c, kd)) for x in keys[:2])
@@ -123,11 +125,19 @@ def test_recomputing_blocked_backward_equals_autodiff(delta, isolated):
 
     expected = jax.jit(jax.grad(functools.partial(loss, _plain_chunked), (0, 1)))(inputs, s0)
     plain_o = jax.jit(_plain_chunked)(inputs, s0)[0]
-    for blocks in (2, 0):
-        config = KernelConfig(c, "xla", False, 0, block_chunks=blocks)
-        run = functools.partial(recurrence.chunked_recurrence, config)
-        assert_close(jax.jit(run)(inputs, s0)[0], plain_o, what=f"blocks={blocks} output")
+    for blocks, time_major in ((2, False), (0, False), (2, True)):
+        config = KernelConfig(c, "xla", False, 0, block_chunks=blocks, time_major=time_major)
+        what = f"blocks={blocks}{' time-major' if time_major else ''}"
+
+        def run(inputs, s0, config=config):
+            if not config.time_major:
+                return recurrence.chunked_recurrence(config, inputs, s0)
+            to_time = lambda x: None if x is None else jnp.moveaxis(x, 1, 3)  # noqa: E731
+            o, final = recurrence.chunked_recurrence(config, tuple(map(to_time, inputs)), s0)
+            return jnp.moveaxis(o, 3, 1), final
+
+        assert_close(jax.jit(run)(inputs, s0)[0], plain_o, what=f"{what} output")
         grads = jax.jit(jax.grad(functools.partial(loss, run), (0, 1)))(inputs, s0)
         for path, got in jax.tree.leaves_with_path(grads):
             want = functools.reduce(lambda x, key: x[key.idx], path, expected)
-            assert_close(got, want, what=f"blocks={blocks} grad {jax.tree_util.keystr(path)}")
+            assert_close(got, want, what=f"{what} grad {jax.tree_util.keystr(path)}")

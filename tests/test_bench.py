@@ -1,10 +1,11 @@
 """The mixer benchmark runs end to end at tiny sizes, and its analysis gets known answers right."""
 import json
 import math
+import sys
 
 import pytest
 
-from experiments.bench import mixers, presets, report
+from experiments.bench import host_memory, mixers, presets, report
 
 
 def test_main_writes_table_json_and_plot(tmp_path):
@@ -22,6 +23,7 @@ def test_main_writes_table_json_and_plot(tmp_path):
             m = row[mode]
             assert m["status"] == "ok", m
             assert m["seconds"] > 0 and m["compile_seconds"] > 0 and m["memory_bytes"] > 0
+            assert m["page_faults_per_call"] >= 0
             assert m["flops"] > 0 and 0 < m["peak_fraction"]
     summary = {(e["mixer"], e["impl"]): e for e in data["summary"]}
     assert set(summary) == {("gated_delta_rule", "chunk"), ("ssd", "chunk"), ("softmax", "chunk")}
@@ -97,3 +99,20 @@ def test_exponent_and_crossover_on_known_curves():
     baseline = {t: t * t * 1e-6 for t in lengths}
     assert report.crossover([(t, 1e6) for t in lengths], baseline)[1] == "never in range"
     assert report.crossover([(t, 1e-9) for t in lengths], baseline)[1] == "below range"
+
+
+def test_huge_page_advice(tmp_path):
+    """The note says when malloc's large blocks are page-faulted on every call, and only then."""
+    mode_file = tmp_path / "enabled"
+    mode_file.write_text("always [madvise] never\n")
+    assert host_memory.transparent_huge_page_mode(str(mode_file)) == "madvise"
+    assert host_memory.transparent_huge_page_mode(str(tmp_path / "missing")) is None
+    assert host_memory.malloc_uses_huge_pages("glibc.malloc.trim_threshold=1:glibc.malloc.hugetlb=1")
+    assert not host_memory.malloc_uses_huge_pages("glibc.malloc.hugetlb=0")
+    assert not host_memory.malloc_uses_huge_pages(None)
+    if not sys.platform.startswith("linux"):
+        return
+    assert host_memory.huge_page_advice("always", "") is None
+    assert host_memory.huge_page_advice("madvise", "glibc.malloc.hugetlb=1") is None
+    assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in host_memory.huge_page_advice("madvise", "")
+    assert "never" in host_memory.huge_page_advice("never", "glibc.malloc.hugetlb=1")

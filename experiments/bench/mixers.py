@@ -32,7 +32,7 @@ import traceback
 import jax
 import jax.numpy as jnp
 
-from experiments.bench import mixer_specs, report
+from experiments.bench import host_memory, mixer_specs, report
 from experiments.bench.cost_models import BACKWARD_FLOP_FACTOR, Dims
 from experiments.bench.presets import PRESETS, preset_lines
 from hybrid_jax.ops._common import Impl
@@ -146,13 +146,14 @@ def compiled_bytes(compiled):
 
 
 def time_compiled(compiled, args, repeats):
+    """(wall seconds of each of `repeats` calls after a warm-up, minor page faults per call)."""
     jax.block_until_ready(compiled(*args))  # warm-up: first-run allocations are not the steady state
-    times = []
+    times, faults = [], host_memory.minor_page_faults()
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - start)
-    return times
+    return times, (host_memory.minor_page_faults() - faults) / repeats
 
 
 def measure_matmul_peak(n, dtype, repeats):
@@ -160,7 +161,7 @@ def measure_matmul_peak(n, dtype, repeats):
     a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32).astype(dtype)
     compiled = jax.jit(jnp.matmul).lower(a, b).compile()
-    seconds = min(time_compiled(compiled, (a, b), max(repeats, 3)))  # the peak: best of the runs
+    seconds = min(time_compiled(compiled, (a, b), max(repeats, 3))[0])  # the peak: best of the runs
     return {
         "n": n,
         "dtype": jnp.dtype(dtype).name,
@@ -215,8 +216,8 @@ def measure(spec, impl, dims, dtype, args, peak):
                     note=f"{mode}: compiled {entry['memory_bytes'] / 1e9:.1f} GB > {args.max_gb:g} GB budget",
                 )
                 continue
-            times = time_compiled(compiled, call_args, args.repeats)
-            entry.update(seconds=statistics.median(times), min_seconds=min(times))
+            times, faults = time_compiled(compiled, call_args, args.repeats)
+            entry.update(seconds=statistics.median(times), min_seconds=min(times), page_faults_per_call=faults)
             if flops is not None:
                 entry["flops_per_second"] = flops / entry["seconds"]
                 entry["peak_fraction"] = entry["flops_per_second"] / peak["flops_per_second"]
@@ -268,6 +269,10 @@ def main(argv=None):
         flush=True,
     )
     plan, notes = mixer_plan(args)
+    advice = host_memory.huge_page_advice()
+    if advice:
+        print(f"note: {advice}", file=sys.stderr, flush=True)
+        notes.append(advice)
     rows = []
     total, start = sum(len(lengths) for _, _, lengths in plan), time.perf_counter()
     for spec, impl, lengths in plan:
@@ -306,6 +311,8 @@ def main(argv=None):
             "backend": jax.default_backend(),
             "jax_version": jax.__version__,
             "backward_flop_factor": BACKWARD_FLOP_FACTOR,
+            "transparent_huge_pages": host_memory.transparent_huge_page_mode(),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         },
         "matmul_peak": peak,
         "rows": rows,

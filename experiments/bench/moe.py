@@ -30,7 +30,7 @@ from hybrid_jax.nn.mlp import SwiGLU
 
 def _timed(fn, *args, repeats: int) -> float:
     """Median seconds of `fn(*args)` over `repeats` runs after one (compiling) warm-up."""
-    return statistics.median(time_compiled(fn, args, repeats))
+    return statistics.median(time_compiled(fn, args, repeats)[0])
 
 
 def _layer_fns(layer: nnx.Module, dispatch: str | None):

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import resource
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from hybrid_jax import plotting
 MODES = ("fwd", "fwd_bwd")
 MODE_TITLES = {"fwd": "forward", "fwd_bwd": "forward + backward"}
 BASELINE = "softmax"
+PAGE_MIB = resource.getpagesize() / 2**20  # page faults -> MiB first-touched
 
 
 def series(rows, mixer, impl, mode):
@@ -117,7 +119,7 @@ def _cell(m, key, fmt, scale=1.0):
 def results_table(rows):
     head = (
         "| mixer | impl | T | fwd ms | fwd+bwd ms | compile s fwd / bwd | memory MB fwd / bwd "
-        "| GFLOP fwd | % peak fwd | % peak fwd+bwd | note |"
+        "| page faults MiB/call fwd / bwd | GFLOP fwd | % peak fwd | % peak fwd+bwd | note |"
     )
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -125,9 +127,10 @@ def results_table(rows):
         notes = "; ".join(n for n in (f.get("note"), b.get("note")) if n)
         compile_s = f"{_cell(f, 'compile_seconds', '.1f')} / {_cell(b, 'compile_seconds', '.1f')}"
         memory = f"{_cell(f, 'memory_bytes', '.1f', 1e-6)} / {_cell(b, 'memory_bytes', '.1f', 1e-6)}"
+        faulted = " / ".join(_cell(m, "page_faults_per_call", ".1f", PAGE_MIB) for m in (f, b))
         out.append(
             f"| {r['mixer']} | {r['impl']} | {r['T']} | {_cell(f, 'seconds', '.2f', 1e3)} "
-            f"| {_cell(b, 'seconds', '.2f', 1e3)} | {compile_s} | {memory} "
+            f"| {_cell(b, 'seconds', '.2f', 1e3)} | {compile_s} | {memory} | {faulted} "
             f"| {_num(f['flops'] * 1e-9 if f.get('flops') is not None else None, '.3g')} "
             f"| {_cell(f, 'peak_fraction', '.1f', 100)} | {_cell(b, 'peak_fraction', '.1f', 100)} | {notes} |"
         )

@@ -1,0 +1,59 @@
+"""Page faults of the host process, and whether glibc's malloc can give XLA:CPU huge pages.
+
+XLA:CPU allocates an executable's temporaries anew on every call. glibc serves an allocation above
+its mmap threshold (at most 32 MiB) with a fresh `mmap`, so once a mixer's temporaries outgrow it,
+every call first-touches every page of them again: one minor page fault per 4 KiB, ~2 us each on the
+2-core VM the README's CPU tables come from. That is a step in time per token where the temporaries
+cross 32 MiB (ssd between T = 4K and 8K at B = 1, H = 4, D = 64: +40%), which a fitted scaling
+exponent reads as super-linear work. On a host whose transparent huge pages are in "madvise" mode,
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` makes malloc ask for huge pages (2 MiB: 512x fewer faults);
+in "always" mode the kernel does so unasked. The benchmark reports the faults per call
+(`page_faults_per_call`) and says when this host pays them (`huge_page_advice`).
+"""
+from __future__ import annotations
+
+import os
+import resource
+import sys
+
+THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+PAGE_BYTES = resource.getpagesize()
+
+
+def minor_page_faults() -> int:
+    """Minor page faults of this process so far (all threads)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def transparent_huge_page_mode(path: str = THP_MODE_FILE) -> str | None:
+    """The kernel's THP mode ("always", "madvise" or "never"), or None off Linux / when unreadable."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    selected = [word[1:-1] for word in text.split() if word.startswith("[") and word.endswith("]")]
+    return selected[0] if selected else None
+
+
+def malloc_uses_huge_pages(tunables: str | None) -> bool:
+    """Whether a GLIBC_TUNABLES value turns on malloc's huge pages (glibc.malloc.hugetlb=1 or 2)."""
+    settings = dict(item.split("=", 1) for item in (tunables or "").split(":") if "=" in item)
+    return settings.get("glibc.malloc.hugetlb", "0") in ("1", "2")
+
+
+def huge_page_advice(thp_mode: str | None = None, tunables: str | None = None) -> str | None:
+    """A note when large temporaries will be page-faulted on every call here, else None. Arguments
+    default to this host's THP mode and this process's GLIBC_TUNABLES."""
+    if not sys.platform.startswith("linux"):
+        return None
+    thp_mode = transparent_huge_page_mode() if thp_mode is None else thp_mode
+    tunables = os.environ.get("GLIBC_TUNABLES") if tunables is None else tunables
+    if thp_mode == "always" or (thp_mode == "madvise" and malloc_uses_huge_pages(tunables)):
+        return None
+    if thp_mode == "madvise":
+        return ("transparent huge pages are 'madvise' here and GLIBC_TUNABLES does not set glibc.malloc.hugetlb: "
+                "XLA temporaries over 32 MiB are page-faulted on every call (see the faults column); rerun under "
+                "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 for times without that")
+    return (f"transparent huge pages are {thp_mode or 'unknown'} here: XLA temporaries over 32 MiB are "
+            "page-faulted on every call (see the faults column)")

@@ -11,16 +11,16 @@
 from __future__ import annotations
 
 import math
-import resource
 
 import numpy as np
 
+from experiments.bench.host_memory import PAGE_BYTES
 from hybrid_jax import plotting
 
 MODES = ("fwd", "fwd_bwd")
 MODE_TITLES = {"fwd": "forward", "fwd_bwd": "forward + backward"}
 BASELINE = "softmax"
-PAGE_MIB = resource.getpagesize() / 2**20  # page faults -> MiB first-touched
+PAGE_MIB = PAGE_BYTES / 2**20  # page faults -> MiB first-touched
 
 
 def series(rows, mixer, impl, mode):

@@ -38,8 +38,9 @@ docs/chunked_algorithms.md):
 * an initial state at any position P: the sequence is placed at offset P mod C inside its first chunk
   (a dynamic offset when P is traced, costing one more chunk); the first chunk reads the incoming
   levels token by token at level max(l, l(t, P - 1)), and after it they join the stack.
-* the chunk form saves only its inputs for the backward and recomputes everything else there
-  (`jax.checkpoint`); `precision` sets its matmul precision and `safe_gate` (per-channel g) the matmul
+* the chunk form runs block by block of chunks (`log_linear_chunk`), each block under
+  `jax.checkpoint`: the backward keeps the inputs and the stack entering each block and recomputes
+  the rest of the block there; `precision` sets its matmul precision and `safe_gate` (per-channel g) the matmul
   form of the in-chunk diagonal blocks, as in `gated.gated_op`.
 
 Packed documents (`segment_ids` `[B, T]`, docs/conventions.md): the levels restart with each document

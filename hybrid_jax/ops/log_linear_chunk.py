@@ -15,11 +15,15 @@ Gam = exp(G), Tm the WY transform of the delta rule), `_chunk` runs these steps:
 3. `_in_chunk_outputs`: in-chunk sources, the transfer weighted elementwise by lambda_i^{l(i, m)}.
 4. `_read_incoming`: the incoming levels, read token by token in the first chunk at level
    max(l, l(t, P - 1)), then placed in the stack of inter-chunk levels log2(C) + 1 + i.
-5. `_carry_stack`: one lax.scan over chunks carries the stack through each chunk (S -> A_c S) and
+5. `_carry_stack`: a lax.scan over chunks carries the stack through each chunk (S -> A_c S) and
    merges slots 0..z plus the chunk's own writes into slot z (z = trailing ones of the chunk index).
 6. `_stack_outputs`: each chunk reads the stack entering it, weighted by lambda^{log2(C) + 1 + i}.
 7. `_final_levels`: the last real chunk's own writes by in-chunk level, the stack carried through
    it, and the incoming levels if that chunk is also the first.
+
+Steps 2, 3, 5 and 6 run block by block (`log_linear_chunk`): whole-sequence arrays of the stacks
+entering every chunk and of the weighted read-outs (`[.., n_inter, K, V]` and `[.., C, n_inter, K]` per
+chunk, 961 MiB of temporaries at T = 16K, H = 4, K = V = 64) made the form memory-bound.
 
 Cost O(T C (K + V) + T log(T / C) K V): O(T log T). Derivations: docs/chunked_algorithms.md.
 """
@@ -33,7 +37,8 @@ import jax.numpy as jnp
 
 from hybrid_jax.ops import gated
 from hybrid_jax.ops.fenwick import carried_levels, fenwick_level, merge_down, one_hot
-from pallas_kernels.chunk_math import ChunkTerms, chunk_outputs, chunk_values, from_chunks, to_chunks
+from pallas_kernels.chunk_math import ChunkTerms, chunk_outputs, chunk_values, from_chunks, matmul, to_chunks
+from pallas_kernels import recurrence
 from pallas_kernels.recurrence import state_pass
 
 
@@ -138,75 +143,134 @@ def _read_incoming(ops: _ChunkOperators, lam, levels_in, layout: _Layout, positi
     return read, stack
 
 
-def _carry_stack(ops: _ChunkOperators, stack, layout: _Layout):
-    """The stack of inter-chunk levels entering each chunk, `[B, H, N, n_inter, K, V]` (zeros for the
-    first chunk, which read the incoming levels token by token)."""
-    chunk_ids = jnp.arange(layout.n_chunks)
-    absolute = layout.first_chunk + chunk_ids
-    merge_slot = fenwick_level(absolute + 1, absolute) - 1  # where chunk c's sources sit from chunk c + 1
+def _carry_stack(ops: _ChunkOperators, stack, picked, chunk_ids, layout: _Layout, last):
+    """Carries the stack of inter-chunk levels `[B, H, n_inter, K, V]` through chunks `chunk_ids` (their
+    operators `ops`); returns ((the stack after them, `picked`: the stack entering chunk `last` once
+    passed, else as given), the stack entering each chunk `[B, H, n, n_inter, K, V]`); both are zeros for
+    chunk 0, which reads the incoming levels token by token."""
+    merge_slot = fenwick_level(layout.first_chunk + chunk_ids + 1, layout.first_chunk + chunk_ids) - 1
 
-    def body(stack, inputs):
-        transition_c, own_c, slot = inputs
-        return merge_down(_advance(transition_c, stack), slot, own_c), stack
+    def body(carry, inputs):
+        stack, picked = carry
+        transition_c, own_c, slot, chunk_id = inputs
+        picked = jnp.where(chunk_id == last, jnp.where(chunk_id == 0, 0.0, stack), picked)
+        return (merge_down(_advance(transition_c, stack), slot, own_c), picked), stack
 
     chunk_major = lambda x: jnp.moveaxis(x, 2, 0)  # noqa: E731
-    _, entering = jax.lax.scan(body, stack, (chunk_major(ops.transition)[:, :, :, None],
-                                             chunk_major(ops.own), merge_slot))
+    carry, entering = jax.lax.scan(body, (stack, picked), (chunk_major(ops.transition)[:, :, :, None],
+                                                           chunk_major(ops.own), merge_slot, chunk_ids))
     entering = jnp.moveaxis(entering, 0, 2)
-    return jnp.where(chunk_ids[:, None, None, None] == 0, 0.0, entering)
+    return carry, jnp.where(chunk_ids[:, None, None, None] == 0, 0.0, entering)
 
 
-def _stack_outputs(ops: _ChunkOperators, lam, entering, log_c):
+def _stack_outputs(ops: _ChunkOperators, lam, entering, log_c, precision):
     """`[B, H, N, C, V]`: what each query reads from the stack entering its chunk."""
-    # Weight the read-out rows per level first: one [C, n K] x [n K, V] matmul per chunk.
-    weighted_read = jnp.einsum("bhncl,bhnck->bhnclk", lam[..., log_c + 1:], ops.read)
-    return jnp.einsum("bhnclk,bhnlkv->bhncv", weighted_read, entering)
+    return _weighted_read(lam[..., log_c + 1:], ops.read, entering, precision)
 
 
-def _final_levels(ops: _ChunkOperators, values, entering, levels_in, layout: _Layout, position, t):
-    """The levels after the last token, `[B, H, L, K, V]`."""
+def _flat_stack(entering):
+    return entering.reshape(entering.shape[:-3] + (-1, entering.shape[-1]))  # [.., n K, V]
+
+
+def _weighted_rows(lam, read):
+    return (lam[..., :, None] * read[..., None, :]).reshape(lam.shape[:-1] + (-1,))  # [.., C, n K]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _weighted_read(lam, read, entering, precision):
+    """sum_l lam[.., i, l] read_i^T S_l for lam `[.., C, n]`, read `[.., C, K]`, the stack `[.., n, K, V]`:
+    the read-out rows weighted per level first, then one `[C, n K] x [n K, V]` matmul."""
+    return matmul(_weighted_rows(lam, read), _flat_stack(entering), precision)
+
+
+def _weighted_read_fwd(lam, read, entering, precision):
+    return _weighted_read(lam, read, entering, precision), (lam, read, entering)
+
+
+def _weighted_read_bwd(precision, residuals, d_o):
+    # Both matmuls with the operand that is contracted on its rows stored transposed first (a small
+    # copy): autodiff's einsum gave the stack's cotangent as [V, n K] and transposed it elementwise,
+    # and a matmul contracting the rows of [C, n K] in place ran at half the speed (XLA:CPU).
+    lam, read, entering = residuals
+    d_rows = matmul(d_o, jnp.swapaxes(_flat_stack(entering), -1, -2), precision).reshape(lam.shape + read.shape[-1:])
+    rows_t = jax.lax.optimization_barrier(jnp.swapaxes(_weighted_rows(lam, read), -1, -2))
+    d_entering = matmul(rows_t, d_o, precision).reshape(entering.shape)
+    return jnp.sum(d_rows * read[..., None, :], axis=-1), jnp.sum(d_rows * lam[..., None], axis=-2), d_entering
+
+
+_weighted_read.defvjp(_weighted_read_fwd, _weighted_read_bwd)
+
+
+def _final_levels(first: _ChunkOperators, last_ops: _ChunkOperators, last_values, entering_last, levels_in,
+                  layout: _Layout, position, t):
+    """The levels after the last token, `[B, H, L, K, V]`, from the operators of the first and the last
+    real chunk (`[B, H, 1, ...]`), the last chunk's values `[B, H, 1, C, V]` and the stack entering it."""
     c, log_c, n_levels = layout.chunk, layout.log_chunk, levels_in.shape[2]
     last, last_offset = (layout.offset + t - 1) // c, (layout.offset + t - 1) % c
-    pick = lambda x: jax.lax.dynamic_index_in_dim(x, last, axis=2, keepdims=False)  # noqa: E731
-    to_end = jnp.swapaxes(pick(ops.terms.k_to_end), -1, -2)
-    to_end = to_end if ops.tm is None else to_end @ pick(ops.tm)  # [B, H, K, C]: v_m -> state at chunk end
+    to_end = jnp.swapaxes(last_ops.terms.k_to_end[:, :, 0], -1, -2)
+    to_end = to_end if last_ops.tm is None else to_end @ last_ops.tm[:, :, 0]  # [B, H, K, C]: v_m -> chunk end
     by_level = one_hot(fenwick_level(last_offset, jnp.arange(c)), log_c + 1)
-    own_levels = jnp.einsum("bhkc,cl,bhcv->bhlkv", to_end, by_level, pick(values))
-    final = jnp.concatenate([own_levels, _advance(pick(ops.transition)[:, :, None], pick(entering))], axis=2)
+    own_levels = jnp.einsum("bhkc,cl,bhcv->bhlkv", to_end, by_level, last_values[:, :, 0])
+    final = jnp.concatenate([own_levels, _advance(last_ops.transition[:, :, 0][:, :, None], entering_last)], axis=2)
     move = one_hot(carried_levels(position + t - 1, position, n_levels), n_levels) * (last == 0)
     return final + jnp.einsum("lm,bhlkv->bhmkv", move,
-                              _advance(ops.transition[:, :, 0][:, :, None], levels_in))
+                              _advance(first.transition[:, :, 0][:, :, None], levels_in))
+
+
+def chunks_per_block(n_chunks: int, chunk: int, k_dim: int, v_dim: int, n_inter: int, lead: int) -> int:
+    """Chunks per block of the blocked pass, so that one block's operators, stack and read-out take about
+    `recurrence.BLOCK_BYTES` (per chunk and head: ~4 C x C maps, n_inter stacked K x V states and
+    C x n_inter x K weighted reads, and ~8 `[C, K or V]` slabs; `lead` = batch x heads)."""
+    floats = 4 * chunk * chunk + n_inter * (chunk * k_dim + k_dim * v_dim) + 8 * chunk * max(k_dim, v_dim)
+    return max(1, min(n_chunks, recurrence.BLOCK_BYTES // (4 * floats * max(lead, 1))))
 
 
 def log_linear_chunk(q, k, v, g, beta, lam, levels_in, position, iso=None, *, chunk_size, safe_gate=False,
                      precision="highest", alignment=None):
     """The chunked form on float32 inputs `[B, T, HV, .]` (q scaled, heads expanded), incoming levels
     `[B, HV, L, K, V]` at `position` (an int or a traced int32), isolated tokens `iso` `[B, T, HV]`
-    bool or None. Returns (o `[B, T, HV, V]`, levels). The backward saves only the inputs and
-    recomputes the rest (`jax.checkpoint`): the chunk operators and the carried stack are O(T C + T K V)
-    and would otherwise stay alive from the forward to the backward. `alignment`: see `_layout`."""
-    run = functools.partial(_log_linear_chunk, chunk_size=chunk_size, safe_gate=safe_gate, precision=precision,
-                            alignment=alignment)
-    # A static position fixes the layout (no dynamic offset): keep it static under the checkpoint.
-    static = (7,) if isinstance(position, int) else ()
-    return jax.checkpoint(run, static_argnums=static)(q, k, v, g, beta, lam, levels_in, position, iso)
+    bool or None. Returns (o `[B, T, HV, V]`, levels). `alignment`: see `_layout`.
 
-
-def _log_linear_chunk(q, k, v, g, beta, lam, levels_in, position, iso, *, chunk_size, safe_gate, precision,
-                      alignment):
+    Blocked: a lax.scan over blocks of chunks (`chunks_per_block`) forms each block's operators, its
+    in-chunk outputs, carries the stack through it and reads the stack, all under `jax.checkpoint`, so
+    the operators, the stacks entering every chunk (`[.., n_inter, K, V]` per chunk) and the weighted
+    read-outs exist one block at a time, in cache, and the backward keeps only the inputs and the stack
+    entering each block. The first chunk's read of the incoming levels and the final levels use the
+    first and last chunks' operators, formed once more on their own."""
     t = q.shape[1]
     layout = _layout(t, chunk_size, position, alignment)
     position = jnp.asarray(position, jnp.int32)
-    length = layout.n_chunks * layout.chunk
-    q, k, v, g, lam = (_place(x, layout.offset, length) for x in (q, k, v, g, lam))
-    beta, iso = (None if x is None else _place(x, layout.offset, length) for x in (beta, iso))
-    ops = _chunk_operators(q, k, v, g, beta, layout.chunk, iso, safe_gate=safe_gate, precision=precision)
-    values, lam = to_chunks(v, layout.chunk), to_chunks(lam, layout.chunk)  # lam: [B, H, N, C, L]
+    c, log_c, n_levels = layout.chunk, layout.log_chunk, lam.shape[-1]
+    b, _, h, kd = k.shape
+    per_block = chunks_per_block(layout.n_chunks, c, kd, v.shape[-1], n_levels - log_c - 1, b * h)
+    n_blocks = -(-layout.n_chunks // per_block)
+    length = n_blocks * per_block * c
+    inputs = tuple(None if x is None else _place(x, layout.offset, length) for x in (q, k, v, g, beta, lam, iso))
+    operators = functools.partial(_chunk_operators, safe_gate=safe_gate, precision=precision)
 
-    o = _in_chunk_outputs(ops, lam, values)
-    first_read, stack = _read_incoming(ops, lam, levels_in, layout, position)
-    o = o.at[:, :, 0].add(first_read)
-    entering = _carry_stack(ops, stack, layout)
-    o = o + _stack_outputs(ops, lam, entering, layout.log_chunk)
-    o = _window(from_chunks(o, length), layout.offset, t)
-    return o, _final_levels(ops, values, entering, levels_in, layout, position, t)
+    def chunk_at(index):  # the inputs of one chunk and its operators
+        one = tuple(None if x is None else jax.lax.dynamic_slice_in_dim(x, index * c, c, axis=1) for x in inputs)
+        qc, kc, vc, gc, betac, lamc, isoc = one
+        return operators(qc, kc, vc, gc, betac, c, isoc), to_chunks(vc, c), to_chunks(lamc, c)
+
+    first, _, first_lam = chunk_at(0)
+    first_read, stack = _read_incoming(first, first_lam, levels_in, layout, position)
+    last = (layout.offset + t - 1) // c
+
+    @jax.checkpoint
+    def block(carry, xs):
+        index, (qb, kb, vb, gb, betab, lamb, isob) = xs
+        ops = operators(qb, kb, vb, gb, betab, c, isob)
+        values, lamb = to_chunks(vb, c), to_chunks(lamb, c)  # lam: [B, H, n, C, L]
+        o = _in_chunk_outputs(ops, lamb, values)
+        carry, entering = _carry_stack(ops, *carry, index * per_block + jnp.arange(per_block), layout, last)
+        return carry, from_chunks(o + _stack_outputs(ops, lamb, entering, log_c, precision), per_block * c, heads_first=True)
+
+    blocks = jax.tree.map(lambda x: jnp.moveaxis(x.reshape((b, n_blocks, per_block * c) + x.shape[2:]), 1, 0),
+                          inputs)
+    (_, entering_last), o = jax.lax.scan(block, (stack, jnp.zeros_like(stack)), (jnp.arange(n_blocks), blocks))
+    o = jnp.moveaxis(o, 0, 1).reshape((b, length) + o.shape[3:])
+    o = o.at[:, :c].add(jnp.swapaxes(first_read, 1, 2))
+    last_ops, last_values, _ = chunk_at(last)
+    return _window(o, layout.offset, t), _final_levels(first, last_ops, last_values, entering_last, levels_in,
+                                                       layout, position, t)

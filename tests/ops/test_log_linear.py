@@ -90,6 +90,27 @@ def test_small_chunks_deep_stack():
     _check_equal("chunk", inputs, levels, POSITION, chunk_size=4)
 
 
+@pytest.mark.parametrize("per_block", [1, 3])
+def test_blocked_chunk_form(monkeypatch, per_block):
+    """The chunk form's blocks of one chunk (what long sequences get) and of three (the last padded with
+    identity chunks) over ten chunks: the stack, the outputs, the final levels and the gradients cross
+    block boundaries exactly as the token recurrence's."""
+    from hybrid_jax.ops import log_linear_chunk
+
+    monkeypatch.setattr(log_linear_chunk, "chunks_per_block", lambda *args: per_block)
+    inputs, levels = _inputs("gated_delta_rule", seed=5)
+    k_o, k_s = jax.random.split(jax.random.PRNGKey(1))
+    cot = (jax.random.normal(k_o, inputs["v"].shape), jax.random.normal(k_s, levels.shape))
+    fresh = _value_and_grad.__wrapped__("chunk", 4)  # a new jit: the cached one may hold another blocking
+    (_, (o, final)), grads = fresh(inputs, levels, jnp.int32(POSITION), *cot)
+    o_ref, final_ref, grads_ref = _run("reference", inputs, levels, POSITION)
+    assert_close(o, o_ref, what="blocked output")
+    assert_close(final.levels, final_ref.levels, what="blocked final levels")
+    for name, g in {**grads[0], "initial levels": grads[1]}.items():
+        g_ref = grads_ref[1] if name == "initial levels" else grads_ref[0][name]
+        assert_close(g, g_ref, 2e-4, what=f"blocked grad {name}")
+
+
 def test_masked_form_equals_reference():
     inputs, _ = _inputs("gla_scalar", seed=4)
     zeros = jnp.zeros((SHAPE.batch, SHAPE.value_heads, LEVELS, SHAPE.key_dim, SHAPE.value_dim))

@@ -78,7 +78,7 @@ def _bounded_products(xs, y, G, precision):
     keys get factors <= 1), so every product, the masked ones (m > i inside a) included, stays finite
     in float32, and the diagonal blocks are matmuls instead of s x s x K products of exponentials."""
     c = y.shape[-2]
-    to_ref, from_ref, _ = _bounded_factors(G)
+    to_ref, from_ref = _bounded_factors(G)
     y_from_ref = y[..., None, :, :] * from_ref
     causal = jnp.tril(jnp.ones((c, c), bool))
     return tuple(jnp.where(causal, dot("...aik,...amk->...aim", x.reshape(to_ref.shape) * to_ref, y_from_ref,
@@ -87,7 +87,7 @@ def _bounded_products(xs, y, G, precision):
 
 def _bounded_factors(G):
     """(exp(G - G_r) `[.., n_sub, s, K]` of the queries, exp(G_r - G) `[.., n_sub, C, K]` of the keys,
-    zero after the end of each query sub-chunk, the reference positions r `[n_sub]`)."""
+    zero after the end of each query sub-chunk)."""
     c = G.shape[-2]
     s = sub_chunk_length(c)
     n_sub = c // s
@@ -97,7 +97,7 @@ def _bounded_factors(G):
     upto_end = (jnp.arange(c)[None, :] < (jnp.arange(1, n_sub + 1) * s)[:, None])[..., None]  # [n_sub, C, 1]
     from_ref = jnp.exp(jnp.where(upto_end, G_ref - G[..., None, :, :], -jnp.inf))
     to_ref = jnp.exp(G.reshape(G.shape[:-2] + (n_sub, s, G.shape[-1])) - G_ref)
-    return to_ref, from_ref, refs
+    return to_ref, from_ref
 
 
 def _bounded_products_fwd(xs, y, G, precision):
@@ -106,11 +106,13 @@ def _bounded_products_fwd(xs, y, G, precision):
 
 def _bounded_products_bwd(precision, residuals, d_products):
     # Reverse mode written out, the factors recomputed: one matmul per cotangent, the key-side
-    # cotangents of all products in one matmul, and the G terms from [C, K] products where they can
-    # be (x * dx, y * dy), where autodiff re-broadcast the [n_sub, C, K] factor tensors several times.
+    # cotangents of all products in one matmul, and the G terms from [C, K] products (x * dx, y * dy),
+    # where autodiff re-broadcast the [n_sub, C, K] factor tensors several times. The reference
+    # positions get no G term: every unmasked product is sum_c x_i y_m exp(G_i - G_m), whatever r_a,
+    # so the two terms through r_a cancel exactly (autodiff formed both, and a [n_sub, C, K] reduction).
     xs, y, G = residuals
     c, lead = y.shape[-2], y.shape[:-2]
-    to_ref, from_ref, refs = _bounded_factors(G)
+    to_ref, from_ref = _bounded_factors(G)
     n_sub, s = to_ref.shape[-3:-1]
     y_from_ref = y[..., None, :, :] * from_ref
     causal = jnp.tril(jnp.ones((c, c), bool))
@@ -120,11 +122,8 @@ def _bounded_products_bwd(precision, residuals, d_products):
     x_to_ref = jnp.concatenate([x.reshape(to_ref.shape) * to_ref for x in xs], axis=-2)
     d_y_from_ref = dot("...aim,...aik->...amk", jnp.concatenate(d_ps, axis=-2), x_to_ref, precision)
     d_y = jnp.sum(d_y_from_ref * from_ref, axis=-3)
-    # d/dG: each query factor grows with G_i and shrinks with G_r; each key factor the other way round.
-    via_x = sum(d_x * x for d_x, x in zip(d_xs, xs))  # [.., C, K]
-    d_G = via_x - d_y * y
-    d_G_ref = jnp.sum(d_y_from_ref * y_from_ref, axis=-2) - jnp.sum(via_x.reshape(to_ref.shape), axis=-2)
-    return d_xs, d_y, d_G.at[..., refs, :].add(d_G_ref)
+    # d/dG_i: the query factor of row i grows with G_i, the key factor of column i shrinks with it.
+    return d_xs, d_y, sum(d_x * x for d_x, x in zip(d_xs, xs)) - d_y * y
 
 
 _bounded_products.defvjp(_bounded_products_fwd, _bounded_products_bwd)

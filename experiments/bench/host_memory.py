@@ -7,7 +7,11 @@ every call first-touches every page of them again: one minor page fault per 4 Ki
 cross 32 MiB (ssd between T = 4K and 8K at B = 1, H = 4, D = 64: +40%), which a fitted scaling
 exponent reads as super-linear work. On a host whose transparent huge pages are in "madvise" mode,
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` makes malloc ask for huge pages (2 MiB: 512x fewer faults);
-in "always" mode the kernel does so unasked. The benchmark reports the faults per call
+in "always" mode the kernel does so unasked. Smaller temporaries come from the heap, but glibc
+returns a freed heap top to the kernel past its trim threshold, and the next call faults it in again
+(Gated DeltaNet at T = 4096, 13 MiB of temporaries: 85 ms with results of earlier calls held, 73 ms
+without); a trim threshold above any heap and a fixed 32 MiB mmap threshold keep that memory in the
+process (`STEADY_MALLOC_TUNABLES`). The benchmark reports the faults per call
 (`page_faults_per_call`) and says when this host pays them (`huge_page_advice`).
 """
 from __future__ import annotations
@@ -17,6 +21,9 @@ import resource
 import sys
 
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+# Huge pages for malloc, no trimming of the heap, and the mmap threshold fixed at its 32 MiB maximum.
+STEADY_MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1:glibc.malloc.trim_threshold=2147483647:"
+                          "glibc.malloc.mmap_threshold=33554432")
 PAGE_BYTES = resource.getpagesize()
 
 
@@ -54,6 +61,6 @@ def huge_page_advice(thp_mode: str | None = None, tunables: str | None = None) -
     if thp_mode == "madvise":
         return ("transparent huge pages are 'madvise' here and GLIBC_TUNABLES does not set glibc.malloc.hugetlb: "
                 "XLA temporaries over 32 MiB are page-faulted on every call (see the faults column); rerun under "
-                "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 for times without that")
+                f"GLIBC_TUNABLES={STEADY_MALLOC_TUNABLES} for times without that")
     return (f"transparent huge pages are {thp_mode or 'unknown'} here: XLA temporaries over 32 MiB are "
             "page-faulted on every call (see the faults column)")

@@ -47,15 +47,22 @@ from pallas_kernels.chunk_math import (
 # The target size of one block's terms (backend "xla"). Tuned on CPU with malloc's huge pages on (so
 # that page faults did not decide it): at B=1, H=4, K=V=64 this makes one chunk per block, and GDN's
 # forward + backward at T = 4096 took 74 ms against 81 ms with 4 MiB blocks (GLA 60 against 79); wider
-# batches reach one chunk per block at any size.
+# batches reach one chunk per block at any size. Accelerators keep the 4 MiB that the README's H200
+# figures were measured with (`block_bytes`).
 BLOCK_BYTES = 1 << 20
+ACCELERATOR_BLOCK_BYTES = 4 << 20
+
+
+def block_bytes() -> int:
+    """The block target of this process's default backend: BLOCK_BYTES on CPU, else ACCELERATOR_BLOCK_BYTES."""
+    return BLOCK_BYTES if jax.default_backend() == "cpu" else ACCELERATOR_BLOCK_BYTES
 # Chunks per trip of the state passes' loops: each trip of an XLA while loop costs tens of microseconds
 # on CPU (slicing its inputs, dispatching its few small matmuls), ~10% of GDN's time at T = 4096.
 UNROLL = 8
 
 
 def block_chunks(n_chunks: int, chunk: int, k_dim: int, v_dim: int, lead: int, per_channel: bool) -> int:
-    """Chunks per block so that one block's float32 terms and products take about BLOCK_BYTES:
+    """Chunks per block so that one block's float32 terms and products take about `block_bytes()`:
     per chunk and head Tril(Aqk) and the products (2 C^2, C^2 / 16 K more per channel), and seven
     `[C, K or V]` slabs; `lead` is the product of the leading (batch x head) axes. A divisor of
     n_chunks up to 1.25x that size is preferred: a last, partly padded block computes its padding
@@ -64,7 +71,7 @@ def block_chunks(n_chunks: int, chunk: int, k_dim: int, v_dim: int, lead: int, p
     if per_channel:
         floats += chunk * chunk * k_dim // 16
     per_chunk = 4 * floats * max(lead, 1)
-    size = max(1, min(n_chunks, BLOCK_BYTES // per_chunk))
+    size = max(1, min(n_chunks, block_bytes() // per_chunk))
     divisors = [d for d in range(size // 2 + 1, min(n_chunks, size * 5 // 4) + 1) if n_chunks % d == 0]
     return divisors[-1] if divisors else size
 

@@ -220,7 +220,11 @@ def _final_levels(first: _ChunkOperators, last_ops: _ChunkOperators, last_values
 def chunks_per_block(n_chunks: int, chunk: int, k_dim: int, v_dim: int, n_inter: int, lead: int) -> int:
     """Chunks per block of the blocked pass, so that one block's operators, stack and read-out take about
     `recurrence.BLOCK_BYTES` (per chunk and head: ~4 C x C maps, n_inter stacked K x V states and
-    C x n_inter x K weighted reads, and ~8 `[C, K or V]` slabs; `lead` = batch x heads)."""
+    C x n_inter x K weighted reads, and ~8 `[C, K or V]` slabs; `lead` = batch x heads). Measured on
+    CPU only: on an accelerator a loop over small blocks would launch each block's kernels one after
+    another, so there the whole sequence is one block, the form before blocking."""
+    if jax.default_backend() != "cpu":
+        return n_chunks
     floats = 4 * chunk * chunk + n_inter * (chunk * k_dim + k_dim * v_dim) + 8 * chunk * max(k_dim, v_dim)
     return max(1, min(n_chunks, recurrence.BLOCK_BYTES // (4 * floats * max(lead, 1))))
 

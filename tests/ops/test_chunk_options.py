@@ -141,3 +141,17 @@ def test_recomputing_blocked_backward_equals_autodiff(delta, isolated):
         for path, got in jax.tree.leaves_with_path(grads):
             want = functools.reduce(lambda x, key: x[key.idx], path, expected)
             assert_close(got, want, what=f"{what} grad {jax.tree_util.keystr(path)}")
+
+
+def test_block_sizes_per_backend(monkeypatch):
+    """The CPU-tuned block targets apply on CPU only: accelerators keep 4 MiB blocks of the gated passes
+    and the whole sequence as one block of the log-linear chunk form."""
+    from hybrid_jax.ops import log_linear_chunk
+
+    args = (256, 64, 64, 64)  # chunks, chunk, K, V
+    assert recurrence.block_chunks(*args, lead=4, per_channel=False) == 1
+    assert log_linear_chunk.chunks_per_block(*args, n_inter=8, lead=4) == 1
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert recurrence.block_bytes() == recurrence.ACCELERATOR_BLOCK_BYTES
+    assert recurrence.block_chunks(*args, lead=4, per_channel=False) == 8
+    assert log_linear_chunk.chunks_per_block(*args, n_inter=8, lead=4) == 256

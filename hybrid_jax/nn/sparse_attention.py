@@ -76,12 +76,11 @@ from hybrid_jax.ops.context import gather_time, shard_index, shard_offset
 from hybrid_jax.ops.sparse_attention import (
     SUPPORTED,
     block_grid,
-    block_keys_update,
     block_sparse_attention,
-    block_sparse_attention_step,
     block_token_attention,
     pool_block_keys,
 )
+from hybrid_jax.ops.sparse_attention_decode import block_keys_update, block_sparse_attention_step
 
 
 class BlockSparseCache(NamedTuple):

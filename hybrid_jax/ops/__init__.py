@@ -33,12 +33,11 @@ from hybrid_jax.ops.log_linear import (
 )
 from hybrid_jax.ops.rg_lru import rg_lru, rg_lru_step
 from hybrid_jax.ops.sparse_attention import (
-    block_keys_update,
     block_sparse_attention,
-    block_sparse_attention_step,
     block_token_attention,
     pool_block_keys,
 )
+from hybrid_jax.ops.sparse_attention_decode import block_keys_update, block_sparse_attention_step
 from hybrid_jax.ops.ssm import selective_scan, selective_scan_step, ssd, ssd_step
 
 __all__ = [

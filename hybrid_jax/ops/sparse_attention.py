@@ -56,9 +56,9 @@ as softmax attention's gather path (the selected blocks may lie anywhere before 
 `block_token_attention` is NSA's compressed branch: attention over one (compressed) key/value
 token per complete block before the query's own, T x T / Bs logits.
 
-Decoding: the cache holds the keys, the values and the pooled keys of the complete blocks
-(`pool_block_keys` from a prompt, `block_keys_update` after each token), so a step scores
-S / Bs pooled keys and attends over (top_k + 1) Bs cached keys (`block_sparse_attention_step`).
+Decoding (`sparse_attention_decode.py`): the cache holds the keys, the values and the pooled keys of
+the complete blocks (`pool_block_keys` from a prompt, `block_keys_update` after each token), so a step
+scores S / Bs pooled keys and attends over (top_k + 1) Bs cached keys (`block_sparse_attention_step`).
 q, k and v share one dtype; o comes back in it (docs/conventions.md); scores and softmax
 statistics are float32.
 """
@@ -122,7 +122,7 @@ def pool_block_keys(k: jax.Array, *, block_size: int) -> jax.Array:
     return jnp.mean(k.reshape(b, t // block_size, block_size, n, d), axis=2)
 
 
-def _key_index(starts, block_size: int, length: int):
+def key_index(starts, block_size: int, length: int):
     """The positions of the block_size keys from each of `starts`: `starts.shape + (Bs,)`. Positions
     outside the `length` keys are clamped into range: callers mask them."""
     return jnp.clip(starts[..., None] + jnp.arange(block_size), 0, length - 1)
@@ -131,12 +131,12 @@ def _key_index(starts, block_size: int, length: int):
 def _pool_grid_keys(k, grid: BlockGrid, block_size: int):
     """kbar `[B, NB, HKV, K]` float32: the mean key of each block of the grid (garbage in unused slots,
     which no query scores)."""
-    index = _key_index(grid.block_start, block_size, k.shape[1])  # [B, NB, Bs]
+    index = key_index(grid.block_start, block_size, k.shape[1])  # [B, NB, Bs]
     keys = jnp.take_along_axis(k.astype(_F32), index.reshape(k.shape[0], -1, 1, 1), axis=1)
     return jnp.mean(keys.reshape(index.shape + k.shape[2:]), axis=2)
 
 
-def _top_blocks(q_sum, block_keys, first, count, *, top_k: int):
+def top_blocks(q_sum, block_keys, first, count, *, top_k: int):
     """Blocks selected for queries `q_sum` `[B, Tq, N, K]` (summed over each group's heads) among their
     candidates first .. first + count - 1 (`[B, Tq]`): (index, valid), each `[B, Tq, N, min(top_k, NB)]`."""
     scores = jnp.einsum("btnd,bcnd->btnc", q_sum, block_keys, precision="highest")
@@ -148,7 +148,7 @@ def _top_blocks(q_sum, block_keys, first, count, *, top_k: int):
     return index.astype(jnp.int32), jnp.isfinite(best)
 
 
-def _group_sum(q: jax.Array, kv_heads: int) -> jax.Array:
+def group_sum(q: jax.Array, kv_heads: int) -> jax.Array:
     """q `[..., H, K]` summed over the H / HKV heads of each group -> `[..., HKV, K]` float32."""
     *lead, heads, d = q.shape
     return jnp.sum(q.astype(_F32).reshape(*lead, kv_heads, heads // kv_heads, d), axis=-2)
@@ -174,8 +174,8 @@ def select_blocks(q, k, grid: BlockGrid, *, block_size: int, top_k: int):
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
     block_keys = _pool_grid_keys(k, grid, block_size)
     count = jnp.where(grid.real, grid.position // block_size, 0)
-    xs = tuple(_to_steps(x, block_size) for x in (_group_sum(q, k.shape[2]), grid.first_block, count))
-    index, valid = jax.lax.map(lambda x: _top_blocks(*x[:1], block_keys, *x[1:], top_k=top_k), xs)
+    xs = tuple(_to_steps(x, block_size) for x in (group_sum(q, k.shape[2]), grid.first_block, count))
+    index, valid = jax.lax.map(lambda x: top_blocks(*x[:1], block_keys, *x[1:], top_k=top_k), xs)
     index, valid = _from_steps(index, q.shape[1]), _from_steps(valid, q.shape[1])
     starts = jnp.take_along_axis(grid.block_start, index.reshape(index.shape[0], -1), axis=1)
     return starts.reshape(index.shape), valid
@@ -239,15 +239,15 @@ def block_sparse_attention_reference(q, k, v, *, scale: float, block_size: int, 
 
 
 # ---------------------------------------------------------------------------------------------
-# gathered blocks (impl="chunk") and the decoding step share `_attend_blocks`
+# gathered blocks (impl="chunk") and the decoding step share `attend_blocks`
 
 
-def _attend_blocks(q, k, v, starts, key_ok, scale):
+def attend_blocks(q, k, v, starts, key_ok, scale):
     """Queries q `[B, Tq, N, G, K]` over the key blocks from `starts` `[B, Tq, N, S]` of k / v
     `[B, S_keys, N, D]`, keys allowed where key_ok `[B, Tq, N, S, Bs]`: o `[B, Tq, N, G, V]` float32.
     Gathers only the S Bs keys each query reads."""
     b, _, n, _, block_size = key_ok.shape
-    index = _key_index(starts, block_size, k.shape[1])  # [B, Tq, N, S, Bs]
+    index = key_index(starts, block_size, k.shape[1])  # [B, Tq, N, S, Bs]
     rows, heads = jnp.arange(b)[:, None, None, None, None], jnp.arange(n)[None, None, :, None, None]
     k_sel, v_sel = k[rows, index, heads], v[rows, index, heads]  # [B, Tq, N, S, Bs, D]
     logits = jnp.einsum("btngd,btnsjd->btngsj", q, k_sel, preferred_element_type=_F32) * scale
@@ -257,7 +257,7 @@ def _attend_blocks(q, k, v, starts, key_ok, scale):
     return jnp.einsum("btngsj,btnsjv->btngv", weights.astype(v_sel.dtype), v_sel, preferred_element_type=_F32)
 
 
-def _with_own_block(starts, valid, own_start, own_count, block_size):
+def with_own_block(starts, valid, own_start, own_count, block_size):
     """Block starts `[B, Tq, N, S + 1]` = the selected blocks and the query's own block, with the
     allowed keys `[B, Tq, N, S + 1, Bs]`: every key of a valid selected block, and the first
     own_count `[B, Tq]` keys of the own block."""
@@ -281,7 +281,7 @@ def block_sparse_attention_chunk(q, k, v, *, scale: float, block_size: int, top_
     @jax.checkpoint  # the backward pass re-gathers one query block at a time instead of storing all
     def step(_, inputs):
         q_blk, *blocks = inputs
-        return None, _attend_blocks(q_blk, k, v, *_with_own_block(*blocks, block_size), scale)
+        return None, attend_blocks(q_blk, k, v, *with_own_block(*blocks, block_size), scale)
 
     q_grouped = q.reshape(b, t, kv_heads, heads // kv_heads, dk)
     xs = (q_grouped, starts, valid, *_own_block(grid, block_size, query_start))
@@ -293,13 +293,13 @@ def block_sparse_attention_chunk(q, k, v, *, scale: float, block_size: int, top_
 # dispatch and validation
 
 
-def _check_block_options(op: str, block_size, top_k) -> None:
+def check_block_options(op: str, block_size, top_k) -> None:
     for name, value in (("block_size", block_size), ("top_k", top_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{op}: {name} must be an int >= 1, got {value!r}")
 
 
-def _check_heads_and_dtype(op: str, heads: int, kv_heads: int, **arrays) -> None:
+def check_heads_and_dtype(op: str, heads: int, kv_heads: int, **arrays) -> None:
     for name, x in arrays.items():
         check_floating(f"{op}: {name}", x)
     check_grouped_heads(heads, kv_heads, op)
@@ -326,8 +326,8 @@ def block_sparse_attention(q, k, v, *, block_size=64, top_k=8, scale=None, segme
     check_shape(f"{op}: k", k, (b, t, kv_heads, dk), "[B, T, HKV, K] (B, T and K as in q)")
     check_shape(f"{op}: v", v, (b, t, kv_heads, dv), "[B, T, HKV, V] (B, T, HKV as in k)")
     check_time(op, t, q=q, k=k, v=v)
-    _check_heads_and_dtype(op, heads, kv_heads, q=q, k=k, v=v)
-    _check_block_options(op, block_size, top_k)
+    check_heads_and_dtype(op, heads, kv_heads, q=q, k=k, v=v)
+    check_block_options(op, block_size, top_k)
     k, v, segment_ids, query_start = _gather_context(k, v, check_segment_ids(op, segment_ids, (b, t)),
                                                      context_axis, op=op, block_size=block_size, queries=t)
     options = dict(scale=default_scale(scale, dk), block_size=block_size, top_k=top_k,
@@ -335,70 +335,6 @@ def block_sparse_attention(q, k, v, *, block_size=64, top_k=8, scale=None, segme
     if choice is Impl.REFERENCE:
         return block_sparse_attention_reference(q, k, v, **options)
     return block_sparse_attention_chunk(q, k, v, **options)
-
-
-# ---------------------------------------------------------------------------------------------
-# decoding
-
-
-def _check_cache(op: str, k_cache, block_keys, block_size: int) -> None:
-    b, s, kv_heads, dk = k_cache.shape
-    if s % block_size:
-        raise ValueError(f"{op}: the cache's {s} slots must be a multiple of block_size={block_size}")
-    check_shape(f"{op}: block_keys", block_keys, (b, s // block_size, kv_heads, dk),
-                "[B, S / block_size, HKV, K] (from k_cache)")
-
-
-def _check_length(op: str, length, batch: int) -> jax.Array:
-    length = jnp.asarray(length)
-    check_shape(f"{op}: length", length, (batch,), "[B]")
-    if not jnp.issubdtype(length.dtype, jnp.integer):
-        raise ValueError(f"{op}: length must be an integer array, got dtype {length.dtype}")
-    return length
-
-
-def block_keys_update(block_keys, k_cache, length, *, block_size: int):
-    """Pools the block that the token at position `length - 1` completes (row b: when
-    `length[b] % block_size == 0`) into block_keys `[B, S / Bs, HKV, K]`; returns block_keys.
-
-    k_cache `[B, S, HKV, K]` already holds that token's key; other rows are left unchanged."""
-    op = "block_keys_update"
-    check_rank(f"{op}: k_cache", k_cache, 4, "[B, S, HKV, K]")
-    _check_block_options(op, block_size, 1)
-    _check_cache(op, k_cache, block_keys, block_size)
-    length = _check_length(op, length, k_cache.shape[0])
-    rows, block = jnp.arange(k_cache.shape[0]), (length - 1) // block_size
-    index = _key_index(block * block_size, block_size, k_cache.shape[1])  # [B, Bs]
-    pooled = jnp.mean(k_cache[rows[:, None], index].astype(_F32), axis=1)
-    done = jnp.where(length % block_size == 0, block, block_keys.shape[1])  # out of range: dropped
-    return block_keys.at[rows, done].set(pooled.astype(block_keys.dtype), mode="drop")
-
-
-def block_sparse_attention_step(q_t, k_cache, v_cache, block_keys, *, length, block_size, top_k, scale=None):
-    """One decoding step: q_t `[B, H, K]` at position `length - 1` against caches `[B, S, HKV, D]`
-    (S a multiple of block_size, the new token already written) and the pooled keys block_keys
-    `[B, S / block_size, HKV, K]` of the complete blocks -> o `[B, H, V]`, equal to that position's
-    row of `block_sparse_attention`. o comes back in the caches' dtype (which q_t shares)."""
-    op = "block_sparse_attention_step"
-    check_rank(f"{op}: q_t", q_t, 3, "[B, H, K]")
-    check_rank(f"{op}: k_cache", k_cache, 4, "[B, S, HKV, K]")
-    check_rank(f"{op}: v_cache", v_cache, 4, "[B, S, HKV, V]")
-    b, heads, dk = q_t.shape
-    s, kv_heads, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
-    check_shape(f"{op}: k_cache", k_cache, (b, s, kv_heads, dk), "[B, S, HKV, K] (B and K as in q_t)")
-    check_shape(f"{op}: v_cache", v_cache, (b, s, kv_heads, dv), "[B, S, HKV, V] (as k_cache)")
-    _check_heads_and_dtype(op, heads, kv_heads, q_t=q_t, k_cache=k_cache, v_cache=v_cache)
-    _check_block_options(op, block_size, top_k)
-    _check_cache(op, k_cache, block_keys, block_size)
-    q_pos = (_check_length(op, length, b) - 1)[:, None]
-    q_sum = _group_sum(q_t[:, None], kv_heads)
-    index, valid = _top_blocks(q_sum, block_keys.astype(_F32), jnp.zeros_like(q_pos), q_pos // block_size,
-                               top_k=top_k)
-    in_block = q_pos % block_size
-    starts, key_ok = _with_own_block(index * block_size, valid, q_pos - in_block, in_block + 1, block_size)
-    q_grouped = q_t.reshape(b, 1, kv_heads, heads // kv_heads, dk)
-    o = _attend_blocks(q_grouped, k_cache, v_cache, starts, key_ok, default_scale(scale, dk))
-    return o.reshape(b, heads, dv).astype(v_cache.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,8 +367,8 @@ def block_token_attention(q, k_tokens, v_tokens, *, positions, block_size, segme
     check_shape(f"{op}: v_tokens", v_tokens, (b, nb, kv_heads, dv), "[B, NB, HKV, V] (as k_tokens)")
     positions = jnp.asarray(positions)
     check_shape(f"{op}: positions", positions, (b, tq), "[B, Tq]")
-    _check_heads_and_dtype(op, heads, kv_heads, q=q, k_tokens=k_tokens, v_tokens=v_tokens)
-    _check_block_options(op, block_size, 1)
+    check_heads_and_dtype(op, heads, kv_heads, q=q, k_tokens=k_tokens, v_tokens=v_tokens)
+    check_block_options(op, block_size, 1)
     segment_ids = check_segment_ids(op, segment_ids, (b, tq), layout="[B, Tq]")
     k_tokens, v_tokens, segment_ids, query_start = _gather_context(
         k_tokens, v_tokens, segment_ids, context_axis, op=op, block_size=block_size, queries=tq)

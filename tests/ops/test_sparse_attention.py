@@ -11,12 +11,11 @@ import pytest
 from hybrid_jax.ops.attention import softmax_attention
 from hybrid_jax.ops.attention_decode import kv_cache_update
 from hybrid_jax.ops.sparse_attention import (
-    block_keys_update,
     block_sparse_attention,
-    block_sparse_attention_step,
     block_token_attention,
     pool_block_keys,
 )
+from hybrid_jax.ops.sparse_attention_decode import block_keys_update, block_sparse_attention_step
 
 STATIC = ("block_size", "top_k", "impl")
 attend = jax.jit(block_sparse_attention, static_argnames=STATIC)

@@ -21,7 +21,8 @@ dtype, final state `[B, HV, K, V]` float32 or None); each `*_step` returns (o_t 
 `segment_ids` `[B, T]` int: packed documents (1, 2, ... per document, 0 = padding); the state restarts
 at each document's first token and padding tokens are identity steps (docs/conventions.md).
 `precision`: the matmul precision of the chunk and Pallas forms ("highest" | "high" | "default" |
-"bfloat16", None for the platform default). `kda(safe_gate=True)`: a promise that every g >=
+"bfloat16", None for the platform default). `chunk_size`: None for the platform default
+(`gated.default_chunk_size`: 32 on CPU, 64 elsewhere). `kda(safe_gate=True)`: a promise that every g >=
 `lower_bound` (in [-5, 0); g is clamped there), which turns the in-chunk diagonal blocks into matmuls
 (flash-linear-attention's safe-gate KDA; the layer's bounded gate keeps the promise).
 `context_axis`: context parallelism, the time axis split over this manual mesh axis inside
@@ -33,7 +34,7 @@ from hybrid_jax.ops import gated
 
 
 def delta_rule(q, k, v, *, beta, scale=None, initial_state=None, output_final_state=False,
-               isolated=None, segment_ids=None, impl="chunk", chunk_size=64, precision=None, context_axis=None):
+               isolated=None, segment_ids=None, impl="chunk", chunk_size=None, precision=None, context_axis=None):
     """DeltaNet: the delta rule without decay."""
     return gated.gated_op("delta_rule", q, k, v, g=None, beta=beta, scale=scale,
                           initial_state=initial_state, output_final_state=output_final_state,
@@ -42,7 +43,7 @@ def delta_rule(q, k, v, *, beta, scale=None, initial_state=None, output_final_st
 
 
 def gated_delta_rule(q, k, v, *, g, beta, scale=None, initial_state=None, output_final_state=False,
-                     isolated=None, segment_ids=None, impl="chunk", chunk_size=64, precision=None, context_axis=None):
+                     isolated=None, segment_ids=None, impl="chunk", chunk_size=None, precision=None, context_axis=None):
     """Gated DeltaNet: one scalar log decay per head and token, g `[B, T, HV]`."""
     return gated.gated_op("gated_delta_rule", q, k, v, g=g, per_channel=False, beta=beta, scale=scale,
                           initial_state=initial_state, output_final_state=output_final_state,
@@ -51,7 +52,7 @@ def gated_delta_rule(q, k, v, *, g, beta, scale=None, initial_state=None, output
 
 
 def kda(q, k, v, *, g, beta, scale=None, initial_state=None, output_final_state=False, isolated=None,
-        segment_ids=None, impl="chunk", chunk_size=64, safe_gate=False, lower_bound=-5.0, precision=None,
+        segment_ids=None, impl="chunk", chunk_size=None, safe_gate=False, lower_bound=-5.0, precision=None,
         context_axis=None):
     """Kimi Delta Attention: channel-wise log decay g `[B, T, HV, K]`."""
     return gated.gated_op("kda", q, k, v, g=g, per_channel=True, beta=beta, scale=scale,

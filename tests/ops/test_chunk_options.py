@@ -155,3 +155,22 @@ def test_block_sizes_per_backend(monkeypatch):
     assert recurrence.block_bytes() == recurrence.ACCELERATOR_BLOCK_BYTES
     assert recurrence.block_chunks(*args, lead=4, per_channel=False) == 8
     assert log_linear_chunk.chunks_per_block(*args, n_inter=8, lead=4) == 256
+
+
+def test_default_chunk_size_per_backend(monkeypatch):
+    """The delta family's chunk_size=None is 32 on CPU (the same result as passing 32) and 64 on
+    accelerators; an explicit size and the non-delta forms are left alone."""
+    from hybrid_jax.ops import gated
+
+    assert gated.default_chunk_size(None, delta=True) == 32
+    assert gated.default_chunk_size(None, delta=False) == 64
+    assert gated.default_chunk_size(48, delta=True) == 48
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+    q, k, v = (jax.random.normal(key, (1, 70, 2, 8)) for key in keys[:3])
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    g, beta = -jax.nn.softplus(jax.random.normal(keys[3], (1, 70, 2))), jax.nn.sigmoid(jax.random.normal(keys[4], (1, 70, 2)))
+    run = lambda **kw: ops.gated_delta_rule(q, k, v, g=g, beta=beta, output_final_state=True, **kw)  # noqa: E731
+    for got, want in zip(jax.tree.leaves(run()), jax.tree.leaves(run(chunk_size=32))):
+        assert jnp.array_equal(got, want)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert gated.default_chunk_size(None, delta=True) == 64

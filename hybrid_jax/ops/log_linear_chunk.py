@@ -268,7 +268,8 @@ def log_linear_chunk(q, k, v, g, beta, lam, levels_in, position, iso=None, *, ch
         values, lamb = to_chunks(vb, c), to_chunks(lamb, c)  # lam: [B, H, n, C, L]
         o = _in_chunk_outputs(ops, lamb, values)
         carry, entering = _carry_stack(ops, *carry, index * per_block + jnp.arange(per_block), layout, last)
-        return carry, from_chunks(o + _stack_outputs(ops, lamb, entering, log_c, precision), per_block * c, heads_first=True)
+        o = o + _stack_outputs(ops, lamb, entering, log_c, precision)
+        return carry, from_chunks(o, per_block * c, heads_first=True)
 
     blocks = jax.tree.map(lambda x: jnp.moveaxis(x.reshape((b, n_blocks, per_block * c) + x.shape[2:]), 1, 0),
                           inputs)

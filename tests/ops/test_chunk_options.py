@@ -168,7 +168,8 @@ def test_default_chunk_size_per_backend(monkeypatch):
     keys = jax.random.split(jax.random.PRNGKey(0), 5)
     q, k, v = (jax.random.normal(key, (1, 70, 2, 8)) for key in keys[:3])
     k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
-    g, beta = -jax.nn.softplus(jax.random.normal(keys[3], (1, 70, 2))), jax.nn.sigmoid(jax.random.normal(keys[4], (1, 70, 2)))
+    g = -jax.nn.softplus(jax.random.normal(keys[3], (1, 70, 2)))
+    beta = jax.nn.sigmoid(jax.random.normal(keys[4], (1, 70, 2)))
     run = lambda **kw: ops.gated_delta_rule(q, k, v, g=g, beta=beta, output_final_state=True, **kw)  # noqa: E731
     for got, want in zip(jax.tree.leaves(run()), jax.tree.leaves(run(chunk_size=32))):
         assert jnp.array_equal(got, want)

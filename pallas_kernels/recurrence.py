@@ -56,6 +56,8 @@ ACCELERATOR_BLOCK_BYTES = 4 << 20
 def block_bytes() -> int:
     """The block target of this process's default backend: BLOCK_BYTES on CPU, else ACCELERATOR_BLOCK_BYTES."""
     return BLOCK_BYTES if jax.default_backend() == "cpu" else ACCELERATOR_BLOCK_BYTES
+
+
 # Chunks per trip of the state passes' loops: each trip of an XLA while loop costs tens of microseconds
 # on CPU (slicing its inputs, dispatching its few small matmuls), ~10% of GDN's time at T = 4096.
 UNROLL = 8
@@ -164,8 +166,9 @@ def _terms(config: KernelConfig, inputs) -> ChunkTerms:
 # ----------------------------------------------------------------------------- backend "xla": blocked passes
 
 
-def _to_blocks(x, axis: int, per_block: int):
-    """`[.., N, ...]` -> `[N_B, .., per_block, ...]`, N padded with zero (identity) chunks."""
+def to_blocks(x, axis: int, per_block: int):
+    """`[.., N, ...]` -> `[N_B, .., per_block, ...]` along `axis` (chunks, or tokens), N padded with zeros
+    (identity chunks or steps)."""
     if x is None:
         return None
     n = x.shape[axis]
@@ -323,7 +326,7 @@ def shard_summary(config: KernelConfig, inputs, s0, identity):
             transition = transition * jnp.prod(terms.chunk_decay, axis=axis)
         return (s, transition), None
 
-    blocks = tuple(_to_blocks(x, axis, per_block) for x in inputs)
+    blocks = tuple(to_blocks(x, axis, per_block) for x in inputs)
     (final, transition), _ = jax.lax.scan(block, (s0, transition), blocks)
     return final, transition
 

@@ -112,7 +112,14 @@ def test_huge_page_advice(tmp_path):
     assert not host_memory.malloc_uses_huge_pages(None)
     if not sys.platform.startswith("linux"):
         return
-    assert host_memory.huge_page_advice("always", "") is None
-    assert host_memory.huge_page_advice("madvise", "glibc.malloc.hugetlb=1") is None
-    assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in host_memory.huge_page_advice("madvise", "")
-    assert "never" in host_memory.huge_page_advice("never", "glibc.malloc.hugetlb=1")
+    steady = host_memory.STEADY_MALLOC_TUNABLES
+    assert host_memory.malloc_keeps_freed_memory(steady)
+    assert not host_memory.malloc_keeps_freed_memory("glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1")
+    without_huge_pages = steady.replace("glibc.malloc.hugetlb=1", "glibc.malloc.hugetlb=0")
+    assert host_memory.huge_page_advice("madvise", steady) is None
+    assert host_memory.huge_page_advice("always", without_huge_pages) is None
+    assert "hugetlb is not set" in host_memory.huge_page_advice("madvise", without_huge_pages)
+    assert "trim" in host_memory.huge_page_advice("madvise", "glibc.malloc.hugetlb=1")
+    assert "trim" in host_memory.huge_page_advice("always", "")
+    assert f"GLIBC_TUNABLES={steady}" in host_memory.huge_page_advice("madvise", "")
+    assert "never" in host_memory.huge_page_advice("never", steady)

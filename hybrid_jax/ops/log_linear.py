@@ -40,8 +40,8 @@ docs/chunked_algorithms.md):
   levels token by token at level max(l, l(t, P - 1)), and after it they join the stack.
 * the chunk form runs block by block of chunks (`log_linear_chunk`), each block under
   `jax.checkpoint`: the backward keeps the inputs and the stack entering each block and recomputes
-  the rest of the block there; `precision` sets its matmul precision and `safe_gate` (per-channel g) the matmul
-  form of the in-chunk diagonal blocks, as in `gated.gated_op`.
+  the rest of the block there; `precision` sets its matmul precision and `safe_gate` (per-channel g)
+  the matmul form of the in-chunk diagonal blocks, as in `gated.gated_op`.
 
 Packed documents (`segment_ids` `[B, T]`, docs/conventions.md): the levels restart with each document
 and a token's level pattern follows its position within its document (`fenwick.token_positions`; the

@@ -146,21 +146,21 @@ def _read_incoming(ops: _ChunkOperators, lam, levels_in, layout: _Layout, positi
 def _carry_stack(ops: _ChunkOperators, stack, picked, chunk_ids, layout: _Layout, last):
     """Carries the stack of inter-chunk levels `[B, H, n_inter, K, V]` through chunks `chunk_ids` (their
     operators `ops`); returns ((the stack after them, `picked`: the stack entering chunk `last` once
-    passed, else as given), the stack entering each chunk `[B, H, n, n_inter, K, V]`); both are zeros for
-    chunk 0, which reads the incoming levels token by token."""
+    passed, else as given), the stack entering each chunk `[B, H, n, n_inter, K, V]`); the stack
+    entering chunk 0 reads as zeros, since that chunk reads the incoming levels token by token."""
     merge_slot = fenwick_level(layout.first_chunk + chunk_ids + 1, layout.first_chunk + chunk_ids) - 1
 
     def body(carry, inputs):
         stack, picked = carry
         transition_c, own_c, slot, chunk_id = inputs
-        picked = jnp.where(chunk_id == last, jnp.where(chunk_id == 0, 0.0, stack), picked)
-        return (merge_down(_advance(transition_c, stack), slot, own_c), picked), stack
+        entering = jnp.where(chunk_id == 0, 0.0, stack)
+        picked = jnp.where(chunk_id == last, entering, picked)
+        return (merge_down(_advance(transition_c, stack), slot, own_c), picked), entering
 
     chunk_major = lambda x: jnp.moveaxis(x, 2, 0)  # noqa: E731
     carry, entering = jax.lax.scan(body, (stack, picked), (chunk_major(ops.transition)[:, :, :, None],
                                                            chunk_major(ops.own), merge_slot, chunk_ids))
-    entering = jnp.moveaxis(entering, 0, 2)
-    return carry, jnp.where(chunk_ids[:, None, None, None] == 0, 0.0, entering)
+    return carry, jnp.moveaxis(entering, 0, 2)
 
 
 def _stack_outputs(ops: _ChunkOperators, lam, entering, log_c, precision):
@@ -257,7 +257,7 @@ def log_linear_chunk(q, k, v, g, beta, lam, levels_in, position, iso=None, *, ch
         qc, kc, vc, gc, betac, lamc, isoc = one
         return operators(qc, kc, vc, gc, betac, c, isoc), to_chunks(vc, c), to_chunks(lamc, c)
 
-    first, _, first_lam = chunk_at(0)
+    first, first_values, first_lam = chunk_at(0)
     first_read, stack = _read_incoming(first, first_lam, levels_in, layout, position)
     last = (layout.offset + t - 1) // c
 
@@ -271,11 +271,11 @@ def log_linear_chunk(q, k, v, g, beta, lam, levels_in, position, iso=None, *, ch
         o = o + _stack_outputs(ops, lamb, entering, log_c, precision)
         return carry, from_chunks(o, per_block * c, heads_first=True)
 
-    blocks = jax.tree.map(lambda x: jnp.moveaxis(x.reshape((b, n_blocks, per_block * c) + x.shape[2:]), 1, 0),
-                          inputs)
+    blocks = jax.tree.map(lambda x: recurrence.to_blocks(x, 1, per_block * c), inputs)
     (_, entering_last), o = jax.lax.scan(block, (stack, jnp.zeros_like(stack)), (jnp.arange(n_blocks), blocks))
     o = jnp.moveaxis(o, 0, 1).reshape((b, length) + o.shape[3:])
     o = o.at[:, :c].add(jnp.swapaxes(first_read, 1, 2))
-    last_ops, last_values, _ = chunk_at(last)
+    # One chunk (a short sequence, a prompt's tail): the last chunk is the first, already formed.
+    last_ops, last_values = (first, first_values) if layout.n_chunks == 1 else chunk_at(last)[:2]
     return _window(o, layout.offset, t), _final_levels(first, last_ops, last_values, entering_last, levels_in,
                                                        layout, position, t)

@@ -32,8 +32,18 @@ def test_main_writes_table_json_and_plot(tmp_path):
         assert entry["max_T_fwd"] == 64
     assert summary[("softmax", "chunk")]["crossover_fwd_text"] == "baseline"
     text = (tmp_path / "mixers.md").read_text()
-    assert "| gated_delta_rule | chunk | 64 |" in text and "## Summary" in text
+    # Each op at its own default chunk on this backend (the tests run on CPU): the delta family at 32.
+    assert {r["mixer"]: r["chunk"] for r in data["rows"]} == {"gated_delta_rule": 32, "ssd": 64, "softmax": 64}
+    assert "| gated_delta_rule | chunk | 64 | 32 |" in text and "## Summary" in text
     assert result["rows"] == data["rows"]
+
+
+def test_chunk_size_flag_overrides_each_default():
+    args = mixers.parse_args(["--chunk-size", "16"])
+    specs = {spec.name: spec for spec, _, _ in mixers.mixer_plan(args)[0]}
+    assert {spec.chunk_size(args.chunk_size) for spec in specs.values()} == {16}
+    assert mixers.parse_args([]).chunk_size is None
+    assert specs["kda_safe"].chunk_size(None) == 32 and specs["gla"].chunk_size(None) == 64
 
 
 def test_budget_skips_and_bad_flags(tmp_path):

@@ -37,6 +37,13 @@ class MixerSpec:
     flops: Callable[[Dims, str], float | None]  # forward FLOPs
     estimate_bytes: Callable[[Dims, str, bool], float]  # (dims, impl, backward) -> bytes
     quadratic: bool = False
+    delta_family: bool = False  # its op defaults to `gated.default_chunk_size` (32 on CPU)
+
+    def chunk_size(self, requested: int | None) -> int:
+        """The chunk length a run uses: `requested`, or for None the op's own default on this backend."""
+        if requested is not None:
+            return requested
+        return gated.default_chunk_size(None, delta=True) if self.delta_family else gated.CHUNK_SIZE
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -155,6 +162,7 @@ def _gated_spec(name, make_inputs, apply, *, delta, decayed, per_channel, safe_g
                                           safe_gate=safe_gate),
         estimate_bytes=lambda d, impl, backward: gated_bytes(d, impl, backward, delta=delta,
                                                               per_channel=per_channel),
+        delta_family=delta,
     )
 
 

@@ -49,7 +49,7 @@ DEFAULTS = {
     "dtype": "float32",
     "repeats": 3,
     "max_gb": 8.0,
-    "chunk_size": 64,
+    "chunk_size": None,  # each op's default on this backend (`MixerSpec.chunk_size`)
     "matmul_size": 2048,
     "out": "experiments/bench/results",
 }
@@ -74,7 +74,8 @@ def parse_args(argv=None):
     arg("--repeats", type=int, help="timed runs per measurement (median reported)")
     arg("--max-gb", type=float, help="memory budget: larger configurations are skipped")
     arg("--extra-runs", help="comma-separated MIXER:IMPL:T measurements beyond the grid, e.g. kda:reference:4096")
-    arg("--chunk-size", type=int)
+    arg("--chunk-size", type=int, help="chunk length of every chunked mixer (default: each op's own default "
+        "on this backend, 32 for the delta rule family on CPU and 64 otherwise)")
     arg("--matmul-size", type=int, help="n of the n^3 matmul that measures the peak")
     arg("--out", help="output directory")
     args = parser.parse_args(argv)
@@ -112,7 +113,7 @@ def validate(parser, args):
         parser.error(f"--lengths must be comma-separated integers, got {args.lengths!r}")
     args.extra_runs = [_extra_run(parser, item, known) for item in _csv(args.extra_runs)]
     for name in ("batch", "heads", "head_dim", "repeats", "chunk_size", "matmul_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.lengths or args.lengths[0] < 1:
         parser.error(f"--lengths must be positive integers, got {args.lengths}")
@@ -177,7 +178,7 @@ def _short_error(err: BaseException) -> str:
 
 def measure(spec, impl, dims, dtype, args, peak):
     """One table row: forward and forward + backward measurements of (mixer, impl, T)."""
-    row = {"mixer": spec.name, "impl": impl, "T": dims.time}
+    row = {"mixer": spec.name, "impl": impl, "T": dims.time, "chunk": dims.chunk_size}
     budget = args.max_gb * 1e9
     key = jax.random.key(dims.time)
     inputs = None
@@ -277,7 +278,7 @@ def main(argv=None):
     total, start = sum(len(lengths) for _, _, lengths in plan), time.perf_counter()
     for spec, impl, lengths in plan:
         for t in lengths:
-            dims = Dims(args.batch, t, args.heads, args.head_dim, args.chunk_size)
+            dims = Dims(args.batch, t, args.heads, args.head_dim, spec.chunk_size(args.chunk_size))
             row = measure(spec, impl, dims, dtype, args, peak)
             rows.append(row)
             status = {

@@ -118,7 +118,7 @@ def _cell(m, key, fmt, scale=1.0):
 
 def results_table(rows):
     head = (
-        "| mixer | impl | T | fwd ms | fwd+bwd ms | compile s fwd / bwd | memory MB fwd / bwd "
+        "| mixer | impl | T | chunk | fwd ms | fwd+bwd ms | compile s fwd / bwd | memory MB fwd / bwd "
         "| page faults MiB/call fwd / bwd | GFLOP fwd | % peak fwd | % peak fwd+bwd | note |"
     )
     out = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -129,7 +129,7 @@ def results_table(rows):
         memory = f"{_cell(f, 'memory_bytes', '.1f', 1e-6)} / {_cell(b, 'memory_bytes', '.1f', 1e-6)}"
         faulted = " / ".join(_cell(m, "page_faults_per_call", ".1f", PAGE_MIB) for m in (f, b))
         out.append(
-            f"| {r['mixer']} | {r['impl']} | {r['T']} | {_cell(f, 'seconds', '.2f', 1e3)} "
+            f"| {r['mixer']} | {r['impl']} | {r['T']} | {r.get('chunk', '-')} | {_cell(f, 'seconds', '.2f', 1e3)} "
             f"| {_cell(b, 'seconds', '.2f', 1e3)} | {compile_s} | {memory} | {faulted} "
             f"| {_num(f['flops'] * 1e-9 if f.get('flops') is not None else None, '.3g')} "
             f"| {_cell(f, 'peak_fraction', '.1f', 100)} | {_cell(b, 'peak_fraction', '.1f', 100)} | {notes} |"
@@ -162,7 +162,7 @@ def markdown(result):
         "# Mixer benchmark",
         "",
         f"device `{cfg['device']}` ({cfg['backend']}), jax {cfg['jax_version']}, dtype {cfg['dtype']}, "
-        f"B={cfg['batch']} H={cfg['heads']} D={cfg['head_dim']} chunk={cfg['chunk_size']}, "
+        f"B={cfg['batch']} H={cfg['heads']} D={cfg['head_dim']} chunk={cfg['chunk_size'] or 'each op default (table)'}, "
         f"median of {cfg['repeats']} runs, memory budget {cfg['max_gb']} GB.",
         f"Matmul peak: {peak['n']}^3 {peak['dtype']} matmul, {peak['flops_per_second'] / 1e9:.1f} GFLOP/s.",
         "",

@@ -179,38 +179,46 @@ def to_blocks(x, axis: int, per_block: int):
     return jnp.moveaxis(x, axis, 0)
 
 
-def _over_blocks(step, carry, xs, ys_like, *, axis: int, per_block: int, reverse: bool = False):
+def _with_axes(fn, axes, tree, *rest):
+    """`fn(axis, leaf, *leaves)` over a pytree whose chunk axes `axes` are an int (every leaf) or a
+    prefix of it (an int per subtree)."""
+    return jax.tree.map(lambda axis, *subtrees: jax.tree.map(lambda *leaves: fn(axis, *leaves), *subtrees),
+                        axes, tree, *rest)
+
+
+def _over_blocks(step, carry, xs, ys_like, *, axis, per_block: int, reverse: bool = False, ys_axis=None):
     """`lax.scan` of `step(carry, x_block) -> (carry, y_block)` over blocks of `per_block` chunks of the
     chunk axis `axis` of every array in the pytree `xs` (None leaves stay None), without moving that
     axis: each block is sliced out in place and its ys are written into buffers shaped like `ys_like`
-    (a pytree of `[.., N, ...]` arrays or ShapeDtypeStructs). N is padded to whole blocks with zero
+    (a pytree of `[.., N, ...]` arrays or ShapeDtypeStructs) along `ys_axis` (default `axis`). An axis
+    is an int or a prefix pytree of ints (`_with_axes`). N is padded to whole blocks with zero
     (identity) chunks. Returns (carry, ys)."""
-    n = jax.tree.leaves(xs)[0].shape[axis]
+    ys_axis = axis if ys_axis is None else ys_axis
+    n = jax.tree.leaves(_with_axes(lambda ax, x: x.shape[ax], axis, xs))[0]
     n_blocks = -(-n // per_block)
     if n_blocks == 1:
         return step(carry, xs)
 
-    def pad(x):
+    def pad(ax, x):
         widths = [(0, 0)] * x.ndim
-        widths[axis] = (0, n_blocks * per_block - n)
+        widths[ax] = (0, n_blocks * per_block - n)
         return jnp.pad(x, widths)
 
-    def zeros(y):
-        return jnp.zeros(y.shape[:axis] + (n_blocks * per_block,) + y.shape[axis + 1:], y.dtype)
+    def zeros(ax, y):
+        return jnp.zeros(y.shape[:ax] + (n_blocks * per_block,) + y.shape[ax + 1:], y.dtype)
 
-    xs = jax.tree.map(pad, xs)
-    cut = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, per_block, axis)  # noqa: E731
+    xs = _with_axes(pad, axis, xs)
 
     def body(i, state):
         carry, ys = state
         start = per_block * ((n_blocks - 1 - i) if reverse else i)
-        carry, y_block = step(carry, jax.tree.map(lambda x: cut(x, start), xs))
-        ys = jax.tree.map(lambda y, b: jax.lax.dynamic_update_slice_in_dim(y, b.astype(y.dtype), start, axis),
-                          ys, y_block)
-        return carry, ys
+        cut = lambda ax, x: jax.lax.dynamic_slice_in_dim(x, start, per_block, ax)  # noqa: E731
+        carry, y_block = step(carry, _with_axes(cut, axis, xs))
+        put = lambda ax, y, b: jax.lax.dynamic_update_slice_in_dim(y, b.astype(y.dtype), start, ax)  # noqa: E731
+        return carry, _with_axes(put, ys_axis, ys, y_block)
 
-    carry, ys = jax.lax.fori_loop(0, n_blocks, body, (carry, jax.tree.map(zeros, ys_like)))
-    return carry, jax.tree.map(lambda y: jax.lax.slice_in_dim(y, 0, n, axis=axis), ys)
+    carry, ys = jax.lax.fori_loop(0, n_blocks, body, (carry, _with_axes(zeros, ys_axis, ys_like)))
+    return carry, _with_axes(lambda ax, y: jax.lax.slice_in_dim(y, 0, n, axis=ax), ys_axis, ys)
 
 
 def _has_beta(inputs) -> bool:
@@ -220,21 +228,24 @@ def _has_beta(inputs) -> bool:
 
 def _layout(config: KernelConfig, s0):
     """(the chunk axis of the inputs, a block's inputs -> the heads-first layout of the terms, its
-    chunked outputs / cotangents back, its entering states `[B, H, n, K, V]` <-> their stored layout)."""
+    chunked outputs / cotangents back). What the forward saves for the backward (the entering states,
+    U) stays in the terms' heads-first layout, chunk axis `s0.ndim - 2`: moving it to the inputs'
+    layout and back cost a transposing copy of every block's states in each pass."""
     if not config.time_major:
         same = lambda x: x  # noqa: E731
-        return s0.ndim - 2, same, same, same
+        return s0.ndim - 2, same, same
     heads_first = lambda x: None if x is None else jnp.moveaxis(x, 3, 1)  # noqa: E731
     time_major = lambda x: None if x is None else jnp.moveaxis(x, 1, 3)  # noqa: E731
-    return 1, heads_first, time_major, lambda states: jnp.swapaxes(states, 1, 2)
+    return 1, heads_first, time_major
 
 
 def _xla_forward(config: KernelConfig, inputs, s0):
     """Returns ((O `[.., N, C, V]`, final state), (state entering each chunk `[.., N, K, V]`, U like
-    O with the delta rule, else None)); with `time_major`, O and U `[B, N, C, H, V]` and the states
-    `[B, N, H, K, V]`. U = Ubar - W S_0 is kept for the backward: recomputing it there would cost a
-    matmul per chunk, keeping it one more array the size of v."""
-    axis, heads_first, time_major, swap_states = _layout(config, s0)
+    O with the delta rule, else None)); with `time_major`, O `[B, N, C, H, V]`, while the states and U
+    stay heads-first (`_layout`). U = Ubar - W S_0 is kept for the backward: recomputing it there would
+    cost a matmul per chunk, keeping it one more array the size of v."""
+    axis, heads_first, time_major = _layout(config, s0)
+    saved_axis = s0.ndim - 2
     n = inputs[0].shape[axis]
     delta = _has_beta(inputs)
 
@@ -242,30 +253,32 @@ def _xla_forward(config: KernelConfig, inputs, s0):
         terms = _terms(config, tuple(map(heads_first, block_inputs)))
         entering, s, u = state_pass(terms, s, precision=config.precision, with_u=True)
         o = chunk_outputs(terms, entering, u, config.precision)
-        return s, (time_major(o), swap_states(entering), time_major(u) if delta else None)
+        return s, (time_major(o), (entering, u if delta else None))
 
     v = inputs[2]
     o_like = jax.ShapeDtypeStruct(v.shape, s0.dtype)
-    entering_like = jax.ShapeDtypeStruct(s0.shape[:axis] + (n,) + s0.shape[axis:], s0.dtype)
-    final, (o, entering, u) = _over_blocks(block, s0, inputs, (o_like, entering_like, o_like if delta else None),
-                                           axis=axis, per_block=config.block_chunks or n)
-    return (o, final), (entering, u)
+    saved_like = (jax.ShapeDtypeStruct(s0.shape[:saved_axis] + (n,) + s0.shape[saved_axis:], s0.dtype),
+                  jax.ShapeDtypeStruct(s0.shape[:saved_axis] + (n, v.shape[-3 if config.time_major else -2],
+                                                               v.shape[-1]), s0.dtype) if delta else None)
+    final, (o, saved) = _over_blocks(block, s0, inputs, (o_like, saved_like), axis=axis,
+                                     per_block=config.block_chunks or n, ys_axis=(axis, saved_axis))
+    return (o, final), saved
 
 
 def _xla_backward(config: KernelConfig, inputs, saved, d_o, d_final):
-    axis, heads_first, time_major, swap_states = _layout(config, d_final)
+    axis, heads_first, time_major = _layout(config, d_final)
     n = inputs[0].shape[axis]
 
     def block(d_s, xs):
         block_inputs, (entering_b, u_b), d_o_b = xs
-        entering_b, u_b, d_o_b = swap_states(entering_b), heads_first(u_b), heads_first(d_o_b)
+        d_o_b = heads_first(d_o_b)
         terms, terms_vjp = jax.vjp(functools.partial(_terms, config), tuple(map(heads_first, block_inputs)))
         leaving_grad, d_s, d_u = reverse_state_pass(terms, d_o_b, d_s, config.precision)
         d_terms = step_cotangents(terms, entering_b, leaving_grad, d_o_b, config.precision, d_u, u_b)
         return d_s, tuple(map(time_major, terms_vjp(d_terms)[0]))
 
-    return _over_blocks(block, d_final, (inputs, saved, d_o), inputs, axis=axis,
-                        per_block=config.block_chunks or n, reverse=True)[::-1]
+    return _over_blocks(block, d_final, (inputs, saved, d_o), inputs, axis=(axis, d_final.ndim - 2, axis),
+                        per_block=config.block_chunks or n, reverse=True, ys_axis=axis)[::-1]
 
 
 # ----------------------------------------------------------------------------- the state-pass kernels

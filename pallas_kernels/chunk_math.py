@@ -39,6 +39,7 @@ the state-pass kernels, are in `pallas_kernels.recurrence`.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -238,14 +239,40 @@ def _chunk_terms(q, k, v, g, beta, safe_gate, precision, runs: DocumentRuns | No
     return ChunkTerms(q_decayed, a_qk, w, u_bar, k_to_end, chunk_decay)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def delta_transform(a_kk, v, beta, k_decayed, precision: str = "highest"):
     """The WY / UT transform of the delta rule for one chunk's StrictLower(Akk) `[.., C, C]`,
     v `[.., C, V]`, beta `[.., C]`, K * Gam `[.., C, K]`:
     Tm = (I + Diag(beta) StrictLower(Akk))^{-1} Diag(beta) (`invert_unit_lower`, float32),
     returns (W = Tm (K * Gam), Ubar = Tm V)."""
+    return _delta_transform_fwd(a_kk, v, beta, k_decayed, precision)[0]
+
+
+def _delta_transform_fwd(a_kk, v, beta, k_decayed, precision):
     inverse = invert_unit_lower(beta[..., :, None] * a_kk)
-    beta = beta[..., :, None]
-    return matmul(inverse, beta * k_decayed, precision), matmul(inverse, beta * v, precision)
+    beta_k, beta_v = beta[..., :, None] * k_decayed, beta[..., :, None] * v
+    outputs = (matmul(inverse, beta_k, precision), matmul(inverse, beta_v, precision))
+    return outputs, (a_kk, v, beta, k_decayed, inverse)
+
+
+def _delta_transform_bwd(precision, residuals, cotangents):
+    # X = (I + L)^{-1}, L = Diag(beta) StrictLower(Akk): dX = -X dL X. Every product with X^T goes
+    # through one explicit copy of X^T (kept by the barrier, which XLA would otherwise fold back into
+    # the matmuls): XLA:CPU runs a matmul contracting its left operand's rows on its slow generic path,
+    # and autodiff's transposes had four of those per chunk.
+    a_kk, v, beta, k_decayed, inverse = residuals
+    d_w, d_u_bar = cotangents
+    inverse_t = jax.lax.optimization_barrier(jnp.swapaxes(inverse, -1, -2))
+    t = lambda x: jnp.swapaxes(x, -1, -2)  # noqa: E731
+    beta_c = beta[..., :, None]
+    d_beta_k, d_beta_v = matmul(inverse_t, d_w, precision), matmul(inverse_t, d_u_bar, precision)
+    d_inverse = matmul(d_w, t(beta_c * k_decayed), precision) + matmul(d_u_bar, t(beta_c * v), precision)
+    d_lower = jnp.tril(-matmul(inverse_t, matmul(d_inverse, inverse_t)), -1)
+    d_beta = jnp.sum(d_lower * a_kk, -1) + jnp.sum(d_beta_k * k_decayed, -1) + jnp.sum(d_beta_v * v, -1)
+    return beta_c * d_lower, beta_c * d_beta_v, d_beta, beta_c * d_beta_k
+
+
+delta_transform.defvjp(_delta_transform_fwd, _delta_transform_bwd)
 
 
 def chunk_values(terms: ChunkTerms, s: jax.Array, precision: str = "highest", *, u_bar=None) -> jax.Array:

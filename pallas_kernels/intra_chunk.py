@@ -36,9 +36,7 @@ def decayed_products(xs: tuple[jax.Array, ...], y: jax.Array, G: jax.Array, *, s
     """
     c = y.shape[-2]
     if G.shape[-1] == 1:  # scalar decay: one matmul times the masked relative decay
-        causal = jnp.tril(jnp.ones((c, c), bool))
-        decay = jnp.exp(jnp.where(causal, G[..., :, None, 0] - G[..., None, :, 0], -jnp.inf))
-        return tuple(matmul(x, jnp.swapaxes(y, -1, -2), precision) * decay for x in xs)
+        return _scalar_products(xs, y, G, precision)
     if safe_gate:
         return _bounded_products(xs, y, G, precision)
     s = sub_chunk_length(c)
@@ -65,6 +63,37 @@ def decayed_products(xs: tuple[jax.Array, ...], y: jax.Array, G: jax.Array, *, s
         full = off.reshape(lead + (n_sub, s, n_sub, s)) + diag[..., :, :, None, :] * block_eye
         products.append(full.reshape(lead + (c, c)))
     return tuple(products)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _scalar_products(xs, y, G, precision):
+    """`decayed_products` for a scalar decay G `[.., C, 1]`: (x y^T) * exp(G_i - G_m), masked."""
+    return _scalar_products_fwd(xs, y, G, precision)[0]
+
+
+def _scalar_products_fwd(xs, y, G, precision):
+    c = y.shape[-2]
+    causal = jnp.tril(jnp.ones((c, c), bool))
+    decay = jnp.exp(jnp.where(causal, G[..., :, None, 0] - G[..., None, :, 0], -jnp.inf))
+    products = tuple(matmul(x, jnp.swapaxes(y, -1, -2), precision) * decay for x in xs)
+    return products, (xs, y, decay, products)
+
+
+def _scalar_products_bwd(precision, residuals, d_products):
+    # The key-side cotangent sum_p (dP_p * decay)^T x_p is one matmul over the products stacked along
+    # its contraction, its left operand an explicit transposed copy (the barrier keeps XLA from folding
+    # it back): XLA:CPU runs a matmul contracting its left operand's rows on its slow generic path.
+    # With P = S * decay, decay = exp(G_i - G_m): dG_i = sum_m dP P [i, m] - sum_m dP P [m, i].
+    xs, y, decay, products = residuals
+    d_scaled = [d * decay for d in d_products]
+    d_xs = tuple(matmul(d, y, precision) for d in d_scaled)
+    stacked_t = jax.lax.optimization_barrier(jnp.concatenate([jnp.swapaxes(d, -1, -2) for d in d_scaled], -1))
+    d_y = matmul(stacked_t, jnp.concatenate(xs, axis=-2), precision)
+    e = sum(d * p for d, p in zip(d_products, products))
+    return d_xs, d_y, (jnp.sum(e, axis=-1) - jnp.sum(e, axis=-2))[..., None]
+
+
+_scalar_products.defvjp(_scalar_products_fwd, _scalar_products_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

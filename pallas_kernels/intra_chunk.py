@@ -145,8 +145,9 @@ def _bounded_products_fwd(xs, y, G, precision):
 
 
 def _bounded_products_bwd(precision, residuals, d_products):
-    # Reverse mode written out, the factors recomputed: one matmul per cotangent, the key-side
-    # cotangents of all products in one matmul, and the G terms from [C, K] products (x * dx, y * dy),
+    # Reverse mode written out, the factors kept from the forward: one matmul per cotangent, the key-side
+    # cotangents of all products in one matmul (its left operand an explicit transposed copy, as in
+    # `_scalar_products_bwd`), and the G terms from [C, K] products (x * dx, y * dy),
     # where autodiff re-broadcast the [n_sub, C, K] factor tensors several times. The reference
     # positions get no G term: every unmasked product is sum_c x_i y_m exp(G_i - G_m), whatever r_a,
     # so the two terms through r_a cancel exactly (autodiff formed both, and a [n_sub, C, K] reduction).
@@ -158,7 +159,8 @@ def _bounded_products_bwd(precision, residuals, d_products):
     d_xs = tuple((dot("...aim,...amk->...aik", d_p, y_from_ref, precision) * to_ref).reshape(x.shape)
                  for d_p, x in zip(d_ps, xs))
     x_to_ref = jnp.concatenate(xs_to_ref, axis=-2)
-    d_y_from_ref = dot("...aim,...aik->...amk", jnp.concatenate(d_ps, axis=-2), x_to_ref, precision)
+    d_ps_t = jax.lax.optimization_barrier(jnp.concatenate([jnp.swapaxes(d, -1, -2) for d in d_ps], axis=-1))
+    d_y_from_ref = dot("...ami,...aik->...amk", d_ps_t, x_to_ref, precision)
     d_y = jnp.sum(d_y_from_ref * from_ref, axis=-3)
     # d/dG_i: the query factor of row i grows with G_i, the key factor of column i shrinks with it.
     return d_xs, d_y, sum(d_x * x for d_x, x in zip(d_xs, xs)) - d_y * y

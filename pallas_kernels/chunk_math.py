@@ -50,10 +50,18 @@ from pallas_kernels.intra_chunk import (  # noqa: F401  (re-exported: the vocabu
     MIN_LOWER_BOUND,
     SUB_CHUNK,
     decayed_products,
+    inverse_cotangent,
     invert_unit_lower,
     sub_chunk_length,
 )
-from pallas_kernels.precision import PRECISIONS, dot, matmul, matmul_t, resolve_precision  # noqa: F401
+from pallas_kernels.precision import (  # noqa: F401
+    PRECISIONS,
+    dot,
+    matmul,
+    matmul_t,
+    resolve_precision,
+    transposed_copy,
+)
 
 
 class ChunkTerms(NamedTuple):
@@ -256,18 +264,17 @@ def _delta_transform_fwd(a_kk, v, beta, k_decayed, precision):
 
 
 def _delta_transform_bwd(precision, residuals, cotangents):
-    # X = (I + L)^{-1}, L = Diag(beta) StrictLower(Akk): dX = -X dL X. Every product with X^T goes
-    # through one explicit copy of X^T (kept by the barrier, which XLA would otherwise fold back into
-    # the matmuls): XLA:CPU runs a matmul contracting its left operand's rows on its slow generic path,
-    # and autodiff's transposes had four of those per chunk.
+    # X = (I + L)^{-1}, L = Diag(beta) StrictLower(Akk). Every product with X^T goes through one
+    # explicit copy of X^T (`transposed_copy`), where autodiff's transposes had four matmuls per chunk
+    # on XLA:CPU's slow path for a left operand contracted on its rows.
     a_kk, v, beta, k_decayed, inverse = residuals
     d_w, d_u_bar = cotangents
-    inverse_t = jax.lax.optimization_barrier(jnp.swapaxes(inverse, -1, -2))
+    inverse_t = transposed_copy(inverse)
     t = lambda x: jnp.swapaxes(x, -1, -2)  # noqa: E731
     beta_c = beta[..., :, None]
     d_beta_k, d_beta_v = matmul(inverse_t, d_w, precision), matmul(inverse_t, d_u_bar, precision)
     d_inverse = matmul(d_w, t(beta_c * k_decayed), precision) + matmul(d_u_bar, t(beta_c * v), precision)
-    d_lower = jnp.tril(-matmul(inverse_t, matmul(d_inverse, inverse_t)), -1)
+    d_lower = inverse_cotangent(inverse_t, d_inverse)
     d_beta = jnp.sum(d_lower * a_kk, -1) + jnp.sum(d_beta_k * k_decayed, -1) + jnp.sum(d_beta_v * v, -1)
     return beta_c * d_lower, beta_c * d_beta_v, d_beta, beta_c * d_beta_k
 

@@ -15,7 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.precision import dot, matmul, matmul_t
+from pallas_kernels.precision import dot, matmul, transposed_copy
 
 SUB_CHUNK = 16  # sub-chunk length for per-channel decays
 MIN_LOWER_BOUND = -5.0  # the safe gate's bound: a sub-chunk factor then stays within exp(8 * 5)
@@ -81,14 +81,12 @@ def _scalar_products_fwd(xs, y, G, precision):
 
 def _scalar_products_bwd(precision, residuals, d_products):
     # The key-side cotangent sum_p (dP_p * decay)^T x_p is one matmul over the products stacked along
-    # its contraction, its left operand an explicit transposed copy (the barrier keeps XLA from folding
-    # it back): XLA:CPU runs a matmul contracting its left operand's rows on its slow generic path.
+    # its contraction, its left operand an explicit transposed copy (`transposed_copy`).
     # With P = S * decay, decay = exp(G_i - G_m): dG_i = sum_m dP P [i, m] - sum_m dP P [m, i].
     xs, y, decay, products = residuals
     d_scaled = [d * decay for d in d_products]
     d_xs = tuple(matmul(d, y, precision) for d in d_scaled)
-    stacked_t = jax.lax.optimization_barrier(jnp.concatenate([jnp.swapaxes(d, -1, -2) for d in d_scaled], -1))
-    d_y = matmul(stacked_t, jnp.concatenate(xs, axis=-2), precision)
+    d_y = matmul(transposed_copy(*d_scaled), jnp.concatenate(xs, axis=-2), precision)
     e = sum(d * p for d, p in zip(d_products, products))
     return d_xs, d_y, (jnp.sum(e, axis=-1) - jnp.sum(e, axis=-2))[..., None]
 
@@ -159,8 +157,7 @@ def _bounded_products_bwd(precision, residuals, d_products):
     d_xs = tuple((dot("...aim,...amk->...aik", d_p, y_from_ref, precision) * to_ref).reshape(x.shape)
                  for d_p, x in zip(d_ps, xs))
     x_to_ref = jnp.concatenate(xs_to_ref, axis=-2)
-    d_ps_t = jax.lax.optimization_barrier(jnp.concatenate([jnp.swapaxes(d, -1, -2) for d in d_ps], axis=-1))
-    d_y_from_ref = dot("...ami,...aik->...amk", d_ps_t, x_to_ref, precision)
+    d_y_from_ref = dot("...ami,...aik->...amk", transposed_copy(*d_ps), x_to_ref, precision)
     d_y = jnp.sum(d_y_from_ref * from_ref, axis=-3)
     # d/dG_i: the query factor of row i grows with G_i, the key factor of column i shrinks with it.
     return d_xs, d_y, sum(d_x * x for d_x, x in zip(d_xs, xs)) - d_y * y
@@ -206,10 +203,14 @@ def _invert_unit_lower_fwd(strict_lower):
 
 
 def _invert_unit_lower_bwd(inverse, d_inverse):
-    # X = (I + L)^{-1}: dX = -X dL X, so dL = -X^T dX X^T, restricted to L's strictly lower support
-    # (two matmuls, where autodiff would retrace every doubling round through its concatenations).
-    d_lower = -matmul_t(inverse, matmul(d_inverse, jnp.swapaxes(inverse, -1, -2)))
-    return (jnp.tril(d_lower, -1),)
+    return (inverse_cotangent(transposed_copy(inverse), d_inverse),)
+
+
+def inverse_cotangent(inverse_t: jax.Array, d_inverse: jax.Array) -> jax.Array:
+    """The cotangent of L from that of X = (I + L)^{-1}, given X^T (`transposed_copy`): dX = -X dL X, so
+    dL = -X^T dX X^T on L's strictly lower support (two matmuls, where autodiff would retrace every
+    doubling round of `invert_unit_lower` through its concatenations)."""
+    return jnp.tril(-matmul(inverse_t, matmul(d_inverse, inverse_t)), -1)
 
 
 invert_unit_lower.defvjp(_invert_unit_lower_fwd, _invert_unit_lower_bwd)

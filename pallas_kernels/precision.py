@@ -47,3 +47,11 @@ def matmul(a: jax.Array, b: jax.Array, precision: str = "highest") -> jax.Array:
 def matmul_t(a: jax.Array, b: jax.Array, precision: str = "highest") -> jax.Array:
     """`a^T @ b` over the last two axes at `precision`."""
     return matmul(jnp.swapaxes(a, -1, -2), b, precision)
+
+
+def transposed_copy(*xs: jax.Array) -> jax.Array:
+    """The matrices `xs` `[.., R_j, C]` transposed and side by side, `[.., C, sum R_j]`, as an explicit
+    copy, for the left operand of a matmul that contracts their rows: XLA:CPU runs such a matmul on its
+    slow generic path (about half the speed of its usual one here), and without the barrier XLA folds
+    the transpose back into the matmul. A `[C, C]` or `[C, K]` copy per chunk is cheap beside that."""
+    return jax.lax.optimization_barrier(jnp.concatenate([jnp.swapaxes(x, -1, -2) for x in xs], axis=-1))

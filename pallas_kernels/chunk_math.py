@@ -208,13 +208,16 @@ def document_runs(resets: jax.Array) -> DocumentRuns:
 
 
 def cumulative_decay(g: jax.Array) -> jax.Array:
-    """G = cumsum(g) along the chunk axis (-2): a log2(C)-step associative scan, materialised once
-    (`optimization_barrier`). Left to itself XLA fuses a cumsum into each consumer and recomputes it
-    there per element, which kept the C x C decay exponentials of the scalar gate from vectorising
-    (~10x slower on CPU). The scan replaced a matmul by Tril(1), which XLA:CPU ran as small, poorly
-    used matmuls (and, with Tril(1) unbatched, transposed g and G around them): ~2 ms less of
-    safe-gate KDA's forward + backward at T = 4096, chunk 32, and no slower for GDN or GLA."""
-    return jax.lax.optimization_barrier(jax.lax.associative_scan(jnp.add, g, axis=g.ndim - 2))
+    """G = cumsum(g) along the chunk axis (-2), as a float32-exact matmul by Tril(1): XLA fuses a
+    cumsum into each consumer and recomputes it there per element, which kept the C x C decay
+    exponentials of the scalar gate from vectorising (~10x slower on CPU); a matmul's output is
+    materialised once. Tril(1) is broadcast over g's leading axes so that they are batch axes of the
+    matmul: with an unbatched Tril(1), XLA:CPU folded them into the columns and transposed g and G
+    (`[.., K, C]`) around the matmul and through the fused gradient of G, ~6% of safe-gate KDA's
+    forward + backward at T = 4096, chunk 32."""
+    c = g.shape[-2]
+    tril = jnp.broadcast_to(jnp.tril(jnp.ones((c, c), g.dtype)), g.shape[:-2] + (c, c))
+    return matmul(tril, g, "highest")
 
 
 def _chunk_terms(q, k, v, g, beta, safe_gate, precision, runs: DocumentRuns | None = None) -> ChunkTerms:

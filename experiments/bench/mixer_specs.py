@@ -41,9 +41,7 @@ class MixerSpec:
 
     def chunk_size(self, requested: int | None) -> int:
         """The chunk length a run uses: `requested`, or for None the op's own default on this backend."""
-        if requested is not None:
-            return requested
-        return gated.default_chunk_size(None, delta=True) if self.delta_family else gated.CHUNK_SIZE
+        return gated.default_chunk_size(requested, delta=self.delta_family)
 
 
 # ----------------------------------------------------------------------------- inputs
